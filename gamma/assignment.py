@@ -1,0 +1,130 @@
+"""A bit assignment (module name -> bits) applied to a model in one call, and its account.
+
+``apply_assignment(model, assignment, quantizer)`` is the torchao-style one call: it replaces
+each assigned module's weight by its dequantized quantized weight and returns the
+``QuantizedWeight`` records (for export) together with the size account.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from gamma.blocks import BlockRunner, linear_inputs, walk_blocks
+from gamma.gptq import HessianAccumulator
+from gamma.model import block_index, quantizable_modules
+from gamma.progress import track
+from gamma.quantizer import SCALE_BITS, QuantizationError, QuantizedWeight, QuantSpec
+
+UNQUANTIZED_BITS = 16  # embeddings, norms and head are counted as a float16 checkpoint stores them
+
+
+@dataclass(frozen=True)
+class SizeAccount:
+    nominal_bits: float  # sum n_m b_m / sum n_m over quantized modules
+    effective_bits: float  # the same with scales and zero-points counted
+    quantized_params: int
+    quantized_bytes: float  # codes + scales + zero-points of the quantized modules
+    other_bytes: float  # everything else at 16 bits
+    total_bytes: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def module_cost_bits(n_rows: int, n_cols: int, spec: QuantSpec) -> float:
+    """Exact storage of one quantized module in bits: codes + per-group scales (+ zero-points)."""
+    groups = n_rows * spec.groups(n_cols)
+    zero_bits = 0 if spec.symmetric else spec.bits
+    return n_rows * n_cols * spec.bits + groups * (SCALE_BITS + zero_bits)
+
+
+def account(model: nn.Module, assignment: dict[str, int], group_size: int, symmetric: bool) -> SizeAccount:
+    modules = quantizable_modules(model)
+    n_total = bits_nominal = bits_effective = 0.0
+    for name, bits in assignment.items():
+        rows, cols = modules[name].weight.shape
+        n_total += rows * cols
+        bits_nominal += rows * cols * bits
+        bits_effective += module_cost_bits(rows, cols, QuantSpec(bits, group_size, symmetric))
+    quantized = {id(modules[n].weight) for n in assignment}
+    seen: set[int] = set()
+    other = 0
+    for p in model.parameters():
+        if id(p) in quantized or id(p) in seen:
+            continue
+        seen.add(id(p))  # tied embeddings count once
+        other += p.numel()
+    other_bytes = other * UNQUANTIZED_BITS / 8
+    return SizeAccount(
+        nominal_bits=bits_nominal / n_total,
+        effective_bits=bits_effective / n_total,
+        quantized_params=int(n_total),
+        quantized_bytes=bits_effective / 8,
+        other_bytes=other_bytes,
+        total_bytes=bits_effective / 8 + other_bytes,
+    )
+
+
+def validate_assignment(model: nn.Module, assignment: dict[str, int]) -> None:
+    modules = quantizable_modules(model)
+    unknown = sorted(set(assignment) - set(modules))
+    if unknown:
+        raise QuantizationError(f"assignment names modules the model does not have: {unknown[:5]}")
+    bad = {n: b for n, b in assignment.items() if b not in (2, 3, 4, 8)}
+    if bad:
+        raise QuantizationError(f"assignment has unsupported bit widths: {dict(list(bad.items())[:5])}")
+
+
+def uniform_assignment(model: nn.Module, bits: int) -> dict[str, int]:
+    return {name: bits for name in quantizable_modules(model)}
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: nn.Module, calibration: torch.Tensor, batch_size: int = 8, modules: set[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Hessians of every quantizable module's full-precision inputs on the calibration sequences."""
+    runner = BlockRunner(model)
+    wanted = modules or set(quantizable_modules(model))
+    hessians: dict[str, torch.Tensor] = {}
+    walk = walk_blocks(runner, calibration, batch_size)
+    for index, block, hidden in track(walk, "calibration capture (Hessians)", total=len(runner.blocks)):
+        accs: dict[str, HessianAccumulator] = {}
+
+        def add(name: str, x: torch.Tensor) -> None:
+            if name in wanted:
+                accs.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
+
+        with linear_inputs(block, f"model.layers.{index}").attach(add):
+            runner.run_block_all(index, hidden, batch_size)
+        hessians.update({n: a.result() for n, a in accs.items()})
+    return hessians
+
+
+@torch.no_grad()
+def apply_assignment(
+    model: nn.Module,
+    assignment: dict[str, int],
+    quantizer,
+    group_size: int = 64,
+    symmetric: bool = False,
+    hessians: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, QuantizedWeight], SizeAccount]:
+    """Quantize every assigned module of ``model`` in place (weights become their dequantized
+    values). GPTQ needs ``hessians`` (from ``collect_hessians``). Returns the records and account."""
+    validate_assignment(model, assignment)
+    modules = quantizable_modules(model)
+    if quantizer.name == "gptq" and hessians is None:
+        raise QuantizationError("GPTQ needs hessians=collect_hessians(model, calibration)")
+    records: dict[str, QuantizedWeight] = {}
+    names = sorted(assignment, key=lambda n: (block_index(n), n))
+    for name in track(names, f"quantizing ({quantizer.name})"):
+        module = modules[name]
+        spec = QuantSpec(assignment[name], group_size, symmetric)
+        record = quantizer.quantize(module.weight, spec, hessians.get(name) if hessians else None)
+        module.weight.copy_(record.dequantize().to(module.weight.dtype))
+        records[name] = record
+    return records, account(model, assignment, group_size, symmetric)

