@@ -84,7 +84,12 @@ def uniform_assignment(model: nn.Module, bits: int) -> dict[str, int]:
 
 @torch.no_grad()
 def collect_hessians(
-    model: nn.Module, calibration: torch.Tensor, batch_size: int = 8, modules: set[str] | None = None
+    model: nn.Module,
+    calibration: torch.Tensor,
+    batch_size: int = 8,
+    modules: set[str] | None = None,
+    token_clip: float = 0.0,
+    sink_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Hessians of every quantizable module's full-precision inputs on the calibration sequences."""
     runner = BlockRunner(model)
@@ -94,9 +99,9 @@ def collect_hessians(
     for index, block, hidden in track(walk, "calibration capture (Hessians)", total=len(runner.blocks)):
         accs: dict[str, HessianAccumulator] = {}
 
-        def add(name: str, x: torch.Tensor) -> None:
+        def add(name: str, x: torch.Tensor, accs=accs) -> None:
             if name in wanted:
-                accs.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
+                accs.setdefault(name, HessianAccumulator(x.shape[-1], token_clip, sink_weight)).add(x)
 
         with linear_inputs(block, f"model.layers.{index}").attach(add):
             runner.run_block_all(index, hidden, batch_size)

@@ -73,14 +73,14 @@ class _LinearHooks:
         self.prefix = prefix
         self.handles: list = []
 
-    def attach(self, callback) -> "_LinearHooks":
+    def attach(self, callback) -> _LinearHooks:
         for name, m in self.block.named_modules():
             if isinstance(m, nn.Linear):
                 full = f"{self.prefix}.{name}"
                 self.handles.append(m.register_forward_hook(lambda _m, inp, _out, n=full: callback(n, inp[0])))
         return self
 
-    def __enter__(self) -> "_LinearHooks":
+    def __enter__(self) -> _LinearHooks:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -42,6 +42,8 @@ class GPTQConfig(_Section):
     damping: float = Field(0.01, gt=0.0, le=1.0, description="fraction of mean(diag(H)) added to H")
     act_order: bool = False
     block_size: int = Field(128, ge=1)
+    sink_weight: float = Field(64.0, gt=0.0, description="weight of position 0 (attention sink) in H")
+    token_clip: float = Field(0.0, ge=0.0, description="cap each token's norm in H at this x median; 0 = off")
 
 
 class QuantizerConfig(_Section):
@@ -117,7 +119,7 @@ class GammaConfig(_Section):
         return sorted(v)
 
     @model_validator(mode="after")
-    def _budgets_in_range(self) -> "GammaConfig":
+    def _budgets_in_range(self) -> GammaConfig:
         lo, hi = min(self.candidates), max(self.candidates)
         if not lo <= self.stage1.budget <= hi:
             raise ValueError(

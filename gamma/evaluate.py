@@ -51,7 +51,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> 
     mean = nll.mean().item()
     se_nll = (nll.std(unbiased=True).item() / math.sqrt(len(nll))) if len(nll) > 1 else float("nan")
     ppl = math.exp(mean)
-    return Perplexity(ppl, ppl * se_nll, mean, int(windows.shape[0] * (windows.shape[1] - 1)), len(nll), windows.shape[1])
+    tokens = int(windows.shape[0] * (windows.shape[1] - 1))
+    return Perplexity(ppl, ppl * se_nll, mean, tokens, len(nll), windows.shape[1])
 
 
 # ---------------------------------------------------------------- zero-shot tasks
@@ -237,4 +238,5 @@ def zero_shot_suite(model, tokenizer, tasks: list[str], n_items: int, max_length
     avg = sum(r.accuracy for r in results.values()) / len(results)
     se = math.sqrt(sum(r.standard_error**2 for r in results.values())) / len(results)
     return {"average": avg, "average_se": se,
-            "tasks": {t: {"accuracy": r.accuracy, "se": r.standard_error, "items": r.items} for t, r in results.items()}}
+            "tasks": {t: {"accuracy": r.accuracy, "se": r.standard_error, "items": r.items}
+                      for t, r in results.items()}}

@@ -20,17 +20,31 @@ from gamma.quantizer import QuantizationError, QuantizedWeight, QuantSpec, group
 class HessianAccumulator:
     """Running ``2 X^T X / n`` over every token seen by one linear module."""
 
-    def __init__(self, in_features: int):
+    def __init__(self, in_features: int, token_clip: float = 0.0, sink_weight: float = 1.0):
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.tokens = 0
+        self.token_clip = token_clip
+        self.sink_weight = sink_weight
 
     def add(self, inputs: torch.Tensor) -> None:
-        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
+        x = inputs.detach().to(torch.float32)
+        if self.sink_weight != 1.0 and x.dim() == 3:
+            # The first position (attention sink) is read by every later token through attention:
+            # its error matters far more than one token's share of H says.
+            x = x.clone()
+            x[:, 0] *= self.sink_weight**0.5
+        x = x.reshape(-1, x.shape[-1])
         n = x.shape[0]
+        if self.token_clip > 0:
+            # A few tokens (attention sinks) carry inputs 10-100x larger than the rest and would
+            # dominate H: cap each token's norm at token_clip x the median so all tokens count.
+            norms = x.norm(dim=1)
+            cap = self.token_clip * norms.median()
+            x = x * (cap / norms.clamp_min(1e-12)).clamp(max=1.0)[:, None]
         self.hessian *= self.tokens / (self.tokens + n)
         self.tokens += n
-        x = x * (2.0 / self.tokens) ** 0.5
-        self.hessian += (x.T @ x).cpu()
+        # float32 products (fast), float64 running sum (no drift over many batches)
+        self.hessian += (x.T @ x).cpu().to(torch.float64) * (2.0 / self.tokens)
 
     def result(self) -> torch.Tensor:
         if self.tokens == 0:
@@ -43,10 +57,13 @@ class GPTQ:
     damping: float = 0.01
     act_order: bool = False
     block_size: int = 128
+    sink_weight: float = 1.0  # used when collecting Hessians (HessianAccumulator)
+    token_clip: float = 0.0
     name: str = "gptq"
 
     def settings(self) -> dict:
-        return {"damping": self.damping, "act_order": self.act_order, "block_size": self.block_size}
+        return {"damping": self.damping, "act_order": self.act_order, "block_size": self.block_size,
+                "sink_weight": self.sink_weight, "token_clip": self.token_clip}
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
         if hessian is None:

@@ -1,0 +1,199 @@
+"""The ``gamma`` command line.
+
+  gamma prepare                      convert the model and prepare the text
+  gamma uniform --bits 2,3,4         quantize uniformly and evaluate (baselines)
+  gamma learn                        Stage I: learn the preference score table (once)
+  gamma allocate --budgets 2.5,3     Stage II: solve any budgets from the saved table (seconds)
+  gamma quantize --budget 2.5        apply an allocation, save the model, evaluate it
+  gamma run                          the main job: all of the above on params.yaml
+
+Every command reads params.yaml (``--params``) and accepts ``--set key=value`` overrides.
+The orchestrated pipeline (Prefect, MLflow, DVC) lives in ``flows/`` and is imported lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.table import Table
+
+from gamma.config import ConfigError, GammaConfig, load_config
+from gamma.progress import console
+
+
+def _parse_list(text: str, kind=float) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: cannot read {text!r} as a comma-separated list of numbers") from None
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"error: --set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        import yaml
+
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _out(cfg: GammaConfig) -> Path:
+    p = Path(cfg.output_dir)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _table(rows: list[dict], title: str) -> None:
+    t = Table(title=title)
+    cols = ["method", "avg_bits", "effective_bits", "total_bytes", "perplexity", "perplexity_se", "zero_shot",
+            "zero_shot_se", "quantize_seconds", "eval_seconds"]
+    for c in cols:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
+    console.print(t)
+
+
+def cmd_prepare(cfg: GammaConfig, args) -> None:
+    from gamma.workspace import Workspace
+
+    ws = Workspace(cfg)
+    console.print(f"model: {ws.model_dir} (md5 {ws.model_hash[:12]})")
+    console.print(f"text:  {ws.text.calibration} (md5 {ws.text_hash[:12]}), {ws.text.evaluation}")
+
+
+def cmd_uniform(cfg: GammaConfig, args) -> list[dict]:
+    from gamma.steps import evaluate_model, hessians_for, quantize_and_evaluate
+    from gamma.workspace import Workspace
+
+    ws = Workspace(cfg)
+    bits = _parse_list(args.bits, int) if getattr(args, "bits", None) else cfg.uniform_bits
+    model, tok = ws.load()
+    rows = [{"method": "unquantized", "avg_bits": 16.0, **evaluate_model(ws, model, tok)}]
+    hessians = hessians_for(ws, model)
+    del model
+    for b in bits:
+        rows.append({"method": f"uniform-{b}", **quantize_and_evaluate(ws, b, hessians)})
+    _table(rows, f"uniform baselines ({cfg.quantizer.method})")
+    (_out(cfg) / "uniform.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    return rows
+
+
+def cmd_learn(cfg: GammaConfig, args) -> Path:
+    from gamma.plots import plot_learning_curves
+    from gamma.steps import learn_score_table
+    from gamma.workspace import Workspace
+
+    ws = Workspace(cfg)
+    out = _out(cfg)
+    table = learn_score_table(ws, checkpoint=out / "stage1.ckpt")
+    path = table.save(out / "scores.json")
+    plot_learning_curves(table.history, out / "stage1_curves.png")
+    console.print(f"score table: {path} ({len(table.modules)} modules x bits {table.bits}); "
+                  f"E - B = {table.violation:+.4f} bits, lambda = {table.multiplier:.4g}, "
+                  f"{table.wall_seconds:.0f}s, peak {table.peak_memory_mb:.0f} MB")
+    return path
+
+
+def cmd_allocate(cfg: GammaConfig, args) -> dict:
+    from gamma.plots import plot_allocation
+    from gamma.scores import ScoreTable
+    from gamma.steps import allocate
+
+    out = _out(cfg)
+    table = ScoreTable.load(args.scores or out / "scores.json")
+    budgets = _parse_list(args.budgets) if getattr(args, "budgets", None) else cfg.stage2.budgets
+    results = allocate(table, budgets, cfg)
+    (out / "assignments").mkdir(exist_ok=True)
+    t = Table(title="Stage II (from the saved score table; Stage I not rerun)")
+    for c in ("budget", "status", "bits used", "slack", "gap", "seconds", "note"):
+        t.add_column(c)
+    for b, res in results.items():
+        if isinstance(res, Exception):
+            t.add_row(str(b), "FAILED", "", "", "", "", str(res))
+            continue
+        (out / "assignments" / f"{b:g}.json").write_text(json.dumps(res.as_dict(), indent=1) + "\n")
+        plot_allocation(res.assignment, out / "assignments" / f"{b:g}.png", f"GAMMA allocation at {b:g} bits")
+        t.add_row(f"{b:g}", res.status, f"{res.bits_used:.4f}", f"{res.slack:.4f}", f"{res.gap:.1e}",
+                  f"{res.solve_seconds:.2f}", "; ".join(res.notes))
+    console.print(t)
+    return results
+
+
+def cmd_quantize(cfg: GammaConfig, args) -> dict:
+    from gamma.steps import quantize_and_evaluate
+    from gamma.workspace import Workspace
+
+    out = _out(cfg)
+    path = Path(args.assignment) if args.assignment else out / "assignments" / f"{args.budget:g}.json"
+    if not path.exists():
+        raise SystemExit(f"error: no assignment at {path}; run `gamma allocate --budgets {args.budget:g}` first")
+    data = json.loads(path.read_text())
+    assignment = data.get("assignment", data)
+    name = path.stem
+    row = quantize_and_evaluate(Workspace(cfg), assignment, save_to=out / "models" / name)
+    row["method"] = f"gamma-{name}"
+    _table([row], f"quantized model saved to {out / 'models' / name}")
+    return row
+
+
+def cmd_run(cfg: GammaConfig, args) -> None:
+    from flows.pipeline import gamma_pipeline
+
+    gamma_pipeline(params=args.params, overrides=_overrides(args.set))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gamma",
+        description="GAMMA: learn once how many bits each linear module deserves (Stage I), then serve any "
+        "average-bit budget by re-solving an exact knapsack (Stage II).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
+    common.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set stage1.steps=20 (repeatable)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("prepare", parents=[common], help="convert the model and prepare calibration/evaluation text")
+    u = sub.add_parser("uniform", parents=[common], help="quantize uniformly and evaluate (baseline table)")
+    u.add_argument("--bits", help="comma-separated bit widths (default: uniform_bits in params.yaml)")
+    sub.add_parser("learn", parents=[common], help="Stage I: learn the preference score table")
+    a = sub.add_parser("allocate", parents=[common], help="Stage II: solve budgets from a saved score table")
+    a.add_argument("--budgets", help="comma-separated average-bit budgets, e.g. 2.25,2.5,3")
+    a.add_argument("--scores", help="score table (default: <output_dir>/scores.json)")
+    q = sub.add_parser("quantize", parents=[common], help="apply an allocation, save and evaluate the model")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--budget", type=float, help="use <output_dir>/assignments/<budget>.json")
+    g.add_argument("--assignment", help="an assignment JSON file (module -> bits)")
+    sub.add_parser("run", parents=[common], help="the whole pipeline on params.yaml (Prefect flow, MLflow, DVC)")
+    return p
+
+
+COMMANDS = {"prepare": cmd_prepare, "uniform": cmd_uniform, "learn": cmd_learn, "allocate": cmd_allocate,
+            "quantize": cmd_quantize, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.params, _overrides(args.set))
+        COMMANDS[args.command](cfg, args)
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    except ValueError as err:  # every input error of the library is a ValueError subclass with a clear message
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The relaxed mixed linear module of Stage I, and the learnable preference logits.
+
+``PreferenceLogits`` holds one row of logits ``alpha_m`` over the candidate bit widths for every
+module. ``MixedLinear`` stands in for a module's ``nn.Linear`` while its block is being trained:
+its weight is ``sum_b mix_b Q_b(W)`` where ``mix`` is either the softmax probabilities
+(``soft``) or a straight-through Gumbel sample (``hard``). The mixed weight is built as a
+detached leaf and ``dL/dmix_b = <dL/dW, Q_b(W)>`` is applied afterwards: autograd through the
+sum would keep |C| weight-sized temporaries alive per module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PreferenceLogits(nn.Module):
+    def __init__(self, modules: list[str], bits: list[int], sizes: list[int], init: torch.Tensor | None = None):
+        super().__init__()
+        self.modules_ = list(modules)
+        self.bits = list(bits)
+        self.register_buffer("bits_t", torch.tensor(bits, dtype=torch.float64))
+        self.register_buffer("weights", torch.tensor(sizes, dtype=torch.float64) / float(sum(sizes)))
+        alpha = torch.zeros(len(modules), len(bits)) if init is None else torch.as_tensor(init, dtype=torch.float32)
+        self.alpha = nn.Parameter(alpha.clone())
+
+    def probabilities(self, temperature: float = 1.0) -> torch.Tensor:
+        return torch.softmax(self.alpha / temperature, dim=-1)
+
+    def expected_bits(self, temperature: float = 1.0) -> torch.Tensor:
+        """``E = sum_m n_m sum_b p_mb b / sum_m n_m``, differentiable in the logits."""
+        p = self.probabilities(temperature).double()
+        return (self.weights[:, None] * p * self.bits_t[None, :]).sum()
+
+    def straight_through_sample(self, temperature: float, generator: torch.Generator) -> torch.Tensor:
+        """One-hot Gumbel-softmax samples [M, K]; gradients flow through the soft probabilities."""
+        u = torch.rand(self.alpha.shape, generator=generator).clamp(1e-10, 1 - 1e-10)
+        gumbel = -torch.log(-torch.log(u))
+        soft = torch.softmax((self.alpha + gumbel) / temperature, dim=-1)
+        hard = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
+        return hard - soft.detach() + soft
+
+    def scores(self, temperature: float = 1.0) -> torch.Tensor:
+        """The score table ``s_mb = log p_mb``."""
+        return torch.log_softmax(self.alpha.detach() / temperature, dim=-1)
+
+
+class MixedLinear(nn.Module):
+    def __init__(self, candidates: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.candidates = candidates  # [K, out, in], dequantized
+        self.bias = bias
+        self.weight: torch.Tensor | None = None
+
+    def set_mix(self, mix: torch.Tensor) -> None:
+        self.weight = torch.einsum("k,koi->oi", mix.detach().to(self.candidates.dtype), self.candidates)
+        self.weight.requires_grad_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def mix_grad(self) -> torch.Tensor:
+        """``dL/dmix_b = <dL/dW, Q_b(W)>`` after a backward through this module."""
+        return torch.einsum("oi,koi->k", self.weight.grad, self.candidates)
+
+
+@contextlib.contextmanager
+def swapped(block: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
+    """Temporarily replace submodules of ``block`` (names relative to the block)."""
+    originals = {}
+    for name, new in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        originals[name] = (parent, child, getattr(parent, child))
+        setattr(parent, child, new)
+    try:
+        yield
+    finally:
+        for parent, child, old in originals.values():
+            setattr(parent, child, old)

@@ -1,0 +1,228 @@
+"""Stage I: learn, once, a preference over candidate bit widths for every module.
+
+A plain loop (forward, loss, backward, step, log, checkpoint). Each step streams through the
+blocks: only one block's candidates and activations are resident on the compute device; the
+block's teacher-forced reconstruction loss is backpropagated to its logits; the gradients of all
+logits accumulate, and one Adam step follows, with the augmented Lagrangian holding the expected
+average bits to the training budget. Weights are never updated: only the logits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gamma.blocks import BlockRunner
+from gamma.config import Stage1Config
+from gamma.lagrangian import AugmentedLagrangian, price_shift
+from gamma.mixed_linear import MixedLinear, PreferenceLogits, swapped
+from gamma.model import block_index
+from gamma.progress import track
+from gamma.quantizer import QuantizedWeight
+from gamma.teacher import TeacherData
+
+
+@dataclass
+class Stage1Result:
+    scores: np.ndarray  # [M, K] log-probabilities at the final temperature
+    probabilities: np.ndarray
+    expected_bits: float
+    multiplier: float
+    penalty: float
+    violation: float
+    history: dict = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    resumed_from: int = 0
+
+
+def temperature_at(cfg: Stage1Config, step: int) -> float:
+    """Geometric schedule from ``temperature`` to ``temperature_end`` over the run."""
+    if cfg.steps <= 1:
+        return cfg.temperature_end
+    frac = step / (cfg.steps - 1)
+    return cfg.temperature * (cfg.temperature_end / cfg.temperature) ** frac
+
+
+def block_error(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None,
+                full_length: int) -> torch.Tensor:
+    """The teacher-forced reconstruction error of one block (see method.md, Stage I step 5)."""
+    diff = (out - y).float()
+    if kind == "output":
+        return diff.pow(2).sum() / y.float().pow(2).sum()
+    if kind == "update":
+        return diff.pow(2).sum() / (y - x).float().pow(2).sum()
+    # fisher: second-order estimate of the rise of the mean next-token loss, per sequence
+    return 0.5 * (full_length - 1) * (g.float().pow(2) * diff.pow(2)).sum() / out.shape[0]
+
+
+def _peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Candidates:
+    """Dense candidate weights of one block at a time (cached while the total stays small)."""
+
+    def __init__(self, candidates: dict[str, list[QuantizedWeight]], cache_limit_bytes: float = 4e9):
+        self.candidates = candidates
+        total = sum(q.codes.numel() * 4 for qs in candidates.values() for q in qs)
+        self.cache: dict[str, torch.Tensor] | None = {} if total <= cache_limit_bytes else None
+
+    def dense(self, name: str, device: torch.device) -> torch.Tensor:
+        if self.cache is not None and name in self.cache:
+            return self.cache[name]
+        t = torch.stack([q.dequantize() for q in self.candidates[name]]).to(device)
+        if self.cache is not None:
+            self.cache[name] = t
+        return t
+
+
+def learn_preferences(
+    model: nn.Module,
+    teacher: TeacherData,
+    candidates: dict[str, list[QuantizedWeight]],
+    bits: list[int],
+    cfg: Stage1Config,
+    init_logits: np.ndarray | None = None,
+    checkpoint: str | Path | None = None,
+    device: str = "cpu",
+    stop_after: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    all_reduce=None,
+) -> Stage1Result:
+    """Learn the logits; returns the score table arrays and the optimisation record.
+
+    ``checkpoint``: file for periodic optimizer checkpoints; an existing one is resumed.
+    ``stop_after``: stop (as if killed) after this many steps, for resumption tests.
+    ``shard``/``all_reduce``: data-parallel hooks (this process's rank and world size, and a
+    function that sums a tensor over processes).
+    """
+    t_start = time.perf_counter()
+    dev = torch.device(device)
+    runner = BlockRunner(model, dev)
+    modules = list(candidates)
+    modules_by_block: dict[int, list[int]] = {}
+    for i, name in enumerate(modules):
+        modules_by_block.setdefault(block_index(name), []).append(i)
+    linear = dict(model.named_modules())
+    sizes = [linear[n].weight.numel() for n in modules]
+    if cfg.init == "proxy" and init_logits is None:
+        raise ValueError("stage1.init='proxy' needs init_logits from the Fisher proxy")
+    init = torch.as_tensor(init_logits, dtype=torch.float32) if cfg.init == "proxy" else None
+    logits = PreferenceLogits(modules, bits, sizes, init).to(dev)
+    optimizer = torch.optim.Adam([logits.alpha], lr=cfg.lr)
+    lagrangian = AugmentedLagrangian(cfg.budget, 0.0, cfg.penalty, cfg.penalty_growth, cfg.penalty_max,
+                                     cfg.multiplier_interval)
+    history: dict[str, list[float]] = {k: [] for k in
+                                       ("loss", "violation", "multiplier", "penalty", "expected_bits", "temperature")}
+    start = 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        logits.alpha.data.copy_(state["alpha"])
+        optimizer.load_state_dict(state["optimizer"])
+        lagrangian.load_state_dict(state["lagrangian"])
+        history, start = state["history"], state["step"]
+    cands = _Candidates(candidates)
+    n_seq, full_length = teacher.hidden[0].shape[0], teacher.hidden[0].shape[1]
+    tokens = min(cfg.tokens_per_sequence, full_length)
+    rank, world = shard
+
+    steps = range(start, cfg.steps)
+    for step in track(steps, f"Stage I ({cfg.relaxation}/{cfg.loss}, B={cfg.budget})", total=len(steps)):
+        temperature = temperature_at(cfg, step)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        batch = torch.randperm(n_seq, generator=gen)[: cfg.sequences_per_step]
+        mine = batch[rank::world]  # data parallel: each process takes its share of the step's sequences
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.relaxation == "hard":
+            mix = logits.straight_through_sample(temperature, gen)
+        else:
+            mix = logits.probabilities(temperature)
+        mix_grad = torch.zeros_like(mix)
+        step_loss = 0.0
+        for b, idx in modules_by_block.items():
+            if len(mine) == 0:
+                break
+            block = runner.blocks[b]
+            prefix = f"model.layers.{b}."
+            mixed = {}
+            for i in idx:
+                lin = linear[modules[i]]
+                mixed[modules[i][len(prefix):]] = m = MixedLinear(cands.dense(modules[i], dev), lin.bias)
+                m.set_mix(mix[i])
+            x = teacher.hidden[b][mine, :tokens].to(dev)
+            y = teacher.hidden[b + 1][mine, :tokens].to(dev)
+            g = teacher.grads[b][mine, :tokens].to(dev) if cfg.loss == "fisher" else None
+            with swapped(block, mixed), torch.enable_grad():
+                err = block_error(cfg.loss, runner.run_block(b, x), x, y, g, full_length) * len(mine) / len(batch)
+                err.backward()
+            for i in idx:
+                mix_grad[i] = mixed[modules[i][len(prefix):]].mix_grad()
+            step_loss += float(err.detach())
+        if all_reduce is not None:
+            mix_grad = all_reduce(mix_grad)
+            step_loss = float(all_reduce(torch.tensor([step_loss], dtype=torch.float64))[0])
+        expected = logits.expected_bits(temperature)
+        if step == 0 and cfg.multiplier_init == "feasible" and start == 0:
+            g_loss = torch.autograd.grad(mix, logits.alpha, mix_grad, retain_graph=True)[0]
+            g_c = torch.autograd.grad(expected, logits.alpha, retain_graph=True)[0]
+            lagrangian.multiplier = AugmentedLagrangian.feasible_multiplier(g_loss, g_c)
+        torch.autograd.backward([mix, lagrangian.term(expected)], [mix_grad, None])
+        optimizer.step()
+        violation = float(expected) - cfg.budget
+        lagrangian.observe(violation)
+        for k, v in (("loss", step_loss), ("violation", violation), ("multiplier", lagrangian.multiplier),
+                     ("penalty", lagrangian.penalty), ("expected_bits", float(expected)),
+                     ("temperature", temperature)):
+            history[k].append(v)
+        done = step + 1
+        if ckpt and rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            _save_checkpoint(ckpt, logits, optimizer, lagrangian, history, done)
+        if stop_after is not None and done - start >= stop_after:
+            break
+
+    final_t = temperature_at(cfg, cfg.steps - 1)
+    with torch.no_grad():
+        expected = float(logits.expected_bits(final_t))
+    alpha = logits.alpha.detach().cpu().double().numpy()
+    history["violation_before_polish"] = [expected - cfg.budget]
+    if abs(expected - cfg.budget) > cfg.tolerance:
+        # Short runs end before the multiplier has settled: finish with the price that meets the budget.
+        alpha, mu = price_shift(alpha, sizes, bits, cfg.budget, final_t)
+        history["final_price"] = [mu]
+        logits.alpha.data.copy_(torch.from_numpy(alpha))
+        with torch.no_grad():
+            expected = float(logits.expected_bits(final_t))
+    return Stage1Result(
+        scores=logits.scores(final_t).cpu().double().numpy(),
+        probabilities=logits.probabilities(final_t).detach().cpu().double().numpy(),
+        expected_bits=expected,
+        multiplier=lagrangian.multiplier,
+        penalty=lagrangian.penalty,
+        violation=expected - cfg.budget,
+        history=history,
+        wall_seconds=time.perf_counter() - t_start,
+        peak_memory_mb=_peak_memory_mb(),
+        resumed_from=start,
+    )
+
+
+def _save_checkpoint(path: Path, logits, optimizer, lagrangian, history, step: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".partial")
+    torch.save({"alpha": logits.alpha.detach().clone(), "optimizer": optimizer.state_dict(),
+                "lagrangian": lagrangian.state_dict(), "history": history, "step": step}, tmp)
+    os.replace(tmp, path)
+
+
+def final_violation_ok(result: Stage1Result, tolerance: float) -> bool:
+    return math.isfinite(result.violation) and abs(result.violation) <= tolerance

@@ -1,0 +1,133 @@
+"""The steps of a run as plain functions over a ``Workspace``: the CLI calls them directly and
+the Prefect tasks wrap them. Each returns plain data that can be saved and registered."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gamma.assignment import apply_assignment, collect_hessians, uniform_assignment
+from gamma.candidates import build_candidates
+from gamma.evaluate import perplexity, zero_shot_suite
+from gamma.projection import Allocation, allocate_bits
+from gamma.proxy import costs_to_logits, fisher_costs
+from gamma.scores import ScoreTable
+from gamma.stage1 import learn_preferences
+from gamma.teacher import capture_teacher
+from gamma.workspace import Workspace
+
+
+def hessians_for(ws: Workspace, model) -> dict[str, torch.Tensor] | None:
+    q = ws.cfg.quantizer
+    if q.method != "gptq":
+        return None
+    return collect_hessians(model, ws.calibration, token_clip=q.gptq.token_clip, sink_weight=q.gptq.sink_weight)
+
+
+def evaluate_model(ws: Workspace, model, tokenizer, zero_shot_items: int | None = None) -> dict:
+    e = ws.cfg.evaluation
+    t0 = time.perf_counter()
+    ppl = perplexity(model, ws.evaluation, batch_size=max(1, e.batch_size // 2))
+    items = e.zero_shot_items if zero_shot_items is None else zero_shot_items
+    zs = zero_shot_suite(model, tokenizer, e.zero_shot_tasks, items, e.context_length, e.batch_size) if items else None
+    return {
+        "perplexity": ppl.perplexity,
+        "perplexity_se": ppl.standard_error,
+        "eval_tokens": ppl.tokens,
+        "context_length": ppl.context_length,
+        "zero_shot": zs["average"] if zs else float("nan"),
+        "zero_shot_se": zs["average_se"] if zs else float("nan"),
+        "zero_shot_tasks": zs["tasks"] if zs else {},
+        "eval_seconds": time.perf_counter() - t0,
+    }
+
+
+def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessians=None,
+                          save_to: str | Path | None = None) -> dict:
+    """Apply an assignment (or one uniform bit width) to a fresh model, evaluate it, optionally save it."""
+    model, tokenizer = ws.load()
+    if isinstance(assignment, int):
+        assignment = uniform_assignment(model, assignment)
+    q = ws.cfg.quantizer
+    t0 = time.perf_counter()
+    if q.method == "gptq" and hessians is None:
+        hessians = hessians_for(ws, model)
+    _, acct = apply_assignment(model, assignment, ws.quantizer(), q.group_size, q.symmetric, hessians)
+    row = {"quantizer": q.method, "quantize_seconds": time.perf_counter() - t0, **acct.as_dict()}
+    row["avg_bits"] = acct.nominal_bits
+    row.update(evaluate_model(ws, model, tokenizer))
+    if save_to:
+        save_quantized(model, tokenizer, assignment, row, save_to)
+    return row
+
+
+def save_quantized(model, tokenizer, assignment: dict[str, int], summary: dict, path: str | Path) -> Path:
+    """A loadable model directory holding the quantized (dequantized-value) weights and the assignment."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "gamma_assignment.json").write_text(json.dumps(assignment, indent=1) + "\n")
+    (tmp / "gamma_summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def learn_score_table(ws: Workspace, checkpoint: str | Path | None = None, stop_after: int | None = None) -> ScoreTable:
+    """Stage I end to end: teacher capture, candidates, proxy warm start, preference learning."""
+    cfg = ws.cfg
+    model, _ = ws.load()
+    modules, sizes = ws.module_sizes(model)
+    need_grads = cfg.stage1.loss == "fisher" or cfg.stage1.init == "proxy"
+    teacher = capture_teacher(model, ws.calibration, with_grads=need_grads)
+    q = cfg.quantizer
+    candidates = build_candidates(model, ws.quantizer(), cfg.candidates, q.group_size, q.symmetric,
+                                  hessians_for(ws, model))
+    init = None
+    if cfg.stage1.init == "proxy":
+        costs = fisher_costs(model, candidates, teacher.fisher)
+        init = costs_to_logits(costs, [r * c for r, c in sizes], cfg.candidates, cfg.stage1.budget,
+                               cfg.stage1.proxy_scale)
+    result = learn_preferences(model, teacher, candidates, cfg.candidates, cfg.stage1, init, checkpoint,
+                               stop_after=stop_after)
+    return ScoreTable(
+        modules=modules, sizes=sizes, bits=cfg.candidates, scores=result.scores.tolist(),
+        model_hash=ws.model_hash, text_hash=ws.text_hash, quantizer=ws.quantizer_record(),
+        training_budget=cfg.stage1.budget, settings=stage1_settings(ws), seed=cfg.stage1.seed,
+        multiplier=result.multiplier, penalty=result.penalty, violation=result.violation,
+        history=result.history, wall_seconds=result.wall_seconds, peak_memory_mb=result.peak_memory_mb,
+    )
+
+
+def stage1_settings(ws: Workspace) -> dict:
+    """Everything that determines a score table besides model and text content."""
+    cfg = ws.cfg
+    return {"stage1": cfg.stage1.model_dump(), "candidates": cfg.candidates, "quantizer": ws.quantizer_record(),
+            "text": cfg.text.model_dump(exclude={"source"})}
+
+
+def allocate(table: ScoreTable, budgets: list[float], ws_cfg, modules=None, sizes=None,
+             model_hash: str | None = None) -> dict[float, Allocation | Exception]:
+    """Stage II for each budget from a saved score table (never runs Stage I)."""
+    if modules is not None:
+        table.check_matches(modules, sizes, model_hash)
+    s2, q = ws_cfg.stage2, ws_cfg.quantizer
+    out: dict[float, Allocation | Exception] = {}
+    for b in budgets:
+        try:
+            alloc = allocate_bits(table.modules, table.sizes, np.asarray(table.scores), table.bits, b,
+                                  window=s2.window, min_bits=s2.min_bits, group_size=q.group_size,
+                                  symmetric=q.symmetric, time_limit=s2.time_limit)
+            alloc.notes.append(f"distance from training budget: {b - table.training_budget:+.2f} bits")
+            out[b] = alloc
+        except ValueError as err:
+            out[b] = err
+    return out

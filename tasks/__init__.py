@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers (retries, caching, logging) around gamma.steps."""

@@ -1,0 +1,53 @@
+import pytest
+
+from gamma.config import ConfigError, GammaConfig, load_config, validate_config
+
+
+def test_defaults_are_valid_and_serve_embedded_run(tmp_path):
+    cfg = load_config(tmp_path / "missing.yaml")
+    assert cfg == GammaConfig()
+    assert cfg.model.path == "embedded" and cfg.candidates == [2, 3, 4]
+
+
+def test_repo_params_yaml_is_valid():
+    from pathlib import Path
+
+    load_config(Path(__file__).resolve().parents[1] / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    "data, field, value",
+    [
+        ({"candidates": [2, 5]}, "candidates", "5"),
+        ({"candidates": []}, "candidates", "[]"),
+        ({"quantizer": {"method": "awq"}}, "quantizer.method", "awq"),
+        ({"quantizer": {"group_size": 0}}, "quantizer.group_size", "0"),
+        ({"quantizer": {"gptq": {"damping": -1}}}, "quantizer.gptq.damping", "-1"),
+        ({"text": {"eval_fraction": 1.5}}, "text.eval_fraction", "1.5"),
+        ({"text": {"calibration_sequences": 0}}, "text.calibration_sequences", "0"),
+        ({"stage1": {"relaxation": "fuzzy"}}, "stage1.relaxation", "fuzzy"),
+        ({"stage1": {"loss": "mse"}}, "stage1.loss", "mse"),
+        ({"stage1": {"steps": 0}}, "stage1.steps", "0"),
+        ({"stage1": {"budget": 9.0}}, "stage1.budget", "9.0"),
+        ({"stage1": {"lr": "fast"}}, "stage1.lr", "fast"),
+        ({"stage2": {"window": -0.1}}, "stage2.window", "-0.1"),
+        ({"stage2": {"min_bits": {"down_proj": 5}}}, "min_bits", "5"),
+        ({"evaluation": {"context_length": 4}}, "evaluation.context_length", "4"),
+        ({"unknown_section": 1}, "unknown_section", "1"),
+    ],
+)
+def test_bad_value_is_rejected_with_field_and_value(data, field, value):
+    with pytest.raises(ConfigError) as info:
+        validate_config(data)
+    msg = str(info.value)
+    assert field in msg and value in msg
+
+
+def test_overrides_and_bad_yaml(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("stage1:\n  steps: 7\n")
+    assert load_config(p, {"stage1.lr": 0.1}).stage1.lr == 0.1
+    assert load_config(p).stage1.steps == 7
+    p.write_text("stage1: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)

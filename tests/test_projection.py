@@ -1,0 +1,79 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from gamma.projection import BudgetError, allocate_bits
+
+BITS = [2, 3, 4]
+
+
+def brute_force(sizes, scores, bits, budget):
+    n = np.array([r * c for r, c in sizes])
+    best = None
+    for combo in itertools.product(range(len(bits)), repeat=len(sizes)):
+        b = np.array(bits)[list(combo)]
+        if (n * b).sum() <= budget * n.sum() + 1e-9:
+            v = scores[np.arange(len(sizes)), list(combo)].sum()
+            best = v if best is None or v > best else best
+    return best
+
+
+def instance(rng, m):
+    sizes = [(int(rng.integers(1, 9)) * 16, 64) for _ in range(m)]
+    return sizes, rng.normal(size=(m, len(BITS)))
+
+
+def test_equals_brute_force_on_small_random_instances():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        sizes, scores = instance(rng, int(rng.integers(2, 7)))
+        budget = float(rng.uniform(2, 4))
+        a = allocate_bits([f"m{i}" for i in range(len(sizes))], sizes, scores, BITS, budget, window=0)
+        assert a.status == "OPTIMAL"
+        assert a.objective == pytest.approx(brute_force(sizes, scores, BITS, budget), abs=1e-9)
+
+
+def test_never_exceeds_budget_on_500_random_instances():
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        sizes, scores = instance(rng, int(rng.integers(3, 40)))
+        budget = float(rng.uniform(2, 4))
+        a = allocate_bits([f"m{i}" for i in range(len(sizes))], sizes, scores, BITS, budget)
+        n = np.array([r * c for r, c in sizes])
+        used = (n * np.array([a.assignment[f"m{i}"] for i in range(len(sizes))])).sum()
+        assert used <= budget * n.sum() + 1e-9
+        assert a.slack >= 0
+
+
+def test_spends_the_budget_within_window():
+    rng = np.random.default_rng(2)
+    sizes, _ = instance(rng, 60)
+    scores = np.tile([0.0, -1.0, -2.0], (60, 1))  # scores that prefer fewer bits
+    a = allocate_bits([f"m{i}" for i in range(60)], sizes, scores, BITS, 3.0, window=0.05)
+    assert 2.95 <= a.bits_used <= 3.0
+
+
+def test_min_bits_restrictions_are_honoured():
+    rng = np.random.default_rng(3)
+    names = [f"model.layers.{i}.mlp.down_proj" if i % 2 else f"model.layers.{i}.mlp.up_proj" for i in range(10)]
+    sizes, scores = instance(rng, 10)
+    scores[:, 0] += 5  # everyone would love 2 bits
+    a = allocate_bits(names, sizes, scores, BITS, 2.6, window=0, min_bits={"down_proj": 3})
+    assert all(b >= 3 for n, b in a.assignment.items() if "down_proj" in n)
+    with pytest.raises(BudgetError, match="matches no module"):
+        allocate_bits(names, sizes, scores, BITS, 3, min_bits={"k_proj": 3})
+
+
+@pytest.mark.parametrize("budget", [1.5, 4.5])
+def test_budget_outside_candidate_range_is_a_clear_error(budget):
+    with pytest.raises(BudgetError, match=f"budget {budget}"):
+        allocate_bits(["a", "b"], [(8, 8), (8, 8)], np.zeros((2, 3)), BITS, budget)
+
+
+def test_solver_scale_560_modules_is_proven_optimal_quickly():
+    rng = np.random.default_rng(4)
+    m = 560
+    scores = np.log(rng.dirichlet([1, 1, 1, 1], size=m))
+    a = allocate_bits([f"m{i}" for i in range(m)], [(4096, 4096)] * m, scores, [2, 3, 4, 8], 3.3)
+    assert a.status == "OPTIMAL" and a.gap < 1e-9

@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from gamma.assignment import account, apply_assignment, collect_hessians, uniform_assignment
+from gamma.model import quantizable_modules
+from gamma.quantizer import QuantizationError, QuantSpec, get_quantizer
+
+NAME = "model.layers.5.mlp.up_proj"
+
+
+@pytest.fixture(scope="module")
+def weight(model_and_tokenizer):
+    return quantizable_modules(model_and_tokenizer[0])[NAME].weight.detach().clone()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_error_falls_with_bits_and_codes_in_range(weight, symmetric):
+    rtn = get_quantizer("rtn")
+    errors = []
+    for bits in (2, 3, 4, 8):
+        q = rtn.quantize(weight, QuantSpec(bits, 64, symmetric))
+        assert int(q.codes.max()) <= 2**bits - 1 and int(q.codes.min()) >= 0
+        assert q.scales.shape == (weight.shape[0], weight.shape[1] // 64)
+        errors.append(float((q.dequantize() - weight).pow(2).sum() / weight.pow(2).sum()))
+    assert errors == sorted(errors, reverse=True)
+    assert errors[-1] < 1e-4  # 8-bit is near lossless
+
+
+def test_dequantize_is_deterministic(weight):
+    rtn = get_quantizer("rtn")
+    a = rtn.quantize(weight, QuantSpec(3)).dequantize()
+    b = rtn.quantize(weight, QuantSpec(3)).dequantize()
+    assert torch.equal(a, b)
+
+
+def test_group_size_must_divide_input(weight):
+    with pytest.raises(QuantizationError, match="does not divide"):
+        get_quantizer("rtn").quantize(weight, QuantSpec(4, 100))
+    q = get_quantizer("rtn").quantize(weight, QuantSpec(4, -1))  # one group per row is explicit
+    assert q.scales.shape == (weight.shape[0], 1)
+
+
+def test_gptq_layer_output_error_below_rtn_on_real_activations(model_and_tokenizer, calibration):
+    model = model_and_tokenizer[0]
+    hessians = collect_hessians(model, calibration, modules={NAME, "model.layers.5.self_attn.o_proj"})
+    mods = quantizable_modules(model)
+    for name, h in hessians.items():
+        w = mods[name].weight.detach()
+        for bits in (2, 3, 4):
+            spec = QuantSpec(bits, 64, False)
+
+            def out_err(q, w=w, h=h):
+                d = q.dequantize() - w
+                return float(torch.einsum("ij,jk,ik->", d, h, d))
+
+            gptq = get_quantizer("gptq").quantize(w, spec, h)
+            assert int(gptq.codes.max()) <= 2**bits - 1
+            assert out_err(gptq) < out_err(get_quantizer("rtn").quantize(w, spec)), (name, bits)
+    with pytest.raises(QuantizationError, match="Hessian"):
+        get_quantizer("gptq").quantize(w, QuantSpec(3))
+
+
+def test_gptq_act_order_keeps_groups_in_place(model_and_tokenizer, calibration):
+    model = model_and_tokenizer[0]
+    h = collect_hessians(model, calibration, modules={NAME})[NAME]
+    q = get_quantizer("gptq", act_order=True).quantize(quantizable_modules(model)[NAME].weight, QuantSpec(3), h)
+    w = quantizable_modules(model)[NAME].weight
+    assert float((q.dequantize() - w).pow(2).mean()) < float(w.pow(2).mean())
+
+
+def test_apply_assignment_in_one_call_with_account(model_and_tokenizer):
+    import copy
+
+    model = copy.deepcopy(model_and_tokenizer[0])
+    assignment = uniform_assignment(model, 4)
+    assignment["model.layers.0.mlp.down_proj"] = 2
+    before = quantizable_modules(model)["model.layers.0.mlp.down_proj"].weight.clone()
+    records, acct = apply_assignment(model, assignment, get_quantizer("rtn"), 64, False)
+    after = quantizable_modules(model)["model.layers.0.mlp.down_proj"].weight
+    assert torch.equal(after, records["model.layers.0.mlp.down_proj"].dequantize())
+    assert not torch.equal(before, after)
+    assert acct.nominal_bits < 4.0 and acct.effective_bits == pytest.approx(acct.nominal_bits + 20 / 64, abs=0.01)
+    sym = account(model, uniform_assignment(model, 4), 64, True)
+    assert sym.effective_bits == pytest.approx(4 + 16 / 64)
+    assert acct.total_bytes == pytest.approx(acct.quantized_bytes + acct.other_bytes)
+    with pytest.raises(QuantizationError, match="does not have"):
+        apply_assignment(model, {"model.layers.99.mlp.up_proj": 4}, get_quantizer("rtn"))
