@@ -178,7 +178,7 @@ def learn_preferences(
             lagrangian.multiplier = AugmentedLagrangian.feasible_multiplier(g_loss, g_c)
         torch.autograd.backward([mix, lagrangian.term(expected)], [mix_grad, None])
         optimizer.step()
-        violation = float(expected) - cfg.budget
+        violation = float(expected.detach()) - cfg.budget
         lagrangian.observe(violation)
         for k, v in (("loss", step_loss), ("violation", violation), ("multiplier", lagrangian.multiplier),
                      ("penalty", lagrangian.penalty), ("expected_bits", float(expected)),
