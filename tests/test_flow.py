@@ -2,8 +2,18 @@
 
 import json
 
+import pytest
 
-def test_pipeline_flow_end_to_end_with_stage1_cache(tmp_path):
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():  # one API for several flow runs in one process
+        yield
+
+
+def test_pipeline_flow_end_to_end_with_stage1_cache(tmp_path, prefect_api):
     from flows.pipeline import gamma_pipeline
 
     overrides = {
