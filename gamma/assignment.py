@@ -98,14 +98,24 @@ def collect_hessians(
     walk = walk_blocks(runner, calibration, batch_size)
     for index, block, hidden in track(walk, "calibration capture (Hessians)", total=len(runner.blocks)):
         accs: dict[str, HessianAccumulator] = {}
+        # q/k/v (and gate/up) read the very same input tensor: accumulate X^T X once and share it.
+        shares: dict[str, str] = {}
+        last: dict = {"x": None, "name": None}
 
-        def add(name: str, x: torch.Tensor, accs=accs) -> None:
-            if name in wanted:
-                accs.setdefault(name, HessianAccumulator(x.shape[-1], token_clip, sink_weight)).add(x)
+        def add(name: str, x: torch.Tensor, accs=accs, shares=shares, last=last) -> None:
+            if name not in wanted:
+                return
+            if x is last["x"]:
+                shares[name] = last["name"]
+                return
+            last["x"], last["name"] = x, name
+            accs.setdefault(name, HessianAccumulator(x.shape[-1], token_clip, sink_weight)).add(x)
 
         with linear_inputs(block, f"model.layers.{index}").attach(add):
             runner.run_block_all(index, hidden, batch_size)
-        hessians.update({n: a.result() for n, a in accs.items()})
+        results = {n: a.result() for n, a in accs.items()}
+        hessians.update(results)
+        hessians.update({n: results[leader] for n, leader in shares.items()})
     return hessians
 
 

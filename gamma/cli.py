@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
 from rich.table import Table
 
 from gamma.config import ConfigError, GammaConfig, load_config
@@ -37,8 +38,6 @@ def _overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise SystemExit(f"error: --set expects key=value, got {pair!r}")
         key, value = pair.split("=", 1)
-        import yaml
-
         out[key] = yaml.safe_load(value)
     return out
 

@@ -169,7 +169,7 @@ def load_task(name: str, n_items: int, seed: int = 0) -> list:
     return [items[i] for i in order[:n_items]]
 
 
-def _requests(item, metric: str) -> list[tuple[str, str]]:
+def _requests(item) -> list[tuple[str, str]]:
     if isinstance(item, _WinoItem):
         return [(c, item.continuation) for c in item.contexts]
     return [(item.context, c) for c in item.choices]
@@ -208,7 +208,7 @@ def zero_shot(model: nn.Module, tokenizer, task: str, n_items: int, max_length: 
     metric = TASKS[task][1]
     pairs, spans = [], []
     for it in items:
-        reqs = _requests(it, metric)
+        reqs = _requests(it)
         spans.append((len(pairs), len(reqs)))
         pairs.extend(reqs)
     scores = []

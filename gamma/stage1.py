@@ -9,7 +9,6 @@ average bits to the training budget. Weights are never updated: only the logits.
 
 from __future__ import annotations
 
-import math
 import os
 import resource
 import time
@@ -223,6 +222,3 @@ def _save_checkpoint(path: Path, logits, optimizer, lagrangian, history, step: i
                 "lagrangian": lagrangian.state_dict(), "history": history, "step": step}, tmp)
     os.replace(tmp, path)
 
-
-def final_violation_ok(result: Stage1Result, tolerance: float) -> bool:
-    return math.isfinite(result.violation) and abs(result.violation) <= tolerance

@@ -3,7 +3,7 @@ token sequences and their content hashes. Pure library code (no orchestrator imp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -19,7 +19,6 @@ from gamma.text import PreparedText, evaluation_windows, prepare_text, sample_se
 @dataclass
 class Workspace:
     cfg: GammaConfig
-    _model: tuple | None = field(default=None, repr=False)
 
     @cached_property
     def model_dir(self) -> Path:
