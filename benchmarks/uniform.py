@@ -19,7 +19,7 @@ from common import write_results  # noqa: E402
 
 from gamma.config import load_config  # noqa: E402
 from gamma.progress import console  # noqa: E402
-from gamma.steps import evaluate_model, hessians_for, quantize_and_evaluate  # noqa: E402
+from gamma.steps import evaluate_model, quantize_and_evaluate, reusable_hessians  # noqa: E402
 from gamma.workspace import Workspace  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     for qname in ("rtn", "gptq"):
         ws = Workspace(load_config("params.yaml", {**base, "quantizer.method": qname}))
         t0 = time.perf_counter()
-        hessians = hessians_for(ws, model)
+        hessians = reusable_hessians(ws, model)
         hessian_seconds = time.perf_counter() - t0
         for b in bits:
             row = quantize_and_evaluate(ws, b, hessians)

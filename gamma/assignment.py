@@ -90,10 +90,16 @@ def collect_hessians(
     modules: set[str] | None = None,
     token_clip: float = 0.0,
     sink_weight: float = 1.0,
+    on_block=None,
 ) -> dict[str, torch.Tensor]:
-    """Hessians of every quantizable module's full-precision inputs on the calibration sequences."""
+    """Hessians of every quantizable module's full-precision inputs on the calibration sequences.
+
+    ``on_block(index, hessians)`` runs after each block's Hessians are taken and before the block
+    makes the next block's inputs: quantizing the block there gives GPTQ's sequential Hessians
+    (each block sees the inputs the quantized prefix really produces)."""
     runner = BlockRunner(model)
     wanted = modules or set(quantizable_modules(model))
+    deepest = max(block_index(n) for n in wanted)
     hessians: dict[str, torch.Tensor] = {}
     walk = walk_blocks(runner, calibration, batch_size)
     for index, block, hidden in track(walk, "calibration capture (Hessians)", total=len(runner.blocks)):
@@ -115,7 +121,12 @@ def collect_hessians(
             runner.run_block_all(index, hidden, batch_size)
         results = {n: a.result() for n, a in accs.items()}
         hessians.update(results)
-        hessians.update({n: results[leader] for n, leader in shares.items()})
+        results.update({n: results[leader] for n, leader in shares.items()})
+        if on_block is not None:
+            on_block(index, results)
+        hessians.update(results)
+        if index >= deepest:
+            break  # no wanted module deeper down: skip the rest of the walk
     return hessians
 
 
@@ -127,19 +138,36 @@ def apply_assignment(
     group_size: int = 64,
     symmetric: bool = False,
     hessians: dict[str, torch.Tensor] | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> tuple[dict[str, QuantizedWeight], SizeAccount]:
     """Quantize every assigned module of ``model`` in place (weights become their dequantized
-    values). GPTQ needs ``hessians`` (from ``collect_hessians``). Returns the records and account."""
+    values). GPTQ needs ``hessians`` (from ``collect_hessians``) or, when it is ``sequential``,
+    the ``calibration`` sequences to take them block by block from the quantized prefix.
+    Returns the records and the size account."""
     validate_assignment(model, assignment)
     modules = quantizable_modules(model)
-    if quantizer.name == "gptq" and hessians is None:
-        raise QuantizationError("GPTQ needs hessians=collect_hessians(model, calibration)")
     records: dict[str, QuantizedWeight] = {}
-    names = sorted(assignment, key=lambda n: (block_index(n), n))
-    for name in track(names, f"quantizing ({quantizer.name})"):
-        module = modules[name]
-        spec = QuantSpec(assignment[name], group_size, symmetric)
-        record = quantizer.quantize(module.weight, spec, hessians.get(name) if hessians else None)
-        module.weight.copy_(record.dequantize().to(module.weight.dtype))
-        records[name] = record
+
+    def quantize(names, block_hessians=None) -> None:
+        for name in names:
+            module = modules[name]
+            spec = QuantSpec(assignment[name], group_size, symmetric)
+            record = quantizer.quantize(module.weight, spec, block_hessians.get(name) if block_hessians else None)
+            module.weight.copy_(record.dequantize().to(module.weight.dtype))
+            records[name] = record
+
+    if quantizer.name == "gptq" and getattr(quantizer, "sequential", False):
+        if calibration is None:
+            raise QuantizationError("sequential GPTQ needs calibration=<token sequences>")
+        by_block: dict[int, list[str]] = {}
+        for name in assignment:
+            by_block.setdefault(block_index(name), []).append(name)
+        collect_hessians(model, calibration, modules=set(assignment), token_clip=quantizer.token_clip,
+                         sink_weight=quantizer.sink_weight,
+                         on_block=lambda index, h: quantize(sorted(by_block.get(index, [])), h))
+    else:
+        if quantizer.name == "gptq" and hessians is None:
+            raise QuantizationError("GPTQ needs hessians=collect_hessians(model, calibration)")
+        names = sorted(assignment, key=lambda n: (block_index(n), n))
+        quantize(track(names, f"quantizing ({quantizer.name})"), hessians)
     return records, account(model, assignment, group_size, symmetric)

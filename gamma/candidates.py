@@ -27,3 +27,16 @@ def build_candidates(
         h = hessians.get(name) if hessians else None
         out[name] = [quantizer.quantize(found[name].weight, QuantSpec(b, group_size, symmetric), h) for b in bits]
     return out
+
+
+@torch.no_grad()
+def apply_candidates(
+    model: nn.Module, candidates: dict[str, list[QuantizedWeight]], bits: list[int], assignment: dict[str, int]
+) -> None:
+    """Set each assigned module's weight to its precomputed candidate at the assigned width: any
+    assignment in milliseconds, the same quantized weights Stage I chose among."""
+    modules = quantizable_modules(model)
+    for name, b in assignment.items():
+        if b not in bits:
+            raise ValueError(f"{name}: {b} bits is not among the candidates {bits}")
+        modules[name].weight.copy_(candidates[name][bits.index(b)].dequantize().to(modules[name].weight.dtype))

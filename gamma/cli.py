@@ -68,14 +68,14 @@ def cmd_prepare(cfg: GammaConfig, args) -> None:
 
 
 def cmd_uniform(cfg: GammaConfig, args) -> list[dict]:
-    from gamma.steps import evaluate_model, hessians_for, quantize_and_evaluate
+    from gamma.steps import evaluate_model, quantize_and_evaluate, reusable_hessians
     from gamma.workspace import Workspace
 
     ws = Workspace(cfg)
     bits = _parse_list(args.bits, int) if getattr(args, "bits", None) else cfg.uniform_bits
     model, tok = ws.load()
     rows = [{"method": "unquantized", "avg_bits": 16.0, **evaluate_model(ws, model, tok)}]
-    hessians = hessians_for(ws, model)
+    hessians = reusable_hessians(ws, model)
     del model
     for b in bits:
         rows.append({"method": f"uniform-{b}", **quantize_and_evaluate(ws, b, hessians)})

@@ -44,6 +44,8 @@ class GPTQConfig(_Section):
     block_size: int = Field(128, ge=1)
     sink_weight: float = Field(64.0, gt=0.0, description="weight of position 0 (attention sink) in H")
     token_clip: float = Field(0.0, ge=0.0, description="cap each token's norm in H at this x median; 0 = off")
+    clip_search: bool = Field(True, description="search each group's clip (diag(H)-weighted error grid) over min/max")
+    sequential: bool = Field(True, description="take each block's Hessians from the quantized prefix")
 
 
 class QuantizerConfig(_Section):
@@ -95,6 +97,8 @@ class Stage2Config(_Section):
     window: float = Field(0.02, ge=0.0, description="delta: the solution spends at least B - delta bits")
     time_limit: float = Field(60.0, gt=0.0)
     min_bits: dict[str, int] = Field(default_factory=dict, description="module-name substring -> lowest bits allowed")
+    solver: Literal["auto", "cbc", "hull"] = Field(
+        "auto", description="cbc: exact MIP; hull: LP greedy with proven bound (10^5 items); auto picks by size")
 
 
 class GammaConfig(_Section):

@@ -19,6 +19,8 @@ import numpy as np
 from gamma.quantizer import QuantSpec
 
 BudgetUnit = Literal["nominal", "effective", "bytes"]
+Solver = Literal["auto", "cbc", "hull"]
+MIP_MAX_ITEMS = 5000  # above this CBC's model building and branching take minutes; the hull greedy seconds
 
 
 class BudgetError(ValueError):
@@ -34,6 +36,7 @@ class Allocation:
     best_bound: float
     gap: float
     status: str
+    solver: str
     solve_seconds: float
     bits_used: float  # average nominal bits of the assignment
     used: float  # in the budget's unit
@@ -116,6 +119,77 @@ def solve_mckp(
     return choice, status, solver.Objective().Value(), solver.Objective().BestBound()
 
 
+def solve_mckp_hull(
+    scores: np.ndarray, costs: np.ndarray, capacity: int, allowed: np.ndarray
+) -> tuple[np.ndarray, str, float, float]:
+    """Multiple-choice knapsack by its LP relaxation (Dyer-Zemel): each row's options on their
+    upper convex hull, upgrades taken globally by score gained per bit until the capacity binds.
+
+    The LP optimum has at most one fractional row, so the integer answer (greedy without that
+    upgrade, then any later upgrade that still fits) is within one upgrade of the LP bound, which
+    is returned as the proven bound. O(N K log NK): the route for block-wise tables too large for
+    a MIP solver."""
+    M, K = scores.shape
+    base = np.zeros(M, dtype=int)
+    steps = []  # (gain per cost unit, row, from option, to option)
+    for m in range(M):
+        opts = sorted((int(costs[m, k]), float(scores[m, k]), k) for k in range(K) if allowed[m, k])
+        hull: list[tuple[int, float, int]] = []
+        for c, s, k in opts:
+            if hull and s <= hull[-1][1]:
+                continue  # costs more, scores no better: never worth it
+            if hull and c == hull[-1][0]:
+                hull.pop()
+            while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (c - hull[-1][0]) <= (s - hull[-1][1]) * (
+                hull[-1][0] - hull[-2][0]
+            ):
+                hull.pop()  # under the chord from hull[-2] to this option: LP-dominated
+            hull.append((c, s, k))
+        base[m] = hull[0][2]
+        steps += [((b[1] - a[1]) / (b[0] - a[0]), m, a[2], b[2]) for a, b in zip(hull, hull[1:])]
+    order = sorted(steps, key=lambda t: -t[0])
+    choice = base.copy()
+    room = capacity - int(costs[np.arange(M), base].sum())
+    if room < 0:
+        return np.zeros(0, dtype=int), "INFEASIBLE", float("nan"), float("nan")
+    bound = float(scores[np.arange(M), base].sum())
+    lp_room, lp_open = room, True
+    for slope, m, a, b in order:
+        dc = int(costs[m, b] - costs[m, a])
+        if lp_open:  # the LP relaxation: whole upgrades while they fit, then a fraction of the next
+            bound += slope * min(dc, lp_room)
+            lp_open = dc <= lp_room
+            lp_room -= dc
+        if choice[m] == a and dc <= room:  # the integer answer skips rows whose upgrade did not fit
+            choice[m], room = b, room - dc
+    objective = float(scores[np.arange(M), choice].sum())
+    status = "OPTIMAL" if bound - objective <= 1e-9 * max(1.0, abs(objective)) else "FEASIBLE"
+    return choice, status, objective, max(bound, objective)
+
+
+def _solve_exact(scores, costs, capacity, lower, allowed, time_limit, budget, window, notes):
+    """CBC with the window's lower end dropped if nothing reaches it, and the capacity tightened
+    if the solver's feasibility tolerance let the answer slip over the budget."""
+    relaxed = False
+    limit = capacity
+    for _attempt in range(5):
+        choice, status, _, bound = solve_mckp(scores, costs, capacity, lower, allowed, time_limit)
+        if status == "INFEASIBLE" and lower > 0:
+            warnings.warn(f"no assignment spends at least {budget - window} at budget {budget}: lower bound dropped",
+                          stacklevel=3)
+            notes.append("lower bound relaxed: no assignment in the window")
+            lower, relaxed = 0, True
+            continue
+        if status not in ("OPTIMAL", "FEASIBLE"):
+            raise BudgetError(f"the solver found no assignment for budget {budget} ({status})")
+        used_cost = int(costs[np.arange(len(choice)), choice].sum())
+        if used_cost <= limit:
+            return choice, status, bound, used_cost, relaxed
+        capacity -= used_cost - limit
+        notes.append("capacity tightened after a tolerance overshoot")
+    raise BudgetError(f"could not find an assignment within budget {budget} after 5 attempts")
+
+
 def allocate_bits(
     modules: list[str],
     sizes: list[tuple[int, int]],
@@ -129,8 +203,12 @@ def allocate_bits(
     group_size: int = 64,
     symmetric: bool = False,
     time_limit: float = 60.0,
+    solver: Solver = "auto",
 ) -> Allocation:
-    """Pick one bit width per module maximising ``scores`` [M, K] within ``budget`` (Stage II)."""
+    """Pick one bit width per module maximising ``scores`` [M, K] within ``budget`` (Stage II).
+
+    ``solver``: ``cbc`` (exact MIP, proven optimal), ``hull`` (LP-relaxation greedy with a proven
+    bound, for block-wise tables of 10^5 items), ``auto`` (cbc up to ``MIP_MAX_ITEMS`` rows)."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(modules), len(candidates)):
         raise BudgetError(f"scores have shape {scores.shape}, expected {(len(modules), len(candidates))}")
@@ -151,26 +229,21 @@ def allocate_bits(
     notes: list[str] = []
     relaxed = False
     t0 = time.perf_counter()
-    for _attempt in range(5):
-        choice, status, objective, bound = solve_mckp(scores, costs, capacity, lower, allowed, time_limit)
-        if status == "INFEASIBLE" and lower > 0:
-            warnings.warn(f"no assignment spends at least {budget - window} at budget {budget}: lower bound dropped",
-                          stacklevel=2)
-            notes.append("lower bound relaxed: no assignment in the window")
-            lower, relaxed = 0, True
-            continue
-        if status not in ("OPTIMAL", "FEASIBLE"):
-            raise BudgetError(f"the solver found no assignment for budget {budget} ({status})")
+    if solver == "auto":
+        solver = "cbc" if len(modules) <= MIP_MAX_ITEMS else "hull"
+    if solver == "hull":
+        choice, status, _, bound = solve_mckp_hull(scores, costs, capacity, allowed)
+        if status == "INFEASIBLE":
+            raise BudgetError(f"no assignment fits budget {budget} ({unit})")
         used_cost = int(costs[np.arange(len(modules)), choice].sum())
-        if used_cost <= int(np.floor(budget * per_unit + 1e-6)):
-            break
-        capacity -= used_cost - capacity  # solver tolerance let it slip over: tighten and re-solve
-        notes.append("capacity tightened after a tolerance overshoot")
+        if used_cost < lower:
+            notes.append(f"spends {used_cost / per_unit:.4f}, below the window's lower end {budget - window}")
     else:
-        raise BudgetError(f"could not find an assignment within budget {budget} after 5 attempts")
+        choice, status, bound, used_cost, relaxed = _solve_exact(scores, costs, capacity, lower, allowed,
+                                                                 time_limit, budget, window, notes)
     seconds = time.perf_counter() - t0
     objective = float(scores[np.arange(len(modules)), choice].sum())  # exact float objective
-    gap = abs(bound - objective) / max(1e-12, abs(objective)) if status == "OPTIMAL" else float("nan")
+    gap = abs(bound - objective) / max(1e-12, abs(objective)) if np.isfinite(bound) else float("nan")
     n = np.array([r * c for r, c in sizes], dtype=np.float64)
     bits = np.array(candidates)[choice]
     return Allocation(
@@ -181,6 +254,7 @@ def allocate_bits(
         best_bound=float(bound),
         gap=float(gap),
         status=status,
+        solver=solver,
         solve_seconds=seconds,
         bits_used=float((n * bits).sum() / n.sum()),
         used=used_cost / per_unit,

@@ -28,6 +28,12 @@ def hessians_for(ws: Workspace, model) -> dict[str, torch.Tensor] | None:
     return collect_hessians(model, ws.calibration, token_clip=q.gptq.token_clip, sink_weight=q.gptq.sink_weight)
 
 
+def reusable_hessians(ws: Workspace, model) -> dict[str, torch.Tensor] | None:
+    """Full-precision Hessians to share across several assignments, or None when there is nothing
+    to share (RTN, or sequential GPTQ, whose Hessians depend on each assignment's quantized prefix)."""
+    return None if ws.cfg.quantizer.gptq.sequential else hessians_for(ws, model)
+
+
 def evaluate_model(ws: Workspace, model, tokenizer, zero_shot_items: int | None = None) -> dict:
     e = ws.cfg.evaluation
     t0 = time.perf_counter()
@@ -54,9 +60,12 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
         assignment = uniform_assignment(model, assignment)
     q = ws.cfg.quantizer
     t0 = time.perf_counter()
-    if q.method == "gptq" and hessians is None:
+    if q.method == "gptq" and q.gptq.sequential:
+        hessians = None  # taken block by block from the quantized prefix instead
+    elif q.method == "gptq" and hessians is None:
         hessians = hessians_for(ws, model)
-    _, acct = apply_assignment(model, assignment, ws.quantizer(), q.group_size, q.symmetric, hessians)
+    _, acct = apply_assignment(model, assignment, ws.quantizer(), q.group_size, q.symmetric, hessians,
+                               calibration=ws.calibration)
     row = {"quantizer": q.method, "quantize_seconds": time.perf_counter() - t0, **acct.as_dict()}
     row["avg_bits"] = acct.nominal_bits
     row.update(evaluate_model(ws, model, tokenizer))
@@ -81,16 +90,18 @@ def save_quantized(model, tokenizer, assignment: dict[str, int], summary: dict, 
     return path
 
 
-def learn_score_table(ws: Workspace, checkpoint: str | Path | None = None, stop_after: int | None = None) -> ScoreTable:
-    """Stage I end to end: teacher capture, candidates, proxy warm start, preference learning."""
+def learn_score_table(ws: Workspace, checkpoint: str | Path | None = None, stop_after: int | None = None,
+                      candidates: dict | None = None) -> ScoreTable:
+    """Stage I end to end: teacher capture, candidates (unless given), proxy warm start, preference learning."""
     cfg = ws.cfg
     model, _ = ws.load()
     modules, sizes = ws.module_sizes(model)
     need_grads = cfg.stage1.loss == "fisher" or cfg.stage1.init == "proxy"
     teacher = capture_teacher(model, ws.calibration, with_grads=need_grads)
     q = cfg.quantizer
-    candidates = build_candidates(model, ws.quantizer(), cfg.candidates, q.group_size, q.symmetric,
-                                  hessians_for(ws, model))
+    if candidates is None:
+        candidates = build_candidates(model, ws.quantizer(), cfg.candidates, q.group_size, q.symmetric,
+                                      hessians_for(ws, model))
     init = None
     if cfg.stage1.init == "proxy":
         costs = fisher_costs(model, candidates, teacher.fisher)
@@ -125,7 +136,8 @@ def allocate(table: ScoreTable, budgets: list[float], ws_cfg, modules=None, size
         try:
             alloc = allocate_bits(table.modules, table.sizes, np.asarray(table.scores), table.bits, b,
                                   window=s2.window, min_bits=s2.min_bits, group_size=q.group_size,
-                                  symmetric=q.symmetric, time_limit=s2.time_limit)
+                                  symmetric=q.symmetric, time_limit=s2.time_limit,
+                                  solver=s2.solver)
             alloc.notes.append(f"distance from training budget: {b - table.training_budget:+.2f} bits")
             out[b] = alloc
         except ValueError as err:

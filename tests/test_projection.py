@@ -77,3 +77,30 @@ def test_solver_scale_560_modules_is_proven_optimal_quickly():
     scores = np.log(rng.dirichlet([1, 1, 1, 1], size=m))
     a = allocate_bits([f"m{i}" for i in range(m)], [(4096, 4096)] * m, scores, [2, 3, 4, 8], 3.3)
     assert a.status == "OPTIMAL" and a.gap < 1e-9
+
+
+def test_hull_solver_is_feasible_and_within_its_proven_bound():
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        m = int(rng.integers(2, 7))
+        sizes, scores = instance(rng, m)
+        budget = float(rng.uniform(2, 4))
+        a = allocate_bits([f"m{i}" for i in range(m)], sizes, scores, BITS, budget, window=0, solver="hull")
+        n = np.array([r * c for r, c in sizes])
+        used = (n * np.array([a.assignment[f"m{i}"] for i in range(m)])).sum()
+        assert used <= budget * n.sum() + 1e-9
+        best = brute_force(sizes, scores, BITS, budget)
+        assert a.objective <= best + 1e-9 <= a.best_bound + 2e-9  # the bound really bounds the optimum
+        if a.status == "OPTIMAL":
+            assert a.objective == pytest.approx(best, abs=1e-9)
+
+
+def test_hull_solver_gap_vanishes_on_many_items():
+    rng = np.random.default_rng(6)
+    sizes = [(int(rng.integers(1, 9)) * 16, 64) for _ in range(3000)]
+    scores = -np.abs(rng.normal(size=(3000, 1))) * 4.0 ** -np.array(BITS)[None, :]
+    names = [f"m{i}" for i in range(3000)]
+    hull = allocate_bits(names, sizes, scores, BITS, 2.7, solver="hull")
+    exact = allocate_bits(names, sizes, scores, BITS, 2.7, solver="cbc")
+    assert exact.status == "OPTIMAL" and hull.gap < 1e-4
+    assert exact.objective - 1e-9 <= hull.best_bound and hull.objective <= exact.objective + 1e-9

@@ -3,7 +3,14 @@ import torch
 
 from gamma.assignment import account, apply_assignment, collect_hessians, uniform_assignment
 from gamma.model import quantizable_modules
-from gamma.quantizer import QuantizationError, QuantSpec, get_quantizer
+from gamma.quantizer import (
+    QuantizationError,
+    QuantSpec,
+    get_quantizer,
+    group_params,
+    quantize_with,
+    search_group_params,
+)
 
 NAME = "model.layers.5.mlp.up_proj"
 
@@ -85,3 +92,45 @@ def test_apply_assignment_in_one_call_with_account(model_and_tokenizer):
     assert acct.total_bytes == pytest.approx(acct.quantized_bytes + acct.other_bytes)
     with pytest.raises(QuantizationError, match="does not have"):
         apply_assignment(model, {"model.layers.99.mlp.up_proj": 4}, get_quantizer("rtn"))
+
+
+def test_clip_search_lowers_the_weighted_group_error(weight):
+    grouped = weight.reshape(-1, 64)
+    importance = torch.rand(64, generator=torch.Generator().manual_seed(0)) + 0.1
+    for bits in (2, 3):
+        spec = QuantSpec(bits, 64, False)
+
+        def row_error(scale, zero, spec=spec):
+            q = quantize_with(grouped, scale, zero, spec.max_code)
+            return (((q - zero[:, None]) * scale[:, None] - grouped).abs().pow(2.4) * importance).sum(dim=1)
+
+        plain = row_error(*group_params(grouped, spec))
+        searched = row_error(*search_group_params(grouped, spec, weights=importance))
+        assert bool((searched <= plain + 1e-6).all())
+        assert float(searched.sum()) < 0.9 * float(plain.sum()), bits  # clipping pays at 2-3 bits
+
+
+def test_sequential_gptq_uses_the_quantized_prefix(model_and_tokenizer, calibration):
+    import copy
+
+    model = copy.deepcopy(model_and_tokenizer[0])
+    first, second = "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"
+    assignment = {first: 2, second: 2}
+    gptq = get_quantizer("gptq", sequential=True)
+    with pytest.raises(QuantizationError, match="calibration"):
+        apply_assignment(model, assignment, gptq)
+    records, _ = apply_assignment(model, assignment, gptq, calibration=calibration)
+
+    # The same by hand: block 0 from full-precision Hessians, block 1 from the quantized block 0.
+    reference = copy.deepcopy(model_and_tokenizer[0])
+    mods = quantizable_modules(reference)
+    h0 = collect_hessians(reference, calibration, modules={first})[first]
+    q0 = gptq.quantize(mods[first].weight, QuantSpec(2), h0)
+    with torch.no_grad():
+        mods[first].weight.copy_(q0.dequantize())
+    h1 = collect_hessians(reference, calibration, modules={second})[second]
+    fp_h1 = collect_hessians(model_and_tokenizer[0], calibration, modules={second})[second]
+    assert not torch.allclose(h1, fp_h1)  # block 1 really sees different inputs
+    q1 = gptq.quantize(mods[second].weight, QuantSpec(2), h1)
+    assert torch.equal(records[first].codes, q0.codes)
+    assert torch.equal(records[second].codes, q1.codes)
