@@ -77,7 +77,7 @@ def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[li
     proxy_scores = -relative_error_costs(model, candidates)
     torch.manual_seed(cfg.stage1.seed)
     table = learn_score_table(ws, candidates=candidates)
-    console.print(f"[{qname}] Stage I: {table.wall_seconds:.0f}s, peak {table.peak_memory_mb:.0f} MB, "
+    console.print(f"{qname}: Stage I: {table.wall_seconds:.0f}s, peak {table.peak_memory_mb:.0f} MB, "
                   f"E - B = {table.violation:+.4f}")
     gamma_allocs = allocate(table, budgets, cfg)
     calib = ws.calibration[: min(8, len(ws.calibration))]
@@ -90,7 +90,7 @@ def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[li
                "effective_bits": acct.effective_bits, "total_bytes": acct.total_bytes, **(extra or {})}
         row.update(evaluate_model(ws, model, tok))
         rows.append(row)
-        console.print(f"[{qname}] {method:10s} B={budget:<5} bits={acct.nominal_bits:.3f} "
+        console.print(f"{qname}: {method:10s} B={budget:<5} bits={acct.nominal_bits:.3f} "
                       f"ppl={row['perplexity']:.2f}±{row['perplexity_se']:.2f} zs={row['zero_shot']:.3f}")
 
     for b in bits:
@@ -98,7 +98,7 @@ def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[li
     for budget in budgets:
         alloc = gamma_allocs[budget]
         if isinstance(alloc, Exception):
-            console.print(f"[{qname}] GAMMA B={budget}: {alloc}")
+            console.print(f"{qname}: GAMMA B={budget}: {alloc}")
         else:
             run("gamma", budget, alloc.assignment, {"solve_seconds": alloc.solve_seconds,
                                                     "stage1_seconds": table.wall_seconds,

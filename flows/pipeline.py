@@ -1,39 +1,91 @@
-"""The main flow: prepare data -> learn preferences -> for each budget: solve, quantize, evaluate
--> summarise. Runs with no server (Prefect's ephemeral API)."""
+"""The main flow: prepare (DVC) -> Stage I (cached on the registry) -> fan-out over budgets (solve,
+quantize, evaluate, register) -> summary table and Pareto plot. Runs with no server of any kind:
+Prefect's ephemeral API, MLflow on SQLite, DVC's local remote."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
 
 from prefect import flow  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from gamma.config import load_config  # noqa: E402
 from gamma.plots import plot_pareto  # noqa: E402
+from tasks import registry  # noqa: E402
 from tasks.steps import learn, prepare, uniform, variant  # noqa: E402
 
 
-@flow(name="gamma-pipeline")
-def gamma_pipeline(params: str = "params.yaml", overrides: dict | None = None) -> list[dict]:
+@flow(name="gamma-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def gamma_pipeline(params: str = "params.yaml", overrides: dict | None = None, use_dvc: bool = True) -> list[dict]:
     cfg = load_config(params, overrides)
-    hashes = prepare(cfg)
-    scores = learn(cfg, hashes)
-    # Tasks run one after another: each evaluation already uses every core of this machine.
-    rows = [uniform(cfg, b) for b in cfg.uniform_bits]
-    rows += [variant(cfg, scores, b) for b in cfg.stage2.budgets]
     out = Path(cfg.output_dir)
-    (out / "summary.json").write_text(json.dumps({"inputs": hashes, "rows": rows}, indent=1, default=str) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = prepare(cfg, use_dvc)
+    client, experiment = registry.client_for(cfg)  # database and experiment exist before the fan-out
+    parent = client.create_run(experiment, run_name="pipeline",
+                               tags={"gamma.kind": "pipeline", "model_md5": inputs["model_md5"],
+                                     "text_md5": inputs["text_md5"], "git_commit": inputs["git_commit"]})
+    parent_id = parent.info.run_id
+    status = "FAILED"
+    try:
+        scores = learn(cfg, inputs, parent_id)
+        client.set_tag(parent_id, "score_version", f"{scores['name']} v{scores['version']}")
+        client.set_tag(parent_id, "stage1_cached", str(scores["cached"]))
+        retrying = variant.with_options(retries=cfg.pipeline.retries)
+        jobs = [({"budget": float(b), "method": "uniform"}, uniform.submit(cfg, b, inputs, parent_id))
+                for b in cfg.uniform_bits]
+        jobs += [({"budget": b, "method": "gamma"}, retrying.submit(cfg, scores, b, inputs, parent_id))
+                 for b in cfg.stage2.budgets]
+        rows = []
+        for key, future in jobs:
+            result = future.result(raise_on_failure=False)
+            # one failed budget is reported with its reason; the others stand
+            rows.append({**key, "error": f"{type(result).__name__}: {result}"} if isinstance(result, BaseException)
+                        else result)
+        summarize(client, parent_id, out, inputs, scores, rows)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent_id, status)
+    return rows
+
+
+def summarize(client, run_id: str, out: Path, inputs: dict, scores: dict, rows: list[dict]) -> None:
+    summary = out / "summary.json"
+    summary.write_text(json.dumps({"inputs": inputs, "scores": scores, "rows": rows}, indent=1, default=str) + "\n")
     ok = [r for r in rows if "error" not in r]
-    plot_pareto(ok, out / "pareto.png")
+    pareto = plot_pareto(ok, out / "pareto.png") if ok else None
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "variants.md"
+        cols = ["method", "budget", "avg_bits", "effective_bits", "total_bytes", "perplexity", "zero_shot",
+                "registered"]
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+                                    for c in cols) + " |" for r in ok]
+        table.write_text("\n".join(lines) + "\n")
+        for f in (summary, pareto, table):
+            if f is not None:
+                client.log_artifact(run_id, str(f), "summary")
     from gamma.cli import _table
 
     _table([{**r, "method": f"{r['method']}-{r['budget']:g}"} for r in ok], "variants")
     for r in rows:
         if "error" in r:
             print(f"budget {r['budget']}: FAILED: {r['error']}")
-    print(f"results: {out / 'summary.json'}, {out / 'pareto.png'}")
+    print(f"results: {summary}, {out / 'pareto.png'}")
+
+
+def run_pipeline(params: str = "params.yaml", overrides: dict | None = None, use_dvc: bool = True) -> list[dict]:
+    """The flow with as many concurrent budgets as ``pipeline.workers`` says."""
+    cfg = load_config(params, overrides)
+    runner = ThreadPoolTaskRunner(max_workers=cfg.pipeline.workers)
+    rows = gamma_pipeline.with_options(task_runner=runner)(params=params, overrides=overrides, use_dvc=use_dvc)
+    uri = cfg.tracking.uri
+    print(f"MLflow: `mlflow ui --backend-store-uri {uri}` then open http://127.0.0.1:5000 (registry: Models tab)")
+    print("Prefect: this run used an ephemeral API; `prefect server start` shows flow runs when a server is up")
     return rows

@@ -6,6 +6,7 @@
   gamma allocate --budgets 2.5,3     Stage II: solve any budgets from the saved table (seconds)
   gamma quantize --budget 2.5        apply an allocation, save the model, evaluate it
   gamma run                          the main job: all of the above on params.yaml
+  gamma promote --budget 2.5 --alias production   move a registry alias through the promotion gate
 
 Every command reads params.yaml (``--params``) and accepts ``--set key=value`` overrides.
 The orchestrated pipeline (Prefect, MLflow, DVC) lives in ``flows/`` and is imported lazily.
@@ -104,11 +105,14 @@ def cmd_allocate(cfg: GammaConfig, args) -> dict:
     from gamma.plots import plot_allocation
     from gamma.scores import ScoreTable
     from gamma.steps import allocate
+    from gamma.workspace import Workspace
 
     out = _out(cfg)
     table = ScoreTable.load(args.scores or out / "scores.json")
     budgets = _parse_list(args.budgets) if getattr(args, "budgets", None) else cfg.stage2.budgets
-    results = allocate(table, budgets, cfg)
+    ws = Workspace(cfg)
+    modules, sizes = ws.module_sizes(ws.load()[0])
+    results = allocate(table, budgets, cfg, modules, sizes, ws.model_hash)  # a foreign table is refused
     (out / "assignments").mkdir(exist_ok=True)
     t = Table(title="Stage II (from the saved score table; Stage I not rerun)")
     for c in ("budget", "status", "bits used", "slack", "gap", "seconds", "note"):
@@ -143,9 +147,23 @@ def cmd_quantize(cfg: GammaConfig, args) -> dict:
 
 
 def cmd_run(cfg: GammaConfig, args) -> None:
-    from flows.pipeline import gamma_pipeline
+    from flows.pipeline import run_pipeline
 
-    gamma_pipeline(params=args.params, overrides=_overrides(args.set))
+    run_pipeline(params=args.params, overrides=_overrides(args.set), use_dvc=not args.no_dvc)
+
+
+def cmd_promote(cfg: GammaConfig, args) -> None:
+    from gamma.workspace import Workspace
+    from tasks.registry import names_for, promote
+
+    names = names_for(cfg, Workspace(cfg).model_dir)
+    decision = promote(cfg, names, args.budget, args.alias, args.version)
+    verdict = "[green]promoted[/green]" if decision.promote else "[red]refused[/red]"
+    console.print(f"{names.variant(args.budget)} -> alias '{args.alias}': {verdict}")
+    for reason in decision.reasons:
+        console.print(f"  - {reason}")
+    if not decision.promote:
+        raise SystemExit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,12 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = q.add_mutually_exclusive_group(required=True)
     g.add_argument("--budget", type=float, help="use <output_dir>/assignments/<budget>.json")
     g.add_argument("--assignment", help="an assignment JSON file (module -> bits)")
-    sub.add_parser("run", parents=[common], help="the whole pipeline on params.yaml (Prefect flow, MLflow, DVC)")
+    r = sub.add_parser("run", parents=[common], help="the whole pipeline on params.yaml (Prefect flow, MLflow, DVC)")
+    r.add_argument("--no-dvc", action="store_true", 
+                   help="do not reproduce/push the DVC prepare stage (dvc repro uses it)")
+    pr = sub.add_parser("promote", parents=[common], help="move an MLflow alias to a variant, only through the gate")
+    pr.add_argument("--budget", type=float, required=True, help="the variant's budget, e.g. 2.5")
+    pr.add_argument("--alias", required=True, help="e.g. production")
+    pr.add_argument("--version", help="model version to promote (default: the newest)")
     return p
 
 
 COMMANDS = {"prepare": cmd_prepare, "uniform": cmd_uniform, "learn": cmd_learn, "allocate": cmd_allocate,
-            "quantize": cmd_quantize, "run": cmd_run}
+            "quantize": cmd_quantize, "run": cmd_run, "promote": cmd_promote}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,6 +101,20 @@ class Stage2Config(_Section):
         "auto", description="cbc: exact MIP; hull: LP greedy with proven bound (10^5 items); auto picks by size")
 
 
+class TrackingConfig(_Section):
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (SQLite file by default, or a server)")
+    experiment: str = "gamma"
+    artifacts: str = Field("mlartifacts", description="artifact root for a new experiment (local path or URI)")
+    model_name: str = Field("", description="registry prefix; empty: the model directory's name")
+    log_checkpoints: bool = Field(False, description="also copy each variant's full checkpoint into MLflow")
+
+
+class PipelineConfig(_Section):
+    dvc: bool = Field(True, description="version the prepared data with DVC (repro + push) when in a DVC repo")
+    workers: int = Field(1, ge=1, description="budgets solved/quantized/evaluated at once (each uses every core)")
+    retries: int = Field(1, ge=0, description="retries of a failed variant task (not for infeasible budgets)")
+
+
 class GammaConfig(_Section):
     model: ModelConfig = ModelConfig()
     text: TextConfig = TextConfig()
@@ -110,6 +124,8 @@ class GammaConfig(_Section):
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
     uniform_bits: list[int] = Field([2, 3, 4], description="uniform baselines evaluated by the main job")
+    tracking: TrackingConfig = TrackingConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     output_dir: str = "runs"
 
     @field_validator("candidates", "uniform_bits")

@@ -16,12 +16,16 @@ def file_md5(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def content_md5(path: str | Path) -> str:
-    """md5 of a file, or of a directory's sorted (relative path, md5) listing."""
+    """The md5 DVC records for ``path`` (in ``.dvc`` files and ``dvc.lock``): a file's md5, or for
+    a directory the md5 of its sorted ``[{"md5", "relpath"}]`` listing with ``.dir`` appended."""
     p = Path(path)
     if p.is_file():
         return file_md5(p)
-    listing = [(str(f.relative_to(p)), file_md5(f)) for f in sorted(p.rglob("*")) if f.is_file()]
-    return hashlib.md5(json.dumps(listing).encode()).hexdigest()
+    if not p.is_dir():
+        raise FileNotFoundError(f"cannot hash {p}: no such file or directory")
+    files = sorted((f.relative_to(p).as_posix(), f) for f in p.rglob("*") if f.is_file())
+    listing = [{"md5": file_md5(f), "relpath": rel} for rel, f in files]
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
 def settings_hash(settings: dict) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -84,11 +85,16 @@ def resolve_model_path(path: str, data_dir: str | Path) -> Path:
     return p
 
 
+# transformers builds models under a process-wide "meta device" context: two threads loading at
+# once (budgets fanned out on a thread pool) corrupt each other's weights, so loads take turns.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, object]:
     """Load a causal LM in float32 for inference, with its tokenizer; weights frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with status(f"loading model from {path}"):
+    with _LOAD_LOCK, status(f"loading model from {path}"):
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(path)

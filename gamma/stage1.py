@@ -180,7 +180,7 @@ def learn_preferences(
         violation = float(expected.detach()) - cfg.budget
         lagrangian.observe(violation)
         for k, v in (("loss", step_loss), ("violation", violation), ("multiplier", lagrangian.multiplier),
-                     ("penalty", lagrangian.penalty), ("expected_bits", float(expected)),
+                     ("penalty", lagrangian.penalty), ("expected_bits", float(expected.detach())),
                      ("temperature", temperature)):
             history[k].append(v)
         done = step + 1

@@ -1,4 +1,4 @@
-"""One-screen Prefect tasks over the library's steps."""
+"""Thin Prefect tasks over the library's steps; MLflow and DVC bookkeeping lives here, never in gamma/."""
 
 from __future__ import annotations
 
@@ -9,50 +9,127 @@ from prefect import get_run_logger, task
 
 from gamma import steps
 from gamma.config import GammaConfig
+from gamma.hashing import content_md5
+from gamma.plots import plot_allocation, plot_learning_curves
 from gamma.scores import ScoreTable
 from gamma.workspace import Workspace
+from tasks import registry
+from tasks.data import dvc_root, reproduce_and_push
 
 
 @task(name="prepare inputs", retries=1)
-def prepare(cfg: GammaConfig) -> dict:
+def prepare(cfg: GammaConfig, use_dvc: bool = True) -> dict:
+    """Model directory and text, versioned with DVC where the project is a DVC repo; content hashes."""
+    log = get_run_logger()
+    root = dvc_root() if use_dvc and cfg.pipeline.dvc else None
+    dvc = None
+    if root is not None:
+        dvc = reproduce_and_push(root)
+        log.info("DVC: stage 'prepare' of %s reproduced, %s file(s) pushed to the default remote", root, dvc["pushed"])
     ws = Workspace(cfg)
-    return {"model_dir": str(ws.model_dir), "model_md5": ws.model_hash, "text_md5": ws.text_hash}
+    inputs = {"model_dir": str(ws.model_dir), "model_md5": ws.model_hash, "text_md5": ws.text_hash,
+              "text_dir_md5": content_md5(ws.text.calibration.parent), "git_commit": registry.git_commit()}
+    if dvc:
+        inputs["dvc_outs"] = dvc["outs"]
+    log.info("inputs: model md5 %s, calibration text md5 %s", inputs["model_md5"][:12], inputs["text_md5"][:12])
+    return inputs
+
+
+def _lineage(inputs: dict) -> dict:
+    return {"model_md5": inputs["model_md5"], "text_md5": inputs["text_md5"], "git_commit": inputs["git_commit"]}
 
 
 @task(name="learn preferences (Stage I)")
-def learn(cfg: GammaConfig, hashes: dict) -> str:
-    """Stage I, skipped when a table for the same model, text and settings already exists."""
+def learn(cfg: GammaConfig, inputs: dict, parent_run: str) -> dict:
+    """Stage I, or the registered score table when model, text and settings are the same."""
     log = get_run_logger()
-    out = Path(cfg.output_dir)
-    path = out / "scores.json"
+    client, experiment = registry.client_for(cfg)
+    names = registry.names_for(cfg, inputs["model_dir"])
     ws = Workspace(cfg)
-    if path.exists():
-        table = ScoreTable.load(path)
-        if (table.model_hash, table.text_hash, table.settings) == (
-            hashes["model_md5"], hashes["text_md5"], json.loads(json.dumps(steps.stage1_settings(ws)))
-        ):
-            log.info("Stage I cache hit: reusing %s (same model, text and settings)", path)
-            return str(path)
-    log.info("Stage I: learning preferences at %.2f bits", cfg.stage1.budget)
-    table = steps.learn_score_table(ws, checkpoint=out / "stage1.ckpt")
-    table.save(path)
-    return str(path)
+    settings = json.loads(json.dumps(steps.stage1_settings(ws)))
+    key = registry.stage1_cache_key(inputs["model_md5"], inputs["text_md5"], settings)
+    out = Path(cfg.output_dir)
+    hit = registry.find_scores(client, names, key)
+    if hit is not None:
+        path = registry.download_scores(client, hit, out / "registered")
+        log.info("Stage I cache hit: reusing registered %s v%s (same model, text and settings)",
+                 names.scores, hit.version)
+        return {"path": str(path), "name": names.scores, "version": hit.version, "cached": True}
+    log.info("Stage I: learning preferences at %.2f bits (no registered table for key %s)", cfg.stage1.budget, key[:12])
+    run = client.create_run(experiment, run_name="stage1",
+                            tags={"mlflow.parentRunId": parent_run, "gamma.kind": "stage1"})
+    run_id = run.info.run_id
+    try:
+        table = steps.learn_score_table(ws, checkpoint=out / "stage1.ckpt")
+        path = table.save(out / "scores.json")
+        curves = plot_learning_curves(table.history, out / "stage1_curves.png")
+        for k in ("training_budget", "multiplier", "penalty", "violation", "wall_seconds", "peak_memory_mb"):
+            client.log_metric(run_id, k, float(getattr(table, k)))
+        for step, (loss, viol) in enumerate(zip(table.history.get("loss", []), table.history.get("violation", []))):
+            client.log_metric(run_id, "loss", float(loss), step=step)
+            client.log_metric(run_id, "constraint_violation", float(viol), step=step)
+        version = registry.register_scores(
+            client, run_id, names, [path, curves],
+            {**_lineage(inputs), "cache_key": key, "quantizer": json.dumps(table.quantizer),
+             "training_budget": table.training_budget, "settings": json.dumps(settings)[:4000]})
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id)
+    log.info("registered %s v%s", names.scores, version.version)
+    return {"path": str(path), "name": names.scores, "version": version.version, "cached": False}
+
+
+def _register(cfg: GammaConfig, inputs: dict, parent_run: str, name: str, run_name: str, row: dict,
+              files: list[Path], tags: dict, checkpoint: Path | None = None) -> str:
+    client, experiment = registry.client_for(cfg)
+    run = client.create_run(experiment, run_name=run_name,
+                            tags={"mlflow.parentRunId": parent_run, "gamma.kind": "variant"})
+    try:
+        version = registry.register_variant(client, run.info.run_id, name, row, files, {**_lineage(inputs), **tags},
+                                            checkpoint if cfg.tracking.log_checkpoints else None)
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id)
+    return f"{name} v{version.version}"
 
 
 @task(name="solve, quantize and evaluate one budget")
-def variant(cfg: GammaConfig, scores_path: str, budget: float) -> dict:
-    table = ScoreTable.load(scores_path)
-    result = steps.allocate(table, [budget], cfg)[budget]
-    if isinstance(result, Exception):
+def variant(cfg: GammaConfig, scores: dict, budget: float, inputs: dict, parent_run: str) -> dict:
+    """Stage II from the registered scores, then quantize, evaluate and register ``<model>-<budget>bit``."""
+    log = get_run_logger()
+    table = ScoreTable.load(scores["path"])
+    ws = Workspace(cfg)
+    model, _ = ws.load()
+    modules, sizes = ws.module_sizes(model)
+    del model
+    result = steps.allocate(table, [budget], cfg, modules, sizes, inputs["model_md5"])[budget]
+    if isinstance(result, Exception):  # an infeasible budget is an answer, not a crash: no retry
+        log.error("budget %g: %s", budget, result)
         return {"budget": budget, "method": "gamma", "error": str(result)}
-    out = Path(cfg.output_dir) / "assignments"
+    out = Path(cfg.output_dir) / "variants" / f"{budget:g}bit"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{budget:g}.json").write_text(json.dumps(result.as_dict(), indent=1) + "\n")
-    row = steps.quantize_and_evaluate(Workspace(cfg), result.assignment)
-    return {"budget": budget, "method": "gamma", "solve_status": result.status,
-            "solve_seconds": result.solve_seconds, **row}
+    assignment = out / "allocation.json"
+    assignment.write_text(json.dumps(result.as_dict(), indent=1) + "\n")
+    picture = plot_allocation(result.assignment, out / "allocation.png", f"{budget:g} bits")
+    checkpoint = out / "checkpoint"
+    row = steps.quantize_and_evaluate(ws, result.assignment, save_to=checkpoint)
+    row = {"budget": budget, "method": "gamma", "solve_status": result.status, "solve_gap": result.gap,
+           "solve_seconds": result.solve_seconds, **row}
+    names = registry.names_for(cfg, inputs["model_dir"])
+    row["registered"] = _register(
+        cfg, inputs, parent_run, names.variant(budget), f"{budget:g}bit", row, [assignment, picture],
+        {"score_model": scores["name"], "score_version": scores["version"], "budget": budget, "method": "gamma",
+         "solve_status": result.status, "checkpoint": checkpoint.resolve()}, checkpoint)
+    log.info("budget %g: perplexity %.2f, registered %s", budget, row["perplexity"], row["registered"])
+    return row
 
 
 @task(name="uniform baseline")
-def uniform(cfg: GammaConfig, bits: int) -> dict:
-    return {"budget": float(bits), "method": "uniform", **steps.quantize_and_evaluate(Workspace(cfg), bits)}
+def uniform(cfg: GammaConfig, bits: int, inputs: dict, parent_run: str) -> dict:
+    row = {"budget": float(bits), "method": "uniform", **steps.quantize_and_evaluate(Workspace(cfg), bits)}
+    names = registry.names_for(cfg, inputs["model_dir"])
+    row["registered"] = _register(cfg, inputs, parent_run, names.uniform(bits), f"uniform-{bits}bit", row, [],
+                                  {"budget": bits, "method": "uniform"})
+    return row

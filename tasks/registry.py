@@ -1,0 +1,174 @@
+"""MLflow: runs, the score-table registry entry, variant registry entries and promotion.
+
+Everything goes through one ``MlflowClient`` with explicit run ids, from the flow's process
+(mapped tasks run in threads of that process), so no fluent-API global state is shared between
+tasks. The database and the experiment are created once, before any fan-out (SQLite migrations
+race otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from gamma.config import GammaConfig
+from gamma.hashing import settings_hash
+from gamma.promotion import Decision, decide_promotion
+
+SCORES_ARTIFACT = "scores"
+VARIANT_ARTIFACT = "variant"
+VARIANT_METRICS = ("perplexity", "perplexity_se", "zero_shot", "zero_shot_se", "total_bytes", "nominal_bits",
+                   "effective_bits", "quantize_seconds", "eval_seconds", "solve_seconds")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Names:
+    """Registered model names of one base model."""
+
+    prefix: str
+
+    @property
+    def scores(self) -> str:
+        return f"{self.prefix}-gamma-scores"
+
+    def variant(self, budget: float) -> str:
+        return f"{self.prefix}-{budget:g}bit"
+
+    def uniform(self, bits: int) -> str:
+        return f"{self.prefix}-uniform-{bits}bit"
+
+
+def names_for(cfg: GammaConfig, model_dir: str | Path) -> Names:
+    return Names(cfg.tracking.model_name or Path(model_dir).name)
+
+
+def client_for(cfg: GammaConfig) -> tuple[MlflowClient, str]:
+    """The client and the experiment id (created here, once, with its artifact root)."""
+    client = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return client, exp.experiment_id
+    root = cfg.tracking.artifacts
+    location = root if "://" in root else Path(root).resolve().as_uri()
+    return client, client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+
+
+def stage1_cache_key(model_md5: str, text_md5: str, settings: dict) -> str:
+    return settings_hash({"model": model_md5, "text": text_md5, "settings": settings})
+
+
+def _ensure_registered(client: MlflowClient, name: str, description: str) -> None:
+    try:
+        client.create_registered_model(name, description=description)
+    except MlflowException as err:
+        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+            raise
+
+
+def find_scores(client: MlflowClient, names: Names, cache_key: str) -> ModelVersion | None:
+    """The newest registered score table with this cache key, if any."""
+    try:
+        found = client.search_model_versions(f"name = '{names.scores}' and tags.cache_key = '{cache_key}'")
+    except MlflowException:
+        return None
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def download_scores(client: MlflowClient, version: ModelVersion, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    local = client.download_artifacts(version.run_id, f"{SCORES_ARTIFACT}/scores.json", str(dest))
+    return Path(local)
+
+
+def register_scores(client: MlflowClient, run_id: str, names: Names, files: list[Path], tags: dict) -> ModelVersion:
+    for f in files:
+        client.log_artifact(run_id, str(f), SCORES_ARTIFACT)
+    _ensure_registered(client, names.scores, "GAMMA Stage I preference scores (modules x candidate bits)")
+    source = f"{client.get_run(run_id).info.artifact_uri}/{SCORES_ARTIFACT}"
+    return client.create_model_version(names.scores, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+
+
+def register_variant(client: MlflowClient, run_id: str, name: str, row: dict, files: list[Path],
+                     tags: dict, checkpoint: Path | None = None) -> ModelVersion:
+    """Metrics and lineage on the run, the files as artifacts, and a new version of ``name``."""
+    for key in VARIANT_METRICS:
+        value = row.get(key)
+        if isinstance(value, int | float) and value == value:
+            client.log_metric(run_id, key, float(value))
+    for f in files:
+        client.log_artifact(run_id, str(f), VARIANT_ARTIFACT)
+    if checkpoint is not None:
+        client.log_artifacts(run_id, str(checkpoint), f"{VARIANT_ARTIFACT}/checkpoint")
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))
+    _ensure_registered(client, name, "GAMMA mixed-precision variant")
+    source = f"{client.get_run(run_id).info.artifact_uri}/{VARIANT_ARTIFACT}"
+    metrics = {f"metric.{k}": row[k] for k in ("perplexity", "zero_shot", "zero_shot_se", "total_bytes") if k in row}
+    return client.create_model_version(name, source, run_id=run_id,
+                                       tags={**{k: str(v) for k, v in tags.items()},
+                                             **{k: repr(float(v)) for k, v in metrics.items()}})
+
+
+def version_metrics(version: ModelVersion) -> dict:
+    out = {"name": f"{version.name} v{version.version}", "version": version.version}
+    for k, v in version.tags.items():
+        if k.startswith("metric."):
+            out[k.removeprefix("metric.")] = float(v)
+    return out
+
+
+def latest_version(client: MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return max(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def promote(cfg: GammaConfig, names: Names, budget: float, alias: str, version: str | None = None) -> Decision:
+    """Move ``alias`` of ``<model>-<budget>bit`` to ``version`` (default: newest) only through the gate."""
+    client, experiment = client_for(cfg)
+    name = names.variant(budget)
+    challenger = client.get_model_version(name, version) if version else latest_version(client, name)
+    if challenger is None:
+        raise ValueError(f"no registered variant {name!r}; run the pipeline with budget {budget} first")
+    uniform = []
+    for bits in cfg.uniform_bits:
+        v = latest_version(client, names.uniform(bits))
+        if v is not None:
+            uniform.append(version_metrics(v))
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        holder = None
+    holder_figures = version_metrics(holder) if holder is not None and holder.version != challenger.version else None
+    decision = decide_promotion(version_metrics(challenger), uniform, holder_figures)
+    if decision.promote:
+        client.set_registered_model_alias(name, alias, challenger.version)
+    record = {"alias": alias, "budget": budget, "model": name, "version": challenger.version, **decision.as_dict()}
+    client.set_model_version_tag(name, challenger.version, f"promotion.{alias}",
+                                 "promoted" if decision.promote else "refused: " + "; ".join(decision.reasons))
+    run = client.create_run(experiment, run_name=f"promote {name} -> {alias}",
+                            tags={"gamma.kind": "promotion", "decision": str(decision.promote)})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "decision.json"
+        path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id)
+    return decision

@@ -1,0 +1,133 @@
+"""The product end to end: a real Prefect flow run, a real MLflow SQLite registry and a real DVC repo
+(git + dvc init, a local remote) in a temporary directory, on the embedded model with tiny settings."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gamma.promotion import decide_promotion
+
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():  # one API for several flow runs in one process
+        yield
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch, model_dir, text):
+    """A DVC project whose `prepare` stage splits a user corpus; the model is the embedded one."""
+    root = tmp_path / "project"
+    (root / "corpus").mkdir(parents=True)
+    docs = Path(text.calibration).read_text().split("\n\n")[:40]
+    for i, doc in enumerate(docs):
+        (root / "corpus" / f"doc{i:02d}.txt").write_text(doc)
+    params = {
+        "model": {"path": str(model_dir), "data_dir": "data"},
+        "text": {"source": "corpus", "calibration_sequences": 2, "sequence_length": 64, "eval_fraction": 0.25,
+                 "split_seed": 0},
+        "stage1": {"steps": 2, "tokens_per_sequence": 32},
+        "evaluation": {"max_tokens": 512, "context_length": 256, "zero_shot_items": 0},
+        "uniform_bits": [4], "stage2": {"budgets": [3.0, 1.5]},
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "artifacts": str(root / "mlartifacts")},
+        "output_dir": "runs",
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": {
+        "cmd": "gamma prepare", "deps": ["corpus"], "params": ["text.source", "text.eval_fraction"],
+        "outs": ["data/text"]}}}))
+    remote = [DVC, "remote", "add", "-d", "local", str(tmp_path / "remote")]
+    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], remote):
+        subprocess.run(cmd, cwd=root, check=True)
+    monkeypatch.chdir(root)
+    return root
+
+
+def _registry(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _versions(client, name):
+    return sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def test_pipeline_registers_lineage_caches_stage1_and_isolates_failures(project, prefect_api):
+    from flows.pipeline import gamma_pipeline
+    from gamma.config import load_config
+    from tasks.registry import names_for, promote
+
+    rows = gamma_pipeline(params="params.yaml")
+    by = {(r["method"], r["budget"]): r for r in rows}
+    ok = by[("gamma", 3.0)]
+    assert ok["solve_status"] == "OPTIMAL" and 2.98 <= ok["avg_bits"] <= 3.0
+    assert "outside the reachable range" in by[("gamma", 1.5)]["error"]  # fails alone
+
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    text_md5 = lock["stages"]["prepare"]["outs"][0]["md5"]
+    assert any((project.parent / "remote").rglob("*"))  # pushed to the local remote
+    client = _registry(project)
+    prefix = Path(load_config("params.yaml").model.path).name
+    [scores] = _versions(client, f"{prefix}-gamma-scores")
+    summary = json.loads((project / "runs" / "summary.json").read_text())
+    assert summary["inputs"]["text_dir_md5"] == text_md5  # the md5 DVC recorded
+    assert scores.tags["text_md5"] == summary["inputs"]["text_md5"]
+    assert scores.tags["model_md5"] == summary["inputs"]["model_md5"] and len(scores.tags["git_commit"]) >= 7
+    [variant] = _versions(client, f"{prefix}-3bit")
+    assert variant.tags["score_version"] == str(scores.version) and variant.tags["text_md5"] == scores.tags["text_md5"]
+    assert float(variant.tags["metric.perplexity"]) == pytest.approx(ok["perplexity"])
+    run = client.get_run(variant.run_id)
+    assert run.data.metrics["total_bytes"] == pytest.approx(ok["total_bytes"])
+    assert len(_versions(client, f"{prefix}-uniform-4bit")) == 1
+    assert not client.search_registered_models(f"name = '{prefix}-1.5bit'")  # nothing registered for it
+
+    # Same inputs: Stage I comes from the registry, only Stage II runs.
+    rows = gamma_pipeline(params="params.yaml", overrides={"stage2.budgets": [3.5], "uniform_bits": [2]})
+    assert json.loads((project / "runs" / "summary.json").read_text())["scores"]["cached"] is True
+    assert len(_versions(client, f"{prefix}-gamma-scores")) == 1
+    assert len(_versions(client, f"{prefix}-3.5bit")) == 1
+
+    # Promotion: the 3-bit variant does not beat uniform 4-bit (a larger model): refused, recorded.
+    cfg = load_config("params.yaml", {"uniform_bits": [2, 4]})
+    decision = promote(cfg, names_for(cfg, cfg.model.path), 3.0, "production")
+    assert not decision.promote and "uniform" in decision.reasons[0]
+    tagged = client.get_model_version(f"{prefix}-3bit", variant.version)
+    assert tagged.tags["promotion.production"].startswith("refused")
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias(f"{prefix}-3bit", "production")
+
+    # New calibration text: a new DVC hash, and Stage I trains again.
+    (project / "corpus" / "doc00.txt").unlink(missing_ok=True)
+    gamma_pipeline(params="params.yaml", overrides={"stage2.budgets": [3.0], "uniform_bits": [4]})
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["prepare"]["outs"][0]["md5"] != text_md5
+    versions = _versions(client, f"{prefix}-gamma-scores")
+    assert len(versions) == 2 and versions[1].tags["text_md5"] != versions[0].tags["text_md5"]
+
+
+def test_promotion_gate_decisions():
+    uniform = [{"name": "u3", "perplexity": 90.0, "zero_shot": 0.36, "total_bytes": 100.0},
+               {"name": "u4", "perplexity": 35.0, "zero_shot": 0.40, "total_bytes": 130.0}]
+    good = {"perplexity": 60.0, "zero_shot": 0.37, "zero_shot_se": 0.02, "total_bytes": 90.0}
+    assert decide_promotion(good, uniform, None).promote  # beats u3, the smallest uniform at least as large
+    worse = {**good, "perplexity": 95.0}
+    d = decide_promotion(worse, uniform, None)
+    assert not d.promote and "95.000" in d.reasons[0]
+    low_zero_shot = {**good, "zero_shot": 0.30}
+    assert not decide_promotion(low_zero_shot, uniform, None).promote
+    holder = {"perplexity": 55.0}
+    d = decide_promotion(good, uniform, holder)
+    assert not d.promote and "holder" in d.reasons[-1]
+    assert not decide_promotion({**good, "total_bytes": 500.0}, uniform, None).promote  # nothing as large
