@@ -130,10 +130,10 @@ class GammaConfig(_Section):
 
     @field_validator("candidates", "uniform_bits")
     @classmethod
-    def _bits(cls, v: list[int]) -> list[int]:
+    def _bits(cls, v: list[int], info) -> list[int]:
         bad = [b for b in v if b not in SUPPORTED_BITS]
-        if bad or not v:
-            raise ValueError(f"bit widths must be non-empty and among {SUPPORTED_BITS}, got {v}")
+        if bad or (not v and info.field_name == "candidates"):
+            raise ValueError(f"bit widths must be among {SUPPORTED_BITS} (candidates non-empty), got {v}")
         if len(set(v)) != len(v):
             raise ValueError(f"bit widths must not repeat, got {v}")
         return sorted(v)
