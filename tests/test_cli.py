@@ -11,7 +11,7 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for command in ("prepare", "uniform", "learn", "allocate", "quantize", "run"):
+    for command in ("prepare", "uniform", "learn", "allocate", "quantize", "run", "promote"):
         assert command in out
 
 
@@ -21,7 +21,7 @@ def test_bad_config_value_fails_before_work(tmp_path, capsys):
     assert "stage2.window" in captured.out + captured.err
 
 
-def test_allocate_reuses_scores_and_never_runs_stage1(tmp_path, monkeypatch, capsys):
+def test_allocate_reuses_scores_and_never_runs_stage1(tmp_path, monkeypatch, capsys, model_and_tokenizer):
     import gamma.stage1
     import gamma.steps
 
@@ -31,10 +31,22 @@ def test_allocate_reuses_scores_and_never_runs_stage1(tmp_path, monkeypatch, cap
     monkeypatch.setattr(gamma.stage1, "learn_preferences", forbidden)
     monkeypatch.setattr(gamma.steps, "learn_preferences", forbidden)
     monkeypatch.setattr(gamma.steps, "learn_score_table", forbidden)
+    from gamma.config import load_config
+    from gamma.workspace import Workspace
+
+    ws = Workspace(load_config(tmp_path / "none.yaml"))
+    modules, sizes = ws.module_sizes(model_and_tokenizer[0])
     rng = np.random.default_rng(0)
-    modules = [f"model.layers.{i}.mlp.up_proj" for i in range(70)]
-    table = ScoreTable(modules, [(1536, 576)] * 70, [2, 3, 4], np.log(rng.dirichlet([1, 1, 1], 70)).tolist(),
-                       "m", "t", {"name": "rtn"}, 3.0, {}, 0, 0.0, 10.0, 0.0)
+    scores = np.log(rng.dirichlet([1, 1, 1], len(modules))).tolist()
+    foreign = ScoreTable(modules[:-1], sizes[:-1], [2, 3, 4], scores[:-1], ws.model_hash, "t", {"name": "rtn"}, 3.0,
+                         {}, 0, 0.0, 10.0, 0.0)
+    foreign.save(tmp_path / "foreign.json")
+    code = cli.main(["allocate", "--params", str(tmp_path / "none.yaml"), "--scores", str(tmp_path / "foreign.json"),
+                     "--set", f"output_dir={tmp_path}", "--budgets", "2.5"])
+    captured = capsys.readouterr()
+    assert code == 2 and "different module set" in captured.out + captured.err  # refused, clearly
+    table = ScoreTable(modules, sizes, [2, 3, 4], scores, ws.model_hash, "t", {"name": "rtn"}, 3.0, {}, 0, 0.0,
+                       10.0, 0.0)
     table.save(tmp_path / "scores.json")
     code = cli.main(["allocate", "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}",
                      "--budgets", "2.25,2.5,3,1.5"])
