@@ -1,6 +1,6 @@
 """What one more budget costs once the scores are registered, against the first full run.
 
-Runs the real main command (`gamma run`, a fresh process each time, as a user would) on the embedded
+Runs the real main command (`gamma run`, a fresh process each time, as a user would, DVC included) on the embedded
 defaults with a private MLflow database: first with one budget (Stage I runs and is registered),
 then once per additional budget (Stage I comes from the registry; Stage II, quantization and
 evaluation run). Prints each run's wall time with its parts (Stage I, Stage II solve, quantization,
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def gamma_run(budget: float, work: Path, extra: list[str]) -> tuple[float, dict]:
     sets = [f"stage2.budgets=[{budget}]", "uniform_bits=[]", f"output_dir={work / 'runs'}",
             f"tracking.uri=sqlite:///{work / 'mlflow.db'}", f"tracking.artifacts={work / 'mlartifacts'}", *extra]
-    cmd = [str(Path(sys.executable).parent / "gamma"), "run", "--no-dvc"] + [a for s in sets for a in ("--set", s)]
+    cmd = [str(Path(sys.executable).parent / "gamma"), "run"] + [a for s in sets for a in ("--set", s)]
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
