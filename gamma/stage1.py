@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,10 +97,12 @@ def learn_preferences(
     stop_after: int | None = None,
     shard: tuple[int, int] = (0, 1),
     all_reduce=None,
+    checkpoint_key: str = "",
 ) -> Stage1Result:
     """Learn the logits; returns the score table arrays and the optimisation record.
 
-    ``checkpoint``: file for periodic optimizer checkpoints; an existing one is resumed.
+    ``checkpoint``: file for periodic optimizer checkpoints; an existing one is resumed only if it
+    was written under the same ``checkpoint_key`` (model, text and settings), else started over.
     ``stop_after``: stop (as if killed) after this many steps, for resumption tests.
     ``shard``/``all_reduce``: data-parallel hooks (this process's rank and world size, and a
     function that sums a tensor over processes).
@@ -124,8 +127,12 @@ def learn_preferences(
                                        ("loss", "violation", "multiplier", "penalty", "expected_bits", "temperature")}
     start = 0
     ckpt = Path(checkpoint) if checkpoint else None
-    if ckpt and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=False) if ckpt and ckpt.exists() else None
+    if state is not None and (state.get("key") != checkpoint_key or state["alpha"].shape != logits.alpha.shape):
+        warnings.warn(f"{ckpt} belongs to another Stage I run (other model, text or settings): starting over",
+                      stacklevel=2)
+        state = None
+    if state is not None:
         logits.alpha.data.copy_(state["alpha"])
         optimizer.load_state_dict(state["optimizer"])
         lagrangian.load_state_dict(state["lagrangian"])
@@ -185,7 +192,7 @@ def learn_preferences(
             history[k].append(v)
         done = step + 1
         if ckpt and rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            _save_checkpoint(ckpt, logits, optimizer, lagrangian, history, done)
+            _save_checkpoint(ckpt, logits, optimizer, lagrangian, history, done, checkpoint_key)
         if stop_after is not None and done - start >= stop_after:
             break
 
@@ -215,10 +222,10 @@ def learn_preferences(
     )
 
 
-def _save_checkpoint(path: Path, logits, optimizer, lagrangian, history, step: int) -> None:
+def _save_checkpoint(path: Path, logits, optimizer, lagrangian, history, step: int, key: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".partial")
     torch.save({"alpha": logits.alpha.detach().clone(), "optimizer": optimizer.state_dict(),
-                "lagrangian": lagrangian.state_dict(), "history": history, "step": step}, tmp)
+                "lagrangian": lagrangian.state_dict(), "history": history, "step": step, "key": key}, tmp)
     os.replace(tmp, path)
 

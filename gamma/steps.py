@@ -13,6 +13,7 @@ import torch
 from gamma.assignment import apply_assignment, collect_hessians, uniform_assignment
 from gamma.candidates import build_candidates
 from gamma.evaluate import perplexity, zero_shot_suite
+from gamma.hashing import settings_hash
 from gamma.projection import Allocation, allocate_bits
 from gamma.proxy import costs_to_logits, fisher_costs
 from gamma.scores import ScoreTable
@@ -107,8 +108,9 @@ def learn_score_table(ws: Workspace, checkpoint: str | Path | None = None, stop_
         costs = fisher_costs(model, candidates, teacher.fisher)
         init = costs_to_logits(costs, [r * c for r, c in sizes], cfg.candidates, cfg.stage1.budget,
                                cfg.stage1.proxy_scale)
+    key = settings_hash({"model": ws.model_hash, "text": ws.text_hash, "settings": stage1_settings(ws)})
     result = learn_preferences(model, teacher, candidates, cfg.candidates, cfg.stage1, init, checkpoint,
-                               stop_after=stop_after)
+                               stop_after=stop_after, checkpoint_key=key)
     return ScoreTable(
         modules=modules, sizes=sizes, bits=cfg.candidates, scores=result.scores.tolist(),
         model_hash=ws.model_hash, text_hash=ws.text_hash, quantizer=ws.quantizer_record(),

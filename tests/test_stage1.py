@@ -71,6 +71,11 @@ def test_resumed_run_equals_uninterrupted(setup, tmp_path):
     np.testing.assert_allclose(resumed.scores, full.scores, rtol=0, atol=1e-6)
     assert resumed.history["loss"] == pytest.approx(full.history["loss"])
 
+    # A finished checkpoint of another run (other text, say) must not pass for this run's result.
+    with pytest.warns(UserWarning, match="another Stage I run"):
+        other = learn_preferences(model, teacher, cands, BITS, c, init, checkpoint=ckpt, checkpoint_key="other")
+    assert other.resumed_from == 0 and len(other.history["loss"]) == c.steps
+
 
 def test_temperature_schedule_is_applied():
     c = cfg(temperature=2.0, temperature_end=0.5, steps=5)
