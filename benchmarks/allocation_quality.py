@@ -18,6 +18,7 @@ a Pareto plot per quantizer.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -134,15 +135,19 @@ def main() -> None:
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     overrides = dict(kv.split("=", 1) for kv in args.set)
-    rows: list[dict] = []
-    per_quantizer = {}
+    # Each quantizer's rows replace that quantizer's rows of an earlier run, so RTN and GPTQ can
+    # be measured in separate sittings and land in one table.
+    previous = RESULTS / "allocation_quality.json"
+    old = json.loads(previous.read_text()) if previous.exists() else {"settings": {}, "rows": []}
+    rows = old["rows"]
+    per_quantizer = old["settings"].get("per_quantizer", {})
     for qname in args.quantizers.split(","):
         qrows, per_quantizer[qname] = compare(qname, budgets, args, overrides)
-        rows += qrows
-    settings = {"budgets": budgets, "eval_tokens": rows[0]["eval_tokens"] if rows else 0, "zero_shot_items": args.items,
-                "overrides": overrides, "per_quantizer": per_quantizer}
-    path = write_results("allocation_quality", settings, rows)
-    console.print(f"wrote {path}")
+        rows = [r for r in rows if r["quantizer"] != qname] + qrows
+        per_quantizer[qname].update({"eval_tokens": qrows[0]["eval_tokens"], "zero_shot_items": args.items,
+                                     "overrides": overrides, "budgets": budgets})
+        path = write_results("allocation_quality", {"per_quantizer": per_quantizer}, rows)
+        console.print(f"wrote {path}")
     for qname in args.quantizers.split(","):
         console.print(f"\n{qname}: perplexity by budget (gamma / proxy / split)")
         for budget in budgets:
