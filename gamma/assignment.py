@@ -120,7 +120,6 @@ def collect_hessians(
         with linear_inputs(block, f"model.layers.{index}").attach(add):
             runner.run_block_all(index, hidden, batch_size)
         results = {n: a.result() for n, a in accs.items()}
-        hessians.update(results)
         results.update({n: results[leader] for n, leader in shares.items()})
         if on_block is not None:
             on_block(index, results)
@@ -165,6 +164,7 @@ def apply_assignment(
         collect_hessians(model, calibration, modules=set(assignment), token_clip=quantizer.token_clip,
                          sink_weight=quantizer.sink_weight,
                          on_block=lambda index, h: quantize(sorted(by_block.get(index, [])), h))
+        # progress: collect_hessians shows the block walk, which now includes the quantization
     else:
         if quantizer.name == "gptq" and hessians is None:
             raise QuantizationError("GPTQ needs hessians=collect_hessians(model, calibration)")

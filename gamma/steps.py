@@ -61,12 +61,13 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
         assignment = uniform_assignment(model, assignment)
     q = ws.cfg.quantizer
     t0 = time.perf_counter()
-    if q.method == "gptq" and q.gptq.sequential:
+    sequential = q.method == "gptq" and q.gptq.sequential
+    if sequential:
         hessians = None  # taken block by block from the quantized prefix instead
     elif q.method == "gptq" and hessians is None:
         hessians = hessians_for(ws, model)
     _, acct = apply_assignment(model, assignment, ws.quantizer(), q.group_size, q.symmetric, hessians,
-                               calibration=ws.calibration)
+                               calibration=ws.calibration if sequential else None)
     row = {"quantizer": q.method, "quantize_seconds": time.perf_counter() - t0, **acct.as_dict()}
     row["avg_bits"] = acct.nominal_bits
     row.update(evaluate_model(ws, model, tokenizer))
