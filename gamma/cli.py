@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", type=float, help="use <output_dir>/assignments/<budget>.json")
     g.add_argument("--assignment", help="an assignment JSON file (module -> bits)")
     r = sub.add_parser("run", parents=[common], help="the whole pipeline on params.yaml (Prefect flow, MLflow, DVC)")
-    r.add_argument("--no-dvc", action="store_true", 
+    r.add_argument("--no-dvc", action="store_true",
                    help="do not reproduce/push the DVC prepare stage (dvc repro uses it)")
     pr = sub.add_parser("promote", parents=[common], help="move an MLflow alias to a variant, only through the gate")
     pr.add_argument("--budget", type=float, required=True, help="the variant's budget, e.g. 2.5")

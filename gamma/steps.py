@@ -109,7 +109,7 @@ def learn_score_table(ws: Workspace, checkpoint: str | Path | None = None, stop_
         costs = fisher_costs(model, candidates, teacher.fisher)
         init = costs_to_logits(costs, [r * c for r, c in sizes], cfg.candidates, cfg.stage1.budget,
                                cfg.stage1.proxy_scale)
-    key = settings_hash({"model": ws.model_hash, "text": ws.text_hash, "settings": stage1_settings(ws)})
+    key = stage1_key(ws.model_hash, ws.text_hash, stage1_settings(ws))
     result = learn_preferences(model, teacher, candidates, cfg.candidates, cfg.stage1, init, checkpoint,
                                stop_after=stop_after, checkpoint_key=key)
     return ScoreTable(
@@ -126,6 +126,11 @@ def stage1_settings(ws: Workspace) -> dict:
     cfg = ws.cfg
     return {"stage1": cfg.stage1.model_dump(), "candidates": cfg.candidates, "quantizer": ws.quantizer_record(),
             "text": cfg.text.model_dump(exclude={"source"})}
+
+
+def stage1_key(model_md5: str, text_md5: str, settings: dict) -> str:
+    """Identifies one Stage I result: resumable checkpoints and the registry's cache both use it."""
+    return settings_hash({"model": model_md5, "text": text_md5, "settings": settings})
 
 
 def allocate(table: ScoreTable, budgets: list[float], ws_cfg, modules=None, sizes=None,

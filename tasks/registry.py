@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gamma.config import GammaConfig
-from gamma.hashing import settings_hash
 from gamma.promotion import Decision, decide_promotion
 
 SCORES_ARTIFACT = "scores"
@@ -69,8 +69,25 @@ def client_for(cfg: GammaConfig) -> tuple[MlflowClient, str]:
     return client, client.create_experiment(cfg.tracking.experiment, artifact_location=location)
 
 
-def stage1_cache_key(model_md5: str, text_md5: str, settings: dict) -> str:
-    return settings_hash({"model": model_md5, "text": text_md5, "settings": settings})
+@contextmanager
+def child_run(client: MlflowClient, experiment: str, parent_run: str, run_name: str, kind: str):
+    """A run under the pipeline's parent run: yields its id, ends FINISHED, or FAILED on any error."""
+    run_id = client.create_run(experiment, run_name=run_name,
+                               tags={"mlflow.parentRunId": parent_run, "gamma.kind": kind}).info.run_id
+    try:
+        yield run_id
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id)
+
+
+def _newest(client: MlflowClient, query: str) -> ModelVersion | None:
+    try:
+        found = client.search_model_versions(query)
+    except MlflowException:
+        return None
+    return max(found, key=lambda v: int(v.version)) if found else None
 
 
 def _ensure_registered(client: MlflowClient, name: str, description: str) -> None:
@@ -83,11 +100,7 @@ def _ensure_registered(client: MlflowClient, name: str, description: str) -> Non
 
 def find_scores(client: MlflowClient, names: Names, cache_key: str) -> ModelVersion | None:
     """The newest registered score table with this cache key, if any."""
-    try:
-        found = client.search_model_versions(f"name = '{names.scores}' and tags.cache_key = '{cache_key}'")
-    except MlflowException:
-        return None
-    return max(found, key=lambda v: int(v.version)) if found else None
+    return _newest(client, f"name = '{names.scores}' and tags.cache_key = '{cache_key}'")
 
 
 def download_scores(client: MlflowClient, version: ModelVersion, dest: Path) -> Path:
@@ -134,11 +147,7 @@ def version_metrics(version: ModelVersion) -> dict:
 
 
 def latest_version(client: MlflowClient, name: str) -> ModelVersion | None:
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except MlflowException:
-        return None
-    return max(versions, key=lambda v: int(v.version)) if versions else None
+    return _newest(client, f"name = '{name}'")
 
 
 def promote(cfg: GammaConfig, names: Names, budget: float, alias: str, version: str | None = None) -> Decision:

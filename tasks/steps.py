@@ -47,7 +47,7 @@ def learn(cfg: GammaConfig, inputs: dict, parent_run: str) -> dict:
     names = registry.names_for(cfg, inputs["model_dir"])
     ws = Workspace(cfg)
     settings = json.loads(json.dumps(steps.stage1_settings(ws)))
-    key = registry.stage1_cache_key(inputs["model_md5"], inputs["text_md5"], settings)
+    key = steps.stage1_key(inputs["model_md5"], inputs["text_md5"], settings)
     out = Path(cfg.output_dir)
     hit = registry.find_scores(client, names, key)
     if hit is not None:
@@ -56,10 +56,7 @@ def learn(cfg: GammaConfig, inputs: dict, parent_run: str) -> dict:
                  names.scores, hit.version)
         return {"path": str(path), "name": names.scores, "version": hit.version, "cached": True}
     log.info("Stage I: learning preferences at %.2f bits (no registered table for key %s)", cfg.stage1.budget, key[:12])
-    run = client.create_run(experiment, run_name="stage1",
-                            tags={"mlflow.parentRunId": parent_run, "gamma.kind": "stage1"})
-    run_id = run.info.run_id
-    try:
+    with registry.child_run(client, experiment, parent_run, "stage1", "stage1") as run_id:
         table = steps.learn_score_table(ws, checkpoint=out / "stage1.ckpt")
         path = table.save(out / "scores.json")
         curves = plot_learning_curves(table.history, out / "stage1_curves.png")
@@ -72,10 +69,6 @@ def learn(cfg: GammaConfig, inputs: dict, parent_run: str) -> dict:
             client, run_id, names, [path, curves],
             {**_lineage(inputs), "cache_key": key, "quantizer": json.dumps(table.quantizer),
              "training_budget": table.training_budget, "settings": json.dumps(settings)[:4000]})
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id)
     log.info("registered %s v%s", names.scores, version.version)
     return {"path": str(path), "name": names.scores, "version": version.version, "cached": False}
 
@@ -83,15 +76,9 @@ def learn(cfg: GammaConfig, inputs: dict, parent_run: str) -> dict:
 def _register(cfg: GammaConfig, inputs: dict, parent_run: str, name: str, run_name: str, row: dict,
               files: list[Path], tags: dict, checkpoint: Path | None = None) -> str:
     client, experiment = registry.client_for(cfg)
-    run = client.create_run(experiment, run_name=run_name,
-                            tags={"mlflow.parentRunId": parent_run, "gamma.kind": "variant"})
-    try:
-        version = registry.register_variant(client, run.info.run_id, name, row, files, {**_lineage(inputs), **tags},
+    with registry.child_run(client, experiment, parent_run, run_name, "variant") as run_id:
+        version = registry.register_variant(client, run_id, name, row, files, {**_lineage(inputs), **tags},
                                             checkpoint if cfg.tracking.log_checkpoints else None)
-    except BaseException:
-        client.set_terminated(run.info.run_id, "FAILED")
-        raise
-    client.set_terminated(run.info.run_id)
     return f"{name} v{version.version}"
 
 
