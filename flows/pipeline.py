@@ -62,7 +62,8 @@ def summarize(client, run_id: str, out: Path, inputs: dict, scores: dict, rows: 
     pareto = plot_pareto(ok, out / "pareto.png") if ok else None
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "variants.md"
-        cols = ["method", "budget", "avg_bits", "effective_bits", "total_bytes", "perplexity", "zero_shot",
+        cols = ["method", "budget", "avg_bits", "effective_bits", "total_bytes", "checkpoint_bytes", "perplexity",
+                "zero_shot",
                 "registered"]
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))

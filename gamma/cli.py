@@ -51,7 +51,8 @@ def _out(cfg: GammaConfig) -> Path:
 
 def _table(rows: list[dict], title: str) -> None:
     t = Table(title=title)
-    cols = ["method", "avg_bits", "effective_bits", "total_bytes", "perplexity", "perplexity_se", "zero_shot",
+    cols = ["method", "avg_bits", "effective_bits", "total_bytes", "checkpoint_bytes", "perplexity", "perplexity_se",
+            "zero_shot",
             "zero_shot_se", "quantize_seconds", "eval_seconds"]
     for c in cols:
         t.add_column(c, justify="right")

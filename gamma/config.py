@@ -62,7 +62,18 @@ class QuantizerConfig(_Section):
         return v
 
 
+class VllmConfig(_Section):
+    python: str = Field("", description="python of a separate vLLM environment; empty: $GAMMA_VLLM_PYTHON")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when nvidia-smi finds a GPU")
+    fallback: Literal["transformers", "fail"] = Field(
+        "transformers", description="when vLLM cannot run or cannot load the variant")
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    timeout_s: int = Field(3600, ge=10)
+
+
 class EvaluationConfig(_Section):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    vllm: VllmConfig = VllmConfig()
     context_length: int = Field(512, ge=16)
     max_tokens: int = Field(16384, ge=16, description="evaluation tokens for perplexity")
     zero_shot_tasks: list[str] = ["hellaswag", "piqa", "arc_easy", "winogrande", "lambada"]

@@ -39,6 +39,29 @@ class Perplexity:
     context_length: int
 
 
+Request = tuple[list[int], int]  # token ids, and how many trailing tokens are scored
+Score = tuple[float, bool]  # summed log-probability of the scored tokens, all of them greedy
+
+
+def perplexity_requests(windows: torch.Tensor) -> list[Request]:
+    """Every window scored on all tokens but its first: what any backend must answer."""
+    return [(w.tolist(), len(w) - 1) for w in windows]
+
+
+def perplexity_from_nll(nll: torch.Tensor, context_length: int) -> Perplexity:
+    """Perplexity and its standard error from per-window mean NLLs."""
+    nll = nll.double()
+    mean = nll.mean().item()
+    se_nll = (nll.std(unbiased=True).item() / math.sqrt(len(nll))) if len(nll) > 1 else float("nan")
+    ppl = math.exp(mean)
+    return Perplexity(ppl, ppl * se_nll, mean, len(nll) * (context_length - 1), len(nll), context_length)
+
+
+def perplexity_from_scores(scores: list[Score], windows: torch.Tensor) -> Perplexity:
+    n = windows.shape[1] - 1
+    return perplexity_from_nll(torch.tensor([-s / n for s, _ in scores]), windows.shape[1])
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> Perplexity:
     """Perplexity of ``model`` over ``windows`` [n, context] (each window scored independently)."""
@@ -47,12 +70,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> 
         logits = model(input_ids=batch).logits[:, :-1].float()
         nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(dim=1)
         per_window.append(nll)
-    nll = torch.cat(per_window).double()
-    mean = nll.mean().item()
-    se_nll = (nll.std(unbiased=True).item() / math.sqrt(len(nll))) if len(nll) > 1 else float("nan")
-    ppl = math.exp(mean)
-    tokens = int(windows.shape[0] * (windows.shape[1] - 1))
-    return Perplexity(ppl, ppl * se_nll, mean, tokens, len(nll), windows.shape[1])
+    return perplexity_from_nll(torch.cat(per_window), windows.shape[1])
 
 
 # ---------------------------------------------------------------- zero-shot tasks
@@ -175,20 +193,25 @@ def _requests(item) -> list[tuple[str, str]]:
     return [(item.context, c) for c in item.choices]
 
 
-@torch.no_grad()
-def _score(model, tokenizer, pairs: list[tuple[str, str]], max_length: int, batch_size: int):
-    """(sum log-prob of continuation, is greedy) for each (context, continuation)."""
-    encoded = []
+def encode(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> list[Request]:
+    """(context, continuation) pairs as token requests scoring the continuation."""
+    out = []
     for ctx, cont in pairs:
         c_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"] if ctx else []
         t_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
         ids = (c_ids + t_ids)[-max_length:]
         if len(c_ids) == 0:  # no context: condition on the BOS/EOS token
             ids = [tokenizer.bos_token_id or tokenizer.eos_token_id or 0] + ids
-        encoded.append((ids, len(t_ids)))
+        out.append((ids, len(t_ids)))
+    return out
+
+
+@torch.no_grad()
+def score_with_model(model, requests: list[Request], batch_size: int = 8, label: str = "scoring") -> list[Score]:
+    """Answer requests with a transformers model, ``batch_size`` sequences per forward pass."""
     out = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
+    for start in track(range(0, len(requests), batch_size), label, total=math.ceil(len(requests) / batch_size)):
+        chunk = requests[start : start + batch_size]
         width = max(len(ids) for ids, _ in chunk)
         batch = torch.zeros(len(chunk), width, dtype=torch.long)
         for i, (ids, _) in enumerate(chunk):
@@ -202,41 +225,57 @@ def _score(model, tokenizer, pairs: list[tuple[str, str]], max_length: int, batc
     return out
 
 
-def zero_shot(model: nn.Module, tokenizer, task: str, n_items: int, max_length: int = 512,
-              batch_size: int = 8, seed: int = 0) -> TaskResult:
+@dataclass(frozen=True)
+class TaskRequests:
+    """One task's items turned into requests, and how to read the answers back."""
+    task: str
+    items: list
+    pairs: list[tuple[str, str]]
+    spans: list[tuple[int, int]]  # (first request, number of requests) per item
+    requests: list[Request]
+
+    def result(self, scores: list[Score]) -> TaskResult:
+        metric = TASKS[self.task][1]
+        correct = 0
+        for it, (s, n) in zip(self.items, self.spans):
+            if metric == "greedy":
+                correct += scores[s][1]
+                continue
+            ll = [scores[s + k][0] for k in range(n)]
+            if metric == "acc_norm":
+                ll = [v / max(1, len(self.pairs[s + k][1])) for k, v in enumerate(ll)]
+            correct += int(max(range(n), key=lambda k: ll[k]) == it.label)
+        n = len(self.items)
+        p = correct / n if n else float("nan")
+        return TaskResult(self.task, p, math.sqrt(p * (1 - p) / n) if n else float("nan"), n)
+
+
+def task_requests(tokenizer, task: str, n_items: int, max_length: int = 512, seed: int = 0) -> TaskRequests:
     items = load_task(task, n_items, seed)
-    metric = TASKS[task][1]
     pairs, spans = [], []
     for it in items:
         reqs = _requests(it)
         spans.append((len(pairs), len(reqs)))
         pairs.extend(reqs)
-    scores = []
-    for start in track(range(0, len(pairs), batch_size * 4), f"zero-shot {task}",
-                       total=math.ceil(len(pairs) / (batch_size * 4))):
-        scores.extend(_score(model, tokenizer, pairs[start : start + batch_size * 4], max_length, batch_size))
-    correct = 0
-    for it, (s, n) in zip(items, spans):
-        if metric == "greedy":
-            correct += scores[s][1]
-            continue
-        ll = [scores[s + k][0] for k in range(n)]
-        if metric == "acc_norm":
-            ll = [v / max(1, len(pairs[s + k][1])) for k, v in enumerate(ll)]
-        correct += int(max(range(n), key=lambda k: ll[k]) == it.label)
-    n = len(items)
-    p = correct / n if n else float("nan")
-    return TaskResult(task, p, math.sqrt(p * (1 - p) / n) if n else float("nan"), n)
+    return TaskRequests(task, items, pairs, spans, encode(tokenizer, pairs, max_length))
+
+
+def zero_shot(model: nn.Module, tokenizer, task: str, n_items: int, max_length: int = 512,
+              batch_size: int = 8, seed: int = 0) -> TaskResult:
+    reqs = task_requests(tokenizer, task, n_items, max_length, seed)
+    return reqs.result(score_with_model(model, reqs.requests, batch_size, f"zero-shot {task}"))
+
+
+def summarize_tasks(results: list[TaskResult]) -> dict:
+    """Accuracy and standard error per task, and their average (SE of the mean of independent tasks)."""
+    if not results:
+        return {"average": float("nan"), "average_se": float("nan"), "tasks": {}}
+    avg = sum(r.accuracy for r in results) / len(results)
+    se = math.sqrt(sum(r.standard_error**2 for r in results)) / len(results)
+    return {"average": avg, "average_se": se,
+            "tasks": {r.task: {"accuracy": r.accuracy, "se": r.standard_error, "items": r.items} for r in results}}
 
 
 def zero_shot_suite(model, tokenizer, tasks: list[str], n_items: int, max_length: int = 512,
                     batch_size: int = 8, seed: int = 0) -> dict:
-    """Accuracy and standard error per task, and their average (SE of the mean of independent tasks)."""
-    results = {t: zero_shot(model, tokenizer, t, n_items, max_length, batch_size, seed) for t in tasks}
-    if not results:
-        return {"average": float("nan"), "average_se": float("nan"), "tasks": {}}
-    avg = sum(r.accuracy for r in results.values()) / len(results)
-    se = math.sqrt(sum(r.standard_error**2 for r in results.values())) / len(results)
-    return {"average": avg, "average_se": se,
-            "tasks": {t: {"accuracy": r.accuracy, "se": r.standard_error, "items": r.items}
-                      for t, r in results.items()}}
+    return summarize_tasks([zero_shot(model, tokenizer, t, n_items, max_length, batch_size, seed) for t in tasks])

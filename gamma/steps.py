@@ -11,9 +11,12 @@ import numpy as np
 import torch
 
 from gamma.assignment import apply_assignment, collect_hessians, uniform_assignment
+from gamma.backends import BackendUnavailable, VllmBackend, evaluate_with_vllm
 from gamma.candidates import build_candidates
 from gamma.evaluate import perplexity, zero_shot_suite
+from gamma.export import export_checkpoint, round_to_storage
 from gamma.hashing import settings_hash
+from gamma.progress import console
 from gamma.projection import Allocation, allocate_bits
 from gamma.proxy import costs_to_logits, fisher_costs
 from gamma.scores import ScoreTable
@@ -35,11 +38,27 @@ def reusable_hessians(ws: Workspace, model) -> dict[str, torch.Tensor] | None:
     return None if ws.cfg.quantizer.gptq.sequential else hessians_for(ws, model)
 
 
-def evaluate_model(ws: Workspace, model, tokenizer, zero_shot_items: int | None = None) -> dict:
+def evaluate_model(ws: Workspace, model, tokenizer, zero_shot_items: int | None = None,
+                   checkpoint: str | Path | None = None) -> dict:
+    """Perplexity and zero-shot figures from the configured backend. vLLM evaluates the exported
+    ``checkpoint``; when it cannot (not installed, no checkpoint, a variant its kernels do not
+    serve) the run falls back to transformers or fails, as ``evaluation.vllm.fallback`` says."""
     e = ws.cfg.evaluation
+    items = e.zero_shot_items if zero_shot_items is None else zero_shot_items
+    fallback_reason = None
+    if e.backend == "vllm":
+        try:
+            if checkpoint is None:
+                raise BackendUnavailable("vLLM evaluates an exported checkpoint and this step saved none")
+            return evaluate_with_vllm(VllmBackend(e.vllm, e.context_length + 1), checkpoint, ws.evaluation,
+                                      tokenizer, e.zero_shot_tasks, items, e.context_length)
+        except BackendUnavailable as err:
+            if e.vllm.fallback == "fail":
+                raise
+            fallback_reason = str(err)
+            console.log(f"[yellow]vLLM backend unavailable, evaluating with transformers: {err}")
     t0 = time.perf_counter()
     ppl = perplexity(model, ws.evaluation, batch_size=max(1, e.batch_size // 2))
-    items = e.zero_shot_items if zero_shot_items is None else zero_shot_items
     zs = zero_shot_suite(model, tokenizer, e.zero_shot_tasks, items, e.context_length, e.batch_size) if items else None
     return {
         "perplexity": ppl.perplexity,
@@ -50,12 +69,14 @@ def evaluate_model(ws: Workspace, model, tokenizer, zero_shot_items: int | None 
         "zero_shot_se": zs["average_se"] if zs else float("nan"),
         "zero_shot_tasks": zs["tasks"] if zs else {},
         "eval_seconds": time.perf_counter() - t0,
+        "eval_backend": "transformers" + (f" (vLLM fallback: {fallback_reason})" if fallback_reason else ""),
     }
 
 
 def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessians=None,
                           save_to: str | Path | None = None) -> dict:
-    """Apply an assignment (or one uniform bit width) to a fresh model, evaluate it, optionally save it."""
+    """Apply an assignment (or one uniform bit width) to a fresh model, export it as a
+    compressed-tensors checkpoint when ``save_to`` is given, and evaluate it."""
     model, tokenizer = ws.load()
     if isinstance(assignment, int):
         assignment = uniform_assignment(model, assignment)
@@ -66,30 +87,20 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
         hessians = None  # taken block by block from the quantized prefix instead
     elif q.method == "gptq" and hessians is None:
         hessians = hessians_for(ws, model)
-    _, acct = apply_assignment(model, assignment, ws.quantizer(), q.group_size, q.symmetric, hessians,
-                               calibration=ws.calibration if sequential else None)
+    records, acct = apply_assignment(model, assignment, ws.quantizer(), q.group_size, q.symmetric, hessians,
+                                     calibration=ws.calibration if sequential else None)
+    round_to_storage(model, set(records))  # evaluate exactly what the checkpoint stores
     row = {"quantizer": q.method, "quantize_seconds": time.perf_counter() - t0, **acct.as_dict()}
     row["avg_bits"] = acct.nominal_bits
-    row.update(evaluate_model(ws, model, tokenizer))
     if save_to:
-        save_quantized(model, tokenizer, assignment, row, save_to)
+        ckpt = export_checkpoint(model, tokenizer, records, save_to, {
+            "gamma_assignment.json": json.dumps(assignment, indent=1) + "\n",
+            "gamma_summary.json": json.dumps(row, indent=1, default=str) + "\n"})
+        row.update({"checkpoint_bytes": ckpt.weights_bytes, "checkpoint_total_bytes": ckpt.total_bytes,
+                    "checkpoint_sha256": ckpt.sha256,
+                    "checkpoint_over_predicted": ckpt.weights_bytes / acct.total_bytes})
+    row.update(evaluate_model(ws, model, tokenizer, checkpoint=save_to))
     return row
-
-
-def save_quantized(model, tokenizer, assignment: dict[str, int], summary: dict, path: str | Path) -> Path:
-    """A loadable model directory holding the quantized (dequantized-value) weights and the assignment."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "gamma_assignment.json").write_text(json.dumps(assignment, indent=1) + "\n")
-    (tmp / "gamma_summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    tmp.rename(path)
-    return path
 
 
 def learn_score_table(ws: Workspace, checkpoint: str | Path | None = None, stop_after: int | None = None,

@@ -25,7 +25,8 @@ from gamma.promotion import Decision, decide_promotion
 SCORES_ARTIFACT = "scores"
 VARIANT_ARTIFACT = "variant"
 VARIANT_METRICS = ("perplexity", "perplexity_se", "zero_shot", "zero_shot_se", "total_bytes", "nominal_bits",
-                   "effective_bits", "quantize_seconds", "eval_seconds", "solve_seconds")
+                   "effective_bits", "quantize_seconds", "eval_seconds", "solve_seconds", "checkpoint_bytes",
+                   "checkpoint_over_predicted")
 
 
 def git_commit() -> str:

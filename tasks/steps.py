@@ -108,7 +108,8 @@ def variant(cfg: GammaConfig, scores: dict, budget: float, inputs: dict, parent_
     row["registered"] = _register(
         cfg, inputs, parent_run, names.variant(budget), f"{budget:g}bit", row, [assignment, picture],
         {"score_model": scores["name"], "score_version": scores["version"], "budget": budget, "method": "gamma",
-         "solve_status": result.status, "checkpoint": checkpoint.resolve()}, checkpoint)
+         "solve_status": result.status, "checkpoint": checkpoint.resolve(),
+         "checkpoint_sha256": row["checkpoint_sha256"], "checkpoint_format": "compressed-tensors"}, checkpoint)
     log.info("budget %g: perplexity %.2f, registered %s", budget, row["perplexity"], row["registered"])
     return row
 

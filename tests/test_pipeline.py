@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gamma.export import verify_checkpoint
 from gamma.promotion import decide_promotion
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -62,7 +63,7 @@ def _versions(client, name):
     return sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
 
 
-def test_pipeline_registers_lineage_caches_stage1_and_isolates_failures(project, prefect_api):
+def test_pipeline_registers_lineage_caches_stage1_and_isolates_failures(project, prefect_api, monkeypatch):
     from flows.pipeline import gamma_pipeline
     from gamma.config import load_config
     from tasks.registry import names_for, promote
@@ -91,8 +92,26 @@ def test_pipeline_registers_lineage_caches_stage1_and_isolates_failures(project,
     assert len(_versions(client, f"{prefix}-uniform-4bit")) == 1
     assert not client.search_registered_models(f"name = '{prefix}-1.5bit'")  # nothing registered for it
 
-    # Same inputs: Stage I comes from the registry, only Stage II runs.
-    rows = gamma_pipeline(params="params.yaml", overrides={"stage2.budgets": [3.5], "uniform_bits": [2]})
+    ckpt = Path(variant.tags["checkpoint"])
+    assert verify_checkpoint(ckpt) == variant.tags["checkpoint_sha256"]  # the registered checkpoint, intact
+    assert abs(ok["checkpoint_bytes"] / ok["total_bytes"] - 1) < 0.02
+
+    # Same inputs: Stage I comes from the registry, only Stage II runs. The export of 2.5 bits
+    # crashes: that budget registers nothing and leaves no checkpoint; 3.5 is unaffected.
+    import gamma.export
+
+    real_checksum = gamma.export.checksum
+
+    def crash_at_2_5(path):  # the export dies after the tensors are written, before the rename
+        if "2.5bit" in str(path):
+            raise OSError("simulated crash during export")
+        return real_checksum(path)
+
+    monkeypatch.setattr(gamma.export, "checksum", crash_at_2_5)
+    rows = gamma_pipeline(params="params.yaml", overrides={"stage2.budgets": [3.5, 2.5], "uniform_bits": [2]})
+    assert "simulated crash" in next(r for r in rows if r["budget"] == 2.5)["error"]
+    assert not client.search_registered_models(f"name = '{prefix}-2.5bit'")
+    assert not (project / "runs" / "variants" / "2.5bit" / "checkpoint").exists()
     assert json.loads((project / "runs" / "summary.json").read_text())["scores"]["cached"] is True
     assert len(_versions(client, f"{prefix}-gamma-scores")) == 1
     assert len(_versions(client, f"{prefix}-3.5bit")) == 1

@@ -1,0 +1,129 @@
+"""compressed-tensors export: bit-exact reload, predicted size, atomic writes, other loaders."""
+
+import json
+
+import pytest
+import torch
+
+from gamma.assignment import account, apply_assignment
+from gamma.export import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    export_checkpoint,
+    load_checkpoint,
+    round_to_storage,
+    verify_checkpoint,
+)
+from gamma.model import load_model, quantizable_modules
+from gamma.quantizer import QuantSpec
+from gamma.rtn import RTN
+
+MIXED_BITS = (2, 3, 4, 8)
+
+
+def _mixed_quantize(model, symmetric_of):
+    """Every module quantized with RTN, bits cycling through 2/3/4/8, symmetry per ``symmetric_of``."""
+    records = {}
+    with torch.no_grad():
+        for i, (name, module) in enumerate(quantizable_modules(model).items()):
+            spec = QuantSpec(MIXED_BITS[i % len(MIXED_BITS)], 64, symmetric_of(i))
+            rec = RTN().quantize(module.weight, spec)
+            module.weight.copy_(rec.dequantize())
+            records[name] = rec
+    round_to_storage(model, set(records))
+    return records
+
+
+@pytest.fixture(scope="module")
+def mixed_checkpoint(model_dir, tmp_path_factory):
+    """One checkpoint mixing 2/3/4/8 bits with symmetric and asymmetric modules."""
+    model, tokenizer = load_model(model_dir)
+    records = _mixed_quantize(model, symmetric_of=lambda i: (i // len(MIXED_BITS)) % 2 == 0)
+    path = tmp_path_factory.mktemp("export") / "mixed"
+    return model, records, export_checkpoint(model, tokenizer, records, path)
+
+
+def test_reload_is_bit_exact_for_every_width_and_symmetry(mixed_checkpoint, calibration):
+    model, records, ckpt = mixed_checkpoint
+    kinds = {(r.spec.bits, r.spec.symmetric) for r in records.values()}
+    assert kinds == {(b, s) for b in MIXED_BITS for s in (True, False)}
+    groups = json.loads((ckpt.path / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) == 8 and sum(len(g["targets"]) for g in groups.values()) == len(records)
+
+    reloaded, _ = load_checkpoint(ckpt.path)
+    mods = quantizable_modules(reloaded)
+    for name, rec in records.items():
+        assert torch.equal(mods[name].weight, rec.dequantize()), name
+    for (k, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    x = calibration[:2, :64]
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reloaded(x).logits)
+
+
+def test_checkpoint_bytes_match_the_predicted_size(mixed_checkpoint):
+    model, records, ckpt = mixed_checkpoint
+    predicted = 0.0
+    for sym in (True, False):
+        part = {n: r.spec.bits for n, r in records.items() if r.spec.symmetric == sym}
+        predicted += account(model, part, 64, sym).quantized_bytes
+    predicted += account(model, {n: r.spec.bits for n, r in records.items()}, 64, False).other_bytes
+    assert abs(ckpt.weights_bytes / predicted - 1) < 0.02, (ckpt.weights_bytes, predicted)
+    assert verify_checkpoint(ckpt.path) == ckpt.sha256
+
+
+def test_transformers_loads_a_symmetric_checkpoint_itself(model_dir, tmp_path, calibration):
+    """Another tool: transformers' own compressed-tensors integration reads the checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load_model(model_dir)
+    records = _mixed_quantize(model, symmetric_of=lambda i: True)
+    ckpt = export_checkpoint(model, tokenizer, records, tmp_path / "sym")
+    theirs = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    x = calibration[:1, :64]
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, theirs(x).logits, atol=1e-3, rtol=1e-3)
+
+
+def test_interrupted_export_leaves_no_checkpoint(model_and_tokenizer, tmp_path, monkeypatch):
+    import gamma.export as export
+
+    model, tokenizer = model_and_tokenizer
+    name = next(iter(quantizable_modules(model)))
+    rec = RTN().quantize(quantizable_modules(model)[name].weight, QuantSpec(4))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "checksum", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(model, tokenizer, {name: rec}, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_tampered_checkpoint_fails_verification(mixed_checkpoint, tmp_path):
+    import shutil
+
+    _, _, ckpt = mixed_checkpoint
+    copy = shutil.copytree(ckpt.path, tmp_path / "copy")
+    with open(copy / WEIGHTS_FILE, "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    with pytest.raises(CheckpointError, match=WEIGHTS_FILE):
+        verify_checkpoint(copy)
+
+
+def test_pipeline_assignment_exports_as_evaluated(model_dir, tmp_path, calibration):
+    """apply_assignment's records export to a model equal to the evaluated one (storage rounding)."""
+    model, tokenizer = load_model(model_dir)
+    names = list(quantizable_modules(model))
+    assignment = {n: (2, 3, 4)[i % 3] for i, n in enumerate(names)}
+    records, _ = apply_assignment(model, assignment, RTN(), 64, False)
+    round_to_storage(model, set(records))
+    ckpt = export_checkpoint(model, tokenizer, records, tmp_path / "variant")
+    reloaded, _ = load_checkpoint(ckpt.path)
+    x = calibration[:1, :64]
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reloaded(x).logits)
