@@ -101,6 +101,7 @@ class Stage1Config(_Section):
     proxy_scale: float = Field(0.0, ge=0.0, description="s in alpha=-cost/s; 0 picks it automatically")
     checkpoint_every: int = Field(20, ge=1)
     seed: int = 0
+    processes: int = Field(1, ge=1, description="data-parallel processes (accelerate launch); GPUs when present")
 
 
 class Stage2Config(_Section):

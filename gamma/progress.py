@@ -17,6 +17,12 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 _QUIET = os.environ.get("GAMMA_QUIET") == "1"
 
 
+def set_quiet(quiet: bool) -> None:
+    """Silence progress output (e.g. in every data-parallel process but the main one)."""
+    global _QUIET
+    _QUIET = quiet
+
+
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """Iterate with a progress bar; falls back to start/end lines when stderr is not a terminal."""
     if total is None and hasattr(items, "__len__"):
@@ -24,10 +30,14 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     if _QUIET:
         yield from items
         return
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty():  # a log, or a pipe a launcher streams: a line every tenth of the way
         t0 = time.perf_counter()
         console.print(f"{description} ...")
-        yield from items
+        every = max(1, (total or 0) // 10)
+        for i, item in enumerate(items, 1):
+            yield item
+            if total and total >= 10 and i % every == 0 and i < total:
+                console.print(f"{description}: {i}/{total} after {time.perf_counter() - t0:.1f}s")
         console.print(f"{description}: done in {time.perf_counter() - t0:.1f}s")
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

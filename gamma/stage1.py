@@ -95,7 +95,8 @@ def learn_preferences(
     checkpoint: str | Path | None = None,
     device: str = "cpu",
     stop_after: int | None = None,
-    shard: tuple[int, int] = (0, 1),
+    rank: int = 0,
+    shard: tuple[torch.Tensor, int] | None = None,
     all_reduce=None,
     checkpoint_key: str = "",
 ) -> Stage1Result:
@@ -104,8 +105,11 @@ def learn_preferences(
     ``checkpoint``: file for periodic optimizer checkpoints; an existing one is resumed only if it
     was written under the same ``checkpoint_key`` (model, text and settings), else started over.
     ``stop_after``: stop (as if killed) after this many steps, for resumption tests.
-    ``shard``/``all_reduce``: data-parallel hooks (this process's rank and world size, and a
-    function that sums a tensor over processes).
+    ``rank``/``shard``/``all_reduce``: data parallelism (``gamma.distributed``). ``shard`` is
+    (the calibration indices whose teacher rows this process holds, in row order; the total
+    number of sequences); every process draws the same step batches, takes the part it holds,
+    and ``all_reduce`` sums the logit gradients, so all processes take identical steps. Only
+    rank 0 writes checkpoints.
     """
     t_start = time.perf_counter()
     dev = torch.device(device)
@@ -138,16 +142,18 @@ def learn_preferences(
         lagrangian.load_state_dict(state["lagrangian"])
         history, start = state["history"], state["step"]
     cands = _Candidates(candidates)
-    n_seq, full_length = teacher.hidden[0].shape[0], teacher.hidden[0].shape[1]
+    full_length = teacher.hidden[0].shape[1]
+    n_seq = shard[1] if shard else teacher.hidden[0].shape[0]
+    held = shard[0].tolist() if shard else list(range(n_seq))
+    row_of = {int(g): r for r, g in enumerate(held)}
     tokens = min(cfg.tokens_per_sequence, full_length)
-    rank, world = shard
 
     steps = range(start, cfg.steps)
     for step in track(steps, f"Stage I ({cfg.relaxation}/{cfg.loss}, B={cfg.budget})", total=len(steps)):
         temperature = temperature_at(cfg, step)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         batch = torch.randperm(n_seq, generator=gen)[: cfg.sequences_per_step]
-        mine = batch[rank::world]  # data parallel: each process takes its share of the step's sequences
+        mine = torch.tensor([row_of[int(g)] for g in batch if int(g) in row_of], dtype=torch.long)
         optimizer.zero_grad(set_to_none=True)
         if cfg.relaxation == "hard":
             mix = logits.straight_through_sample(temperature, gen)

@@ -104,13 +104,25 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
 
 
 def learn_score_table(ws: Workspace, checkpoint: str | Path | None = None, stop_after: int | None = None,
-                      candidates: dict | None = None) -> ScoreTable:
-    """Stage I end to end: teacher capture, candidates (unless given), proxy warm start, preference learning."""
+                      candidates: dict | None = None, rank: int = 0, world: int = 1, all_reduce=None,
+                      device: str = "cpu") -> ScoreTable:
+    """Stage I end to end: teacher capture, candidates (unless given), proxy warm start, preference
+    learning. With ``world > 1`` (see ``gamma.distributed``) this process captures and trains on
+    its share of the calibration sequences (``rank::world``); ``all_reduce`` sums tensors over the
+    processes, so the Fisher proxy and every step see all sequences."""
     cfg = ws.cfg
     model, _ = ws.load()
     modules, sizes = ws.module_sizes(model)
     need_grads = cfg.stage1.loss == "fisher" or cfg.stage1.init == "proxy"
-    teacher = capture_teacher(model, ws.calibration, with_grads=need_grads)
+    n_seq = ws.calibration.shape[0]
+    held = torch.arange(n_seq)[rank::world]
+    if len(held) == 0:
+        raise ValueError(f"{world} processes but only {n_seq} calibration sequences: "
+                         "raise text.calibration_sequences or lower stage1.processes")
+    teacher = capture_teacher(model, ws.calibration[held], with_grads=need_grads)
+    if world > 1 and teacher.fisher is not None:  # per-process means -> the mean over all sequences
+        for name, f in teacher.fisher.items():
+            teacher.fisher[name] = all_reduce(f * len(held)) / n_seq
     q = cfg.quantizer
     if candidates is None:
         candidates = build_candidates(model, ws.quantizer(), cfg.candidates, q.group_size, q.symmetric,
@@ -122,7 +134,8 @@ def learn_score_table(ws: Workspace, checkpoint: str | Path | None = None, stop_
                                cfg.stage1.proxy_scale)
     key = stage1_key(ws.model_hash, ws.text_hash, stage1_settings(ws))
     result = learn_preferences(model, teacher, candidates, cfg.candidates, cfg.stage1, init, checkpoint,
-                               stop_after=stop_after, checkpoint_key=key)
+                               device=device, stop_after=stop_after, checkpoint_key=key, rank=rank,
+                               shard=(held, n_seq) if world > 1 else None, all_reduce=all_reduce)
     return ScoreTable(
         modules=modules, sizes=sizes, bits=cfg.candidates, scores=result.scores.tolist(),
         model_hash=ws.model_hash, text_hash=ws.text_hash, quantizer=ws.quantizer_record(),
@@ -135,8 +148,9 @@ def learn_score_table(ws: Workspace, checkpoint: str | Path | None = None, stop_
 def stage1_settings(ws: Workspace) -> dict:
     """Everything that determines a score table besides model and text content."""
     cfg = ws.cfg
-    return {"stage1": cfg.stage1.model_dump(), "candidates": cfg.candidates, "quantizer": ws.quantizer_record(),
-            "text": cfg.text.model_dump(exclude={"source"})}
+    # the process count changes only float summation order, not the result: not part of the key
+    return {"stage1": cfg.stage1.model_dump(exclude={"processes"}), "candidates": cfg.candidates,
+            "quantizer": ws.quantizer_record(), "text": cfg.text.model_dump(exclude={"source"})}
 
 
 def stage1_key(model_md5: str, text_md5: str, settings: dict) -> str:

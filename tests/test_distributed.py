@@ -1,0 +1,61 @@
+"""Stage I data-parallel: 2 real CPU processes (accelerate launch, gloo) against 1."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from conftest import DATA
+
+from gamma.config import load_config
+from gamma.distributed import Stage1LaunchError, launch_command, launch_stage1
+from gamma.scores import ScoreTable
+from gamma.steps import allocate, learn_score_table
+from gamma.workspace import Workspace
+
+
+def _params(tmp_path, model_dir, **model):
+    params = {
+        "model": {"path": str(model_dir), "data_dir": str(DATA), **model},
+        "text": {"calibration_sequences": 4, "sequence_length": 64},
+        "stage1": {"steps": 4, "sequences_per_step": 4, "tokens_per_sequence": 32, "processes": 2},
+        "output_dir": str(tmp_path / "runs"),
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_two_processes_learn_the_same_table_as_one(tmp_path, model_dir, monkeypatch):
+    monkeypatch.delenv("GAMMA_QUIET", raising=False)  # let the workers report progress
+    params = _params(tmp_path, model_dir)
+    lines = []
+    path = launch_stage1(params, tmp_path / "two.json", 2, on_line=lines.append)
+    two = ScoreTable.load(path)
+    ranks = [json.loads((tmp_path / f"two.json.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and "MULTI_CPU" in ranks[0]["distributed_type"]
+    assert any("Stage I" in line for line in lines)  # the main process's progress reached us
+
+    cfg = load_config(params)
+    one = learn_score_table(Workspace(cfg))
+    assert two.settings == one.settings and two.modules == one.modules
+    np.testing.assert_allclose(np.asarray(two.scores), np.asarray(one.scores), rtol=1e-3, atol=1e-3)  # Adam amplifies summation-order noise
+    a1, a2 = (allocate(t, [2.5], cfg)[2.5] for t in (one, two))
+    assert a1.assignment == a2.assignment
+
+
+def test_a_dead_worker_fails_the_launch_with_its_own_error(tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    out = tmp_path / "scores.json"
+    with pytest.raises(Stage1LaunchError, match="cannot load a causal LM"):
+        launch_stage1(_params(tmp_path, broken), out, 2, on_line=lambda line: None)
+    assert not out.exists()
+
+
+def test_launch_command_runs_real_processes_not_one():
+    cmd = launch_command("p.yaml", "s.json", 4)
+    assert cmd[1:3] == ["launch", "--multi_gpu"] and "--cpu" not in cmd  # --cpu silently runs one process
+    assert cmd[cmd.index("--num_processes") + 1] == "4"
+    assert cmd[-6:] == ["gamma.cli", "learn", "--params", "p.yaml", "--out", "s.json"]
