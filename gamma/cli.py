@@ -87,24 +87,18 @@ def cmd_uniform(cfg: GammaConfig, args) -> list[dict]:
 
 
 def cmd_learn(cfg: GammaConfig, args) -> Path:
-    from gamma.distributed import in_process_group, launch_stage1, learn_in_process_group, write_params
+    from gamma.distributed import in_process_group, learn_in_process_group, learn_with_processes
     from gamma.plots import plot_learning_curves
-    from gamma.scores import ScoreTable
-    from gamma.steps import learn_score_table
     from gamma.workspace import Workspace
 
     ws = Workspace(cfg)
     out = _out(cfg)
-    path = Path(args.out) if getattr(args, "out", None) else out / "scores.json"
     if in_process_group():  # one of the processes `accelerate launch` started
+        path = Path(args.out) if args.out else out / "scores.json"
         learn_in_process_group(ws, out / "stage1.ckpt", path)
         return path
-    if cfg.stage1.processes > 1:
-        launch_stage1(write_params(cfg, out / "stage1_params.yaml"), path, cfg.stage1.processes)
-        table = ScoreTable.load(path)
-    else:
-        table = learn_score_table(ws, checkpoint=out / "stage1.ckpt")
-        table.save(path)
+    table = learn_with_processes(ws, out)
+    path = out / "scores.json"
     plot_learning_curves(table.history, out / "stage1_curves.png")
     console.print(f"score table: {path} ({len(table.modules)} modules x bits {table.bits}); "
                   f"E - B = {table.violation:+.4f} bits, lambda = {table.multiplier:.4g}, "
@@ -194,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("uniform", parents=[common], help="quantize uniformly and evaluate (baseline table)")
     u.add_argument("--bits", help="comma-separated bit widths (default: uniform_bits in params.yaml)")
     lr = sub.add_parser("learn", parents=[common], help="Stage I: learn the preference score table")
-    lr.add_argument("--out", help="score table file (default: <output_dir>/scores.json)")
+    lr.add_argument("--out", help="score table file, for launched processes (default: <output_dir>/scores.json)")
     a = sub.add_parser("allocate", parents=[common], help="Stage II: solve budgets from a saved score table")
     a.add_argument("--budgets", help="comma-separated average-bit budgets, e.g. 2.25,2.5,3")
     a.add_argument("--scores", help="score table (default: <output_dir>/scores.json)")

@@ -123,3 +123,20 @@ def launch_stage1(params: str | Path, out: str | Path, processes: int, on_line=N
         detail = "\n".join(errors[:60] or list(tail))
         raise Stage1LaunchError(f"Stage I over {processes} processes failed (exit {proc.returncode}):\n{detail}")
     return out
+
+
+def learn_with_processes(ws, out_dir: str | Path, on_line=None):
+    """Stage I as configured: in this process, or over ``stage1.processes`` launched processes.
+    The score table is saved at ``<out_dir>/scores.json`` and returned."""
+    from gamma.scores import ScoreTable
+    from gamma.steps import learn_score_table
+
+    out_dir = Path(out_dir)
+    path = out_dir / "scores.json"
+    n = ws.cfg.stage1.processes
+    if n > 1:
+        launch_stage1(write_params(ws.cfg, out_dir / "stage1_params.yaml"), path, n, on_line)
+        return ScoreTable.load(path)
+    table = learn_score_table(ws, checkpoint=out_dir / "stage1.ckpt")
+    table.save(path)
+    return table

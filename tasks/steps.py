@@ -9,6 +9,7 @@ from prefect import get_run_logger, task
 
 from gamma import steps
 from gamma.config import GammaConfig
+from gamma.distributed import learn_with_processes
 from gamma.hashing import content_md5
 from gamma.plots import plot_allocation, plot_learning_curves
 from gamma.scores import ScoreTable
@@ -57,8 +58,8 @@ def learn(cfg: GammaConfig, inputs: dict, parent_run: str) -> dict:
         return {"path": str(path), "name": names.scores, "version": hit.version, "cached": True}
     log.info("Stage I: learning preferences at %.2f bits (no registered table for key %s)", cfg.stage1.budget, key[:12])
     with registry.child_run(client, experiment, parent_run, "stage1", "stage1") as run_id:
-        table = steps.learn_score_table(ws, checkpoint=out / "stage1.ckpt")
-        path = table.save(out / "scores.json")
+        table = learn_with_processes(ws, out, on_line=log.info)  # over stage1.processes processes
+        path = out / "scores.json"
         curves = plot_learning_curves(table.history, out / "stage1_curves.png")
         for k in ("training_budget", "multiplier", "penalty", "violation", "wall_seconds", "peak_memory_mb"):
             client.log_metric(run_id, k, float(getattr(table, k)))

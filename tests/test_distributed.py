@@ -3,12 +3,11 @@
 import json
 
 import numpy as np
-import pytest
 import yaml
 from conftest import DATA
 
 from gamma.config import load_config
-from gamma.distributed import Stage1LaunchError, launch_command, launch_stage1
+from gamma.distributed import launch_command, launch_stage1
 from gamma.scores import ScoreTable
 from gamma.steps import allocate, learn_score_table
 from gamma.workspace import Workspace
@@ -39,19 +38,10 @@ def test_two_processes_learn_the_same_table_as_one(tmp_path, model_dir, monkeypa
     cfg = load_config(params)
     one = learn_score_table(Workspace(cfg))
     assert two.settings == one.settings and two.modules == one.modules
-    np.testing.assert_allclose(np.asarray(two.scores), np.asarray(one.scores), rtol=1e-3, atol=1e-3)  # Adam amplifies summation-order noise
+    # float summation order differs (2 x 2 sequences vs 4); Adam's normalisation amplifies it a little
+    np.testing.assert_allclose(np.asarray(two.scores), np.asarray(one.scores), rtol=1e-3, atol=1e-3)
     a1, a2 = (allocate(t, [2.5], cfg)[2.5] for t in (one, two))
     assert a1.assignment == a2.assignment
-
-
-def test_a_dead_worker_fails_the_launch_with_its_own_error(tmp_path):
-    broken = tmp_path / "broken-model"
-    broken.mkdir()
-    (broken / "config.json").write_text("{not json")
-    out = tmp_path / "scores.json"
-    with pytest.raises(Stage1LaunchError, match="cannot load a causal LM"):
-        launch_stage1(_params(tmp_path, broken), out, 2, on_line=lambda line: None)
-    assert not out.exists()
 
 
 def test_launch_command_runs_real_processes_not_one():

@@ -150,3 +150,28 @@ def test_promotion_gate_decisions():
     d = decide_promotion(good, uniform, holder)
     assert not d.promote and "holder" in d.reasons[-1]
     assert not decide_promotion({**good, "total_bytes": 500.0}, uniform, None).promote  # nothing as large
+
+
+def test_stage1_task_fails_with_the_dead_workers_error_and_registers_nothing(tmp_path, prefect_api):
+    """stage1.processes=2 launches real processes; a worker that dies (here: an unreadable model)
+    fails the Prefect task with that worker's own error, and nothing reaches the registry."""
+    from gamma.config import load_config
+    from gamma.distributed import Stage1LaunchError
+    from tasks import registry
+    from tasks.steps import learn
+
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    cfg = load_config(tmp_path / "none.yaml", {
+        "model.path": str(broken), "stage1.processes": 2, "output_dir": str(tmp_path / "runs"),
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.artifacts": str(tmp_path / "art")})
+    client, experiment = registry.client_for(cfg)
+    parent = client.create_run(experiment, run_name="pipeline").info.run_id
+    inputs = {"model_dir": str(broken), "model_md5": "0" * 32, "text_md5": "1" * 32, "git_commit": "abc1234"}
+    with pytest.raises(Stage1LaunchError, match="cannot load a causal LM"):
+        learn(cfg, inputs, parent)
+    assert not client.search_registered_models()
+    [stage1] = client.search_runs([experiment], "tags.`gamma.kind` = 'stage1'")
+    assert stage1.info.status == "FAILED"
+    assert not (tmp_path / "runs" / "scores.json").exists()
