@@ -6,7 +6,8 @@ zero-shot continuations, reduced to figures by the same code.
 vLLM loads only what its kernels serve. A variant is checked against the engine's serving
 profile before a subprocess starts, so an unservable variant gets a reason, not a stack trace:
 - on a GPU, integer weight-only compressed-tensors go through Marlin: 4 and 8 bits, symmetric;
-- vLLM's CPU build takes 4-bit weights only;
+- vLLM's CPU build takes 4-bit weights only, and its int4 kernel (``cpu_gemm_wna16``) exists only
+  in the AVX-512 build: on an AVX2-only CPU the checkpoint loads and the first forward fails;
 - vLLM fuses q/k/v and gate/up into one layer, whose shards must share one scheme.
 """
 
@@ -87,6 +88,16 @@ def serving_problems(schemes: dict[str, tuple[int, bool]], profile: ServingProfi
     return problems
 
 
+def cpu_runs_vllm_int4(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has AVX-512, which vLLM's CPU int4 weight kernel needs."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    return " avx512f" in cpuinfo
+
+
 class VllmBackend:
     name = "vllm"
 
@@ -121,7 +132,11 @@ class VllmBackend:
         if probe.returncode:
             last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
             raise BackendUnavailable(f"vLLM does not import in {self.python}: {last}")
-        problems = serving_problems(checkpoint_schemes(checkpoint), VLLM_PROFILES[self.device()])
+        device = self.device()
+        if device == "cpu" and not cpu_runs_vllm_int4():
+            raise BackendUnavailable("vLLM's CPU build runs int4 weights (cpu_gemm_wna16) only on AVX-512 CPUs "
+                                     "and this CPU has none; use a GPU or evaluation.backend=transformers")
+        problems = serving_problems(checkpoint_schemes(checkpoint), VLLM_PROFILES[device])
         if problems:
             raise BackendUnavailable("; ".join(problems))
 

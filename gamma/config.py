@@ -67,7 +67,7 @@ class VllmConfig(_Section):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when nvidia-smi finds a GPU")
     fallback: Literal["transformers", "fail"] = Field(
         "transformers", description="when vLLM cannot run or cannot load the variant")
-    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="of RAM on vLLM's CPU build")
     timeout_s: int = Field(3600, ge=10)
 
 

@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
 
     requests = json.load(open(args.requests))["requests"]
     t0 = time.perf_counter()
-    engine = {"model": args.model, "max_model_len": args.max_model_len, "enforce_eager": True}
-    if args.device == "cuda":
-        engine["gpu_memory_utilization"] = args.gpu_memory_utilization
+    # on vLLM's CPU build the "gpu" memory utilization is the fraction of RAM it reserves
+    engine = {"model": args.model, "max_model_len": args.max_model_len, "enforce_eager": True,
+              "gpu_memory_utilization": args.gpu_memory_utilization}
     llm = LLM(**engine)
     load_seconds = time.perf_counter() - t0
     prompts = [{"prompt_token_ids": ids} for ids, _ in requests]

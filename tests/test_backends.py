@@ -19,6 +19,7 @@ from gamma.backends import (
     BackendUnavailable,
     VllmBackend,
     checkpoint_schemes,
+    cpu_runs_vllm_int4,
     evaluate_with_vllm,
     serving_problems,
 )
@@ -122,7 +123,15 @@ def _stand_in_python(tmp_path):
     return str(script)
 
 
-def test_vllm_worker_protocol_matches_transformers(symmetric_4bit, tmp_path, calibration):
+def test_vllm_cpu_needs_avx512(tmp_path, monkeypatch):
+    assert cpu_runs_vllm_int4("flags : fpu sse2 avx2 avx512f avx512bw") and not cpu_runs_vllm_int4("flags : avx2")
+    monkeypatch.setattr("gamma.backends.cpu_runs_vllm_int4", lambda: False)
+    with pytest.raises(BackendUnavailable, match="AVX-512"):
+        VllmBackend(VllmConfig(python=_stand_in_python(tmp_path), device="cpu")).check(tmp_path)
+
+
+def test_vllm_worker_protocol_matches_transformers(symmetric_4bit, tmp_path, calibration, monkeypatch):
+    monkeypatch.setattr("gamma.backends.cpu_runs_vllm_int4", lambda: True)  # the stand-in needs no kernel
     model, tok, ckpt = symmetric_4bit
     assert set(checkpoint_schemes(ckpt).values()) == {(4, True)}
     backend = VllmBackend(VllmConfig(python=_stand_in_python(tmp_path), device="cpu"))
