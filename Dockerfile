@@ -25,10 +25,12 @@ COPY gamma gamma
 COPY tasks tasks
 COPY flows flows
 RUN pip install --no-cache-dir --no-deps -e .
-# The project (params.yaml, dvc.yaml, .dvc) is copied into /work at start so that a mounted,
-# empty /work becomes a git + DVC project holding everything the run produces.
-COPY params.yaml dvc.yaml dvc.lock /opt/gamma/project/
+# The project (params.yaml, dvc.yaml, .dvc, and gamma/ because the `prepare` stage depends on its
+# model and text code) is copied into /work at start, so that a mounted, empty /work becomes a
+# git + DVC project holding everything the run produces.
+COPY params.yaml dvc.yaml dvc.lock .gitignore /opt/gamma/project/
 COPY .dvc/config /opt/gamma/project/.dvc/config
+COPY gamma /opt/gamma/project/gamma
 COPY scripts/docker-entrypoint.sh /usr/local/bin/gamma-entrypoint
 WORKDIR /work
 ENTRYPOINT ["gamma-entrypoint"]

@@ -80,6 +80,13 @@ class EvaluationConfig(_Section):
     zero_shot_items: int = Field(100, ge=0, description="items per task; 0 skips zero-shot")
     batch_size: int = Field(8, ge=1)
 
+    @model_validator(mode="after")
+    def _one_window(self) -> EvaluationConfig:
+        if self.max_tokens < self.context_length:
+            raise ValueError(f"evaluation.max_tokens={self.max_tokens} is below one window of "
+                             f"evaluation.context_length={self.context_length}: no perplexity could be measured")
+        return self
+
 
 class Stage1Config(_Section):
     budget: float = Field(3.0, description="training budget B_train in average bits")

@@ -157,6 +157,7 @@ def evaluation_windows(tokens: torch.Tensor, context_length: int, max_tokens: in
     n = min(tokens.numel(), max_tokens) // context_length
     if n == 0:
         raise TextInputError(
-            f"evaluation text has {tokens.numel()} tokens, fewer than one window of {context_length}"
+            f"{min(tokens.numel(), max_tokens)} evaluation tokens (text {tokens.numel()}, max_tokens {max_tokens}) "
+            f"are fewer than one window of {context_length}"
         )
     return tokens[: n * context_length].view(n, context_length)

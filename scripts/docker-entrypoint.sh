@@ -3,7 +3,7 @@
 # dvc.yaml and the DVC remote configuration), then run the command.
 set -e
 if [ ! -f params.yaml ]; then
-    cp -r /opt/gamma/project/. .
+    cp -r "${GAMMA_PROJECT_TEMPLATE:-/opt/gamma/project}/." .
 fi
 if [ ! -d .git ]; then
     git init -q

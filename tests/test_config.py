@@ -51,3 +51,10 @@ def test_overrides_and_bad_yaml(tmp_path):
     p.write_text("stage1: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(p)
+
+
+def test_evaluation_needs_one_window(tmp_path):
+    with pytest.raises(ConfigError, match="max_tokens=256 is below one window"):
+        load_config(tmp_path / "none.yaml", {"evaluation.max_tokens": 256})
+    assert load_config(tmp_path / "none.yaml", {"evaluation.max_tokens": 256,
+                                                "evaluation.context_length": 128}).evaluation.max_tokens == 256
