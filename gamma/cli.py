@@ -7,6 +7,9 @@
   gamma quantize --budget 2.5        apply an allocation, save the model, evaluate it
   gamma run                          the main job: all of the above on params.yaml
   gamma promote --budget 2.5 --alias production   move a registry alias through the promotion gate
+  gamma promote --alias production   the gate for every registered budget (promotion flow)
+  gamma rollback --budget 2.5 --alias production  give the alias back to its previous holder
+  gamma rollout --fleet fleet.yaml   rollout manifest for a fleet; missing budgets solved on demand
 
 Every command reads params.yaml (``--params``) and accepts ``--set key=value`` overrides.
 The orchestrated pipeline (Prefect, MLflow, DVC) lives in ``flows/`` and is imported lazily.
@@ -161,14 +164,41 @@ def cmd_promote(cfg: GammaConfig, args) -> None:
     from gamma.workspace import Workspace
     from tasks.registry import names_for, promote
 
-    names = names_for(cfg, Workspace(cfg).model_dir)
-    decision = promote(cfg, names, args.budget, args.alias, args.version)
-    verdict = "[green]promoted[/green]" if decision.promote else "[red]refused[/red]"
-    console.print(f"{names.variant(args.budget)} -> alias '{args.alias}': {verdict}")
-    for reason in decision.reasons:
-        console.print(f"  - {reason}")
-    if not decision.promote:
+    if args.budget is None:  # every registered budget, as the scheduled promotion flow does
+        from flows.promotion import promotion_flow
+
+        decisions = promotion_flow(params=args.params, alias=args.alias, overrides=_overrides(args.set))
+    else:
+        decision = promote(cfg, names_for(cfg, Workspace(cfg).model_dir), args.budget, args.alias, args.version)
+        decisions = [{"budget": args.budget, **decision.as_dict()}]
+    for d in decisions:
+        verdict = "[green]promoted[/green]" if d["promote"] else "[red]refused[/red]"
+        console.print(f"{d['budget']:g} bits -> alias '{args.alias}': {verdict}")
+        for reason in d["reasons"]:
+            console.print(f"  - {reason}")
+    if not all(d["promote"] for d in decisions):
         raise SystemExit(1)
+
+
+def cmd_rollback(cfg: GammaConfig, args) -> None:
+    from gamma.workspace import Workspace
+    from tasks.registry import names_for, rollback
+
+    names = names_for(cfg, Workspace(cfg).model_dir)
+    previous = rollback(cfg, names, args.budget, args.alias)
+    console.print(f"{names.variant(args.budget)}: alias '{args.alias}' "
+                  + (f"back on version {previous}" if previous else "removed (no earlier holder)"))
+
+
+def cmd_rollout(cfg: GammaConfig, args) -> None:
+    from flows.rollout import fleet_rollout
+
+    manifest = fleet_rollout(args.fleet, params=args.params, overrides=_overrides(args.set))
+    for e in manifest["classes"]:
+        v = e["variant"]
+        console.print(f"{e['class']} (x{e['count']}, {e['model_budget_mb']} MB): "
+                      + (f"{v['name']} v{v['version']} [{e['note']}]" if v else e["note"]))
+    console.print(f"manifest: {Path(cfg.output_dir) / 'rollout' / 'manifest.json'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,14 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-dvc", action="store_true",
                    help="do not reproduce/push the DVC prepare stage (dvc repro uses it)")
     pr = sub.add_parser("promote", parents=[common], help="move an MLflow alias to a variant, only through the gate")
-    pr.add_argument("--budget", type=float, required=True, help="the variant's budget, e.g. 2.5")
+    pr.add_argument("--budget", type=float, help="the variant's budget, e.g. 2.5 (default: every registered one)")
     pr.add_argument("--alias", required=True, help="e.g. production")
     pr.add_argument("--version", help="model version to promote (default: the newest)")
+    rb = sub.add_parser("rollback", parents=[common], help="give an alias back to its previous holder")
+    rb.add_argument("--budget", type=float, required=True)
+    rb.add_argument("--alias", required=True)
+    ro = sub.add_parser("rollout", parents=[common], help="fleet file -> rollout manifest (missing budgets on demand)")
+    ro.add_argument("--fleet", required=True, help="fleet YAML: classes of name, memory_mb, kv_cache_reserve_mb, count")
     return p
 
 
 COMMANDS = {"prepare": cmd_prepare, "uniform": cmd_uniform, "learn": cmd_learn, "allocate": cmd_allocate,
-            "quantize": cmd_quantize, "run": cmd_run, "promote": cmd_promote}
+            "quantize": cmd_quantize, "run": cmd_run, "promote": cmd_promote, "rollback": cmd_rollback,
+            "rollout": cmd_rollout}
 
 
 def main(argv: list[str] | None = None) -> int:

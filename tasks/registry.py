@@ -133,7 +133,8 @@ def register_variant(client: MlflowClient, run_id: str, name: str, row: dict, fi
         client.set_tag(run_id, k, str(v))
     _ensure_registered(client, name, "GAMMA mixed-precision variant")
     source = f"{client.get_run(run_id).info.artifact_uri}/{VARIANT_ARTIFACT}"
-    metrics = {f"metric.{k}": row[k] for k in ("perplexity", "zero_shot", "zero_shot_se", "total_bytes") if k in row}
+    tagged = ("perplexity", "zero_shot", "zero_shot_se", "total_bytes", "checkpoint_bytes")
+    metrics = {f"metric.{k}": row[k] for k in tagged if k in row}
     return client.create_model_version(name, source, run_id=run_id,
                                        tags={**{k: str(v) for k, v in tags.items()},
                                              **{k: repr(float(v)) for k, v in metrics.items()}})
@@ -151,6 +152,30 @@ def latest_version(client: MlflowClient, name: str) -> ModelVersion | None:
     return _newest(client, f"name = '{name}'")
 
 
+def alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _history(client: MlflowClient, name: str, alias: str) -> list[str]:
+    """Versions that held ``alias``, oldest first (a registered-model tag, so rollback can walk back)."""
+    tags = client.get_registered_model(name).tags
+    return json.loads(tags.get(f"alias_history.{alias}", "[]"))
+
+
+def _record(client: MlflowClient, experiment: str, run_name: str, record: dict) -> None:
+    """One MLflow run per decision, holding every figure it used."""
+    run = client.create_run(experiment, run_name=run_name,
+                            tags={"gamma.kind": record["action"], "decision": str(record.get("promote", True))})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "decision.json"
+        path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id)
+
+
 def promote(cfg: GammaConfig, names: Names, budget: float, alias: str, version: str | None = None) -> Decision:
     """Move ``alias`` of ``<model>-<budget>bit`` to ``version`` (default: newest) only through the gate."""
     client, experiment = client_for(cfg)
@@ -163,22 +188,52 @@ def promote(cfg: GammaConfig, names: Names, budget: float, alias: str, version: 
         v = latest_version(client, names.uniform(bits))
         if v is not None:
             uniform.append(version_metrics(v))
-    try:
-        holder = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        holder = None
+    holder = alias_holder(client, name, alias)
     holder_figures = version_metrics(holder) if holder is not None and holder.version != challenger.version else None
     decision = decide_promotion(version_metrics(challenger), uniform, holder_figures)
-    if decision.promote:
+    if decision.promote and (holder is None or holder.version != challenger.version):
         client.set_registered_model_alias(name, alias, challenger.version)
-    record = {"alias": alias, "budget": budget, "model": name, "version": challenger.version, **decision.as_dict()}
+        history = _history(client, name, alias) + [challenger.version]
+        client.set_registered_model_tag(name, f"alias_history.{alias}", json.dumps(history))
     client.set_model_version_tag(name, challenger.version, f"promotion.{alias}",
                                  "promoted" if decision.promote else "refused: " + "; ".join(decision.reasons))
-    run = client.create_run(experiment, run_name=f"promote {name} -> {alias}",
-                            tags={"gamma.kind": "promotion", "decision": str(decision.promote)})
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "decision.json"
-        path.write_text(json.dumps(record, indent=1, default=str) + "\n")
-        client.log_artifact(run.info.run_id, str(path))
-    client.set_terminated(run.info.run_id)
+    _record(client, experiment, f"promote {name} -> {alias}",
+            {"action": "promotion", "alias": alias, "budget": budget, "model": name, "version": challenger.version,
+             "previous_holder": holder.version if holder else None, **decision.as_dict()})
     return decision
+
+
+def rollback(cfg: GammaConfig, names: Names, budget: float, alias: str) -> str | None:
+    """Give ``alias`` back to the version that held it before the current holder (or remove it when
+    there was none); returns the new holder's version."""
+    client, experiment = client_for(cfg)
+    name = names.variant(budget)
+    holder = alias_holder(client, name, alias)
+    if holder is None:
+        raise ValueError(f"{name!r} has no alias {alias!r} to roll back")
+    history = _history(client, name, alias)
+    while history and history[-1] == holder.version:
+        history.pop()
+    previous = history[-1] if history else None
+    if previous is None:
+        client.delete_registered_model_alias(name, alias)
+    else:
+        client.set_registered_model_alias(name, alias, previous)
+    client.set_registered_model_tag(name, f"alias_history.{alias}", json.dumps(history))
+    client.set_model_version_tag(name, holder.version, f"promotion.{alias}", f"rolled back to {previous}")
+    _record(client, experiment, f"rollback {name} {alias}",
+            {"action": "rollback", "alias": alias, "budget": budget, "model": name, "from_version": holder.version,
+             "to_version": previous})
+    return previous
+
+
+def registered_budgets(client: MlflowClient, names: Names) -> list[float]:
+    """Budgets with a registered GAMMA variant (``<prefix>-<B>bit``)."""
+    out = []
+    for m in client.search_registered_models(f"name LIKE '{names.prefix}-%bit'"):
+        rest = m.name[len(names.prefix) + 1 : -len("bit")]
+        try:
+            out.append(float(rest))
+        except ValueError:
+            continue  # uniform-<b>bit
+    return sorted(out)

@@ -135,6 +135,28 @@ def test_pipeline_registers_lineage_caches_stage1_and_isolates_failures(project,
     versions = _versions(client, f"{prefix}-gamma-scores")
     assert len(versions) == 2 and versions[1].tags["text_md5"] != versions[0].tags["text_md5"]
 
+    # Fleet rollout: three device classes; the smallest needs 2.75 bits, which is not registered
+    # and is produced on demand from the registered scores (no Stage I), then every class gets a variant.
+    from flows.rollout import _size_model, fleet_rollout
+    from gamma.fleet import MB
+    from gamma.workspace import Workspace
+
+    size_of = _size_model(Workspace(load_config("params.yaml")))
+    classes = [{"name": n, "memory_mb": size_of(b) / MB + 0.5, "kv_cache_reserve_mb": 0.5, "count": c}
+               for n, b, c in (("large", 3.5, 2), ("medium", 3.0, 4), ("small", 2.75, 8))]
+    (project / "fleet.yaml").write_text(yaml.safe_dump({"classes": classes}))
+    manifest = fleet_rollout("fleet.yaml", params="params.yaml")
+    assert [d["budget"] for d in manifest["on_demand"]] == [2.75] and manifest["on_demand"][0]["registered"]
+    assert len(_versions(client, f"{prefix}-2.75bit")) == 1
+    by_class = {e["class"]: e for e in manifest["classes"]}
+    assert [by_class[n]["needed_budget"] for n in ("large", "medium", "small")] == [3.5, 3.0, 2.75]
+    for e in manifest["classes"]:
+        assert e["variant"]["bytes"] <= e["model_budget_mb"] * MB and e["variant"]["checkpoint_sha256"]
+    assert by_class["small"]["variant"]["budget"] == 2.75
+    assert verify_checkpoint(Path(by_class["small"]["variant"]["checkpoint_uri"].removeprefix("file://"))) \
+        == by_class["small"]["variant"]["checkpoint_sha256"]
+    assert (project / "runs" / "rollout" / "manifest.md").exists()
+
 
 def test_promotion_gate_decisions():
     uniform = [{"name": "u3", "perplexity": 90.0, "zero_shot": 0.36, "total_bytes": 100.0},
