@@ -81,10 +81,23 @@ def summarize(client, run_id: str, out: Path, inputs: dict, scores: dict, rows: 
     print(f"results: {summary}, {out / 'pareto.png'}")
 
 
+def task_runner(cfg):
+    """The configured runner for the budget fan-out: threads here, or a Dask cluster."""
+    p = cfg.pipeline
+    if p.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if p.dask_address:
+            return DaskTaskRunner(address=p.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": p.workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    return ThreadPoolTaskRunner(max_workers=p.workers)
+
+
 def run_pipeline(params: str = "params.yaml", overrides: dict | None = None, use_dvc: bool = True) -> list[dict]:
-    """The flow with as many concurrent budgets as ``pipeline.workers`` says."""
+    """The flow on the configured task runner (``pipeline.task_runner``, ``pipeline.workers``)."""
     cfg = load_config(params, overrides)
-    runner = ThreadPoolTaskRunner(max_workers=cfg.pipeline.workers)
+    runner = task_runner(cfg)
     rows = gamma_pipeline.with_options(task_runner=runner)(params=params, overrides=overrides, use_dvc=use_dvc)
     uri = cfg.tracking.uri
     print(f"MLflow: `mlflow ui --backend-store-uri {uri}` then open http://127.0.0.1:5000 (registry: Models tab)")

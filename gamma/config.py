@@ -132,6 +132,10 @@ class PipelineConfig(_Section):
     dvc: bool = Field(True, description="version the prepared data with DVC (repro + push) when in a DVC repo")
     workers: int = Field(1, ge=1, description="budgets solved/quantized/evaluated at once (each uses every core)")
     retries: int = Field(1, ge=0, description="retries of a failed variant task (not for infeasible budgets)")
+    task_runner: Literal["thread", "dask"] = Field(
+        "thread", description="thread: a pool in this process; dask: a Dask cluster (local, or dask_address)")
+    dask_address: str = Field("", description="scheduler of a running Dask cluster, e.g. tcp://head:8786; "
+                                              "empty: a local cluster of `workers` processes")
 
 
 class GammaConfig(_Section):

@@ -197,3 +197,27 @@ def test_stage1_task_fails_with_the_dead_workers_error_and_registers_nothing(tmp
     [stage1] = client.search_runs([experiment], "tags.`gamma.kind` = 'stage1'")
     assert stage1.info.status == "FAILED"
     assert not (tmp_path / "runs" / "scores.json").exists()
+
+
+def test_dask_runner_registers_the_same_variants_as_threads(tmp_path, monkeypatch, model_dir, prefect_api):
+    """The fan-out on a local Dask cluster (worker processes) gives the very same variant."""
+    from flows.pipeline import run_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    params = {"model": {"path": str(model_dir), "data_dir": str(Path(model_dir).parents[1])},
+              "text": {"calibration_sequences": 2, "sequence_length": 64}, "stage1": {"steps": 2},
+              "evaluation": {"max_tokens": 256, "context_length": 128, "zero_shot_items": 0},
+              "uniform_bits": [], "stage2": {"budgets": [3.0]},
+              "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifacts": str(tmp_path / "art")}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    threads = run_pipeline("params.yaml", {"output_dir": "threads"}, use_dvc=False)
+    dask = run_pipeline("params.yaml", {"output_dir": "dask", "pipeline.task_runner": "dask"}, use_dvc=False)
+    assert threads[0]["perplexity"] == dask[0]["perplexity"]
+    client = _registry(tmp_path)
+    prefix = Path(model_dir).name
+    v1, v2 = _versions(client, f"{prefix}-3bit")
+    assert v1.tags["metric.perplexity"] == v2.tags["metric.perplexity"]
+    weights = [json.loads((Path(v.tags["checkpoint"]) / "gamma_checksums.json").read_text())["files"]
+               ["model.safetensors"] for v in (v1, v2)]
+    assert weights[0] == weights[1]  # bit-identical checkpoints
+    assert "dask" in v2.tags["checkpoint"]
