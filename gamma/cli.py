@@ -10,6 +10,7 @@
   gamma promote --alias production   the gate for every registered budget (promotion flow)
   gamma rollback --budget 2.5 --alias production  give the alias back to its previous holder
   gamma rollout --fleet fleet.yaml   rollout manifest for a fleet; missing budgets solved on demand
+  gamma serve                        cron deployments of the pipeline and the re-evaluation (Prefect server)
 
 Every command reads params.yaml (``--params``) and accepts ``--set key=value`` overrides.
 The orchestrated pipeline (Prefect, MLflow, DVC) lives in ``flows/`` and is imported lazily.
@@ -190,6 +191,14 @@ def cmd_rollback(cfg: GammaConfig, args) -> None:
                   + (f"back on version {previous}" if previous else "removed (no earlier holder)"))
 
 
+def cmd_serve(cfg: GammaConfig, args) -> None:
+    from flows.deploy import serve_deployments
+
+    console.print(f"serving the pipeline ({cfg.schedule.pipeline_cron}) and the re-evaluation "
+                  f"({cfg.schedule.reevaluate_cron}) against the Prefect server at PREFECT_API_URL")
+    serve_deployments(params=args.params, overrides=_overrides(args.set))
+
+
 def cmd_rollout(cfg: GammaConfig, args) -> None:
     from flows.rollout import fleet_rollout
 
@@ -238,12 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--alias", required=True)
     ro = sub.add_parser("rollout", parents=[common], help="fleet file -> rollout manifest (missing budgets on demand)")
     ro.add_argument("--fleet", required=True, help="fleet YAML: classes of name, memory_mb, kv_cache_reserve_mb, count")
+    sub.add_parser("serve", parents=[common], help="cron deployments (pipeline, re-evaluation) on a Prefect server")
     return p
 
 
 COMMANDS = {"prepare": cmd_prepare, "uniform": cmd_uniform, "learn": cmd_learn, "allocate": cmd_allocate,
             "quantize": cmd_quantize, "run": cmd_run, "promote": cmd_promote, "rollback": cmd_rollback,
-            "rollout": cmd_rollout}
+            "rollout": cmd_rollout, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -138,6 +138,18 @@ class PipelineConfig(_Section):
                                               "empty: a local cluster of `workers` processes")
 
 
+class ScheduleConfig(_Section):
+    pipeline_cron: str = Field("0 2 * * 1", description="the whole pipeline (Mondays 02:00)")
+    reevaluate_cron: str = Field("0 3 * * *", description="re-evaluation of registered variants (daily 03:00)")
+
+    @field_validator("pipeline_cron", "reevaluate_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"a cron expression has 5 fields (minute hour day month weekday), got {v!r}")
+        return v
+
+
 class GammaConfig(_Section):
     model: ModelConfig = ModelConfig()
     text: TextConfig = TextConfig()
@@ -149,6 +161,7 @@ class GammaConfig(_Section):
     uniform_bits: list[int] = Field([2, 3, 4], description="uniform baselines evaluated by the main job")
     tracking: TrackingConfig = TrackingConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
     output_dir: str = "runs"
 
     @field_validator("candidates", "uniform_bits")

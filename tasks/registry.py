@@ -71,10 +71,10 @@ def client_for(cfg: GammaConfig) -> tuple[MlflowClient, str]:
 
 
 @contextmanager
-def child_run(client: MlflowClient, experiment: str, parent_run: str, run_name: str, kind: str):
-    """A run under the pipeline's parent run: yields its id, ends FINISHED, or FAILED on any error."""
-    run_id = client.create_run(experiment, run_name=run_name,
-                               tags={"mlflow.parentRunId": parent_run, "gamma.kind": kind}).info.run_id
+def child_run(client: MlflowClient, experiment: str, parent_run: str | None, run_name: str, kind: str):
+    """A run (under the pipeline's parent run, if any): yields its id, ends FINISHED, or FAILED on any error."""
+    tags = {"gamma.kind": kind} | ({"mlflow.parentRunId": parent_run} if parent_run else {})
+    run_id = client.create_run(experiment, run_name=run_name, tags=tags).info.run_id
     try:
         yield run_id
     except BaseException:

@@ -1,0 +1,83 @@
+"""A real Prefect server on loopback: `gamma serve` registers the cron deployments and a scheduled
+run of the re-evaluation flow completes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(url: str, path: str, body: dict | None = None):
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _wait(predicate, seconds: float, what: str, procs=()):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for p in procs:
+            assert p.poll() is None, f"{p.args[:3]} exited with {p.returncode} while waiting for {what}"
+        try:
+            if result := predicate():
+                return result
+        except OSError:
+            pass
+        time.sleep(2)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def test_scheduled_deployment_runs_on_a_real_server(tmp_path, model_dir):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": url,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "2", "GAMMA_QUIET": "1"}
+    params = {"model": {"path": str(model_dir)},
+              "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifacts": str(tmp_path / "art")},
+              "schedule": {"pipeline_cron": "0 0 1 1 *", "reevaluate_cron": "* * * * *"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    logs = open(tmp_path / "server.log", "w"), open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=logs[0], stderr=subprocess.STDOUT, start_new_session=True)
+    procs = [server]
+    try:
+        _wait(lambda: _api(url, "/health") is True, 120, "the Prefect server", procs)
+        runner = subprocess.Popen([str(BIN / "gamma"), "serve", "--params", "params.yaml"], cwd=tmp_path, env=env,
+                                  stdout=logs[1], stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(runner)
+        deployments = _wait(lambda: _api(url, "/deployments/filter", {}) if len(_api(url, "/deployments/filter", {}))
+                            == 2 else None, 120, "both deployments", procs)
+        assert {d["name"] for d in deployments} == {"scheduled-pipeline", "scheduled-reevaluation"}
+        reeval = next(d for d in deployments if d["name"] == "scheduled-reevaluation")
+        assert reeval["schedules"][0]["schedule"]["cron"] == "* * * * *"
+
+        def completed():
+            runs = _api(url, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [reeval["id"]]},
+                                                                 "state": {"type": {"any_": ["COMPLETED"]}}}})
+            return runs or None
+
+        [run, *_] = _wait(completed, 240, "a scheduled re-evaluation run to complete", procs)
+        assert run["auto_scheduled"] is True  # started by the schedule, not by hand
+    finally:
+        for p in reversed(procs):
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=60)
+        for f in logs:
+            f.close()
