@@ -221,3 +221,10 @@ def test_dask_runner_registers_the_same_variants_as_threads(tmp_path, monkeypatc
                ["model.safetensors"] for v in (v1, v2)]
     assert weights[0] == weights[1]  # bit-identical checkpoints
     assert "dask" in v2.tags["checkpoint"]
+
+    # The scheduled re-evaluation reloads the newest registered checkpoint: the same figures again.
+    from flows.deploy import reevaluate
+
+    [row] = reevaluate("params.yaml", {"output_dir": "dask"})
+    assert row["version"] == v2.version and row["perplexity_drift"] == pytest.approx(0.0, abs=1e-9)
+    assert client.get_model_version(v2.name, v2.version).tags["last_reevaluation"].startswith("perplexity")

@@ -23,8 +23,9 @@ def _free_port() -> int:
 
 
 def _api(url: str, path: str, body: dict | None = None):
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"},
+                                 method="POST" if data is not None else "GET")
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
 
