@@ -165,3 +165,17 @@ def test_unservable_variant_falls_back_or_fails_as_configured(symmetric_4bit, mo
     with pytest.raises(BackendUnavailable, match="fuses"):
         strict = load_config(tmp_path / "none.yaml", {**overrides, "evaluation.vllm.fallback": "fail"})
         evaluate_model(Workspace(strict), model, tok, checkpoint=bad)
+
+
+def test_real_vllm_agrees_with_transformers(symmetric_4bit, calibration):
+    """The real engine, when a vLLM environment is configured and can serve the variant here;
+    otherwise skipped with the backend's own reason (no vLLM, no GPU, no AVX-512 for the CPU build)."""
+    model, tok, ckpt = symmetric_4bit
+    backend = VllmBackend(VllmConfig(), max_model_len=129)
+    try:
+        backend.check(ckpt)
+    except BackendUnavailable as err:
+        pytest.skip(f"vLLM unavailable: {err}")
+    windows = calibration[:2, :128]
+    got = evaluate_with_vllm(backend, ckpt, windows, tok, [], 0, 128)
+    assert got["perplexity"] == pytest.approx(perplexity(model, windows).perplexity, rel=0.02)
