@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from gamma.assignment import unquantized_parameters
 from gamma.config import load_config
 from gamma.fleet import MB, load_fleet, needed_budget, plan_rollout, predicted_bytes
 from gamma.model import quantizable_modules
@@ -28,8 +29,7 @@ def _size_model(ws: Workspace):
     model, _ = ws.load()
     modules = quantizable_modules(model)
     sizes = [tuple(m.weight.shape) for m in modules.values()]
-    quantized = {id(m.weight) for m in modules.values()}
-    others = [p for p in {id(p): p for p in model.parameters()}.values() if id(p) not in quantized]
+    others = unquantized_parameters(model, modules)
     other = sum(p.numel() for p in others)
     q = ws.cfg.quantizer
     return lambda b: predicted_bytes(b, sizes, other, q.group_size, q.symmetric, max(ws.cfg.candidates), len(others))

@@ -7,6 +7,7 @@ each assigned module's weight by its dequantized quantized weight and returns th
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -49,14 +50,7 @@ def account(model: nn.Module, assignment: dict[str, int], group_size: int, symme
         n_total += rows * cols
         bits_nominal += rows * cols * bits
         bits_effective += module_cost_bits(rows, cols, QuantSpec(bits, group_size, symmetric))
-    quantized = {id(modules[n].weight) for n in assignment}
-    seen: set[int] = set()
-    other = 0
-    for p in model.parameters():
-        if id(p) in quantized or id(p) in seen:
-            continue
-        seen.add(id(p))  # tied embeddings count once
-        other += p.numel()
+    other = sum(p.numel() for p in unquantized_parameters(model, assignment))
     other_bytes = other * UNQUANTIZED_BITS / 8
     return SizeAccount(
         nominal_bits=bits_nominal / n_total,
@@ -66,6 +60,14 @@ def account(model: nn.Module, assignment: dict[str, int], group_size: int, symme
         other_bytes=other_bytes,
         total_bytes=bits_effective / 8 + other_bytes,
     )
+
+
+def unquantized_parameters(model: nn.Module, quantized: Iterable[str]) -> list[nn.Parameter]:
+    """Every parameter a checkpoint stores at 16 bits: all but the quantized weights, tied ones once."""
+    modules = quantizable_modules(model)
+    skip = {id(modules[n].weight) for n in quantized}
+    unique = {id(p): p for p in model.parameters()}
+    return [p for key, p in unique.items() if key not in skip]
 
 
 def validate_assignment(model: nn.Module, assignment: dict[str, int]) -> None:

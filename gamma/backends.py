@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 
 from gamma.config import VllmConfig
-from gamma.evaluate import Request, Score, perplexity_from_scores, perplexity_requests, summarize_tasks, task_requests
+from gamma.evaluate import (
+    Request,
+    Score,
+    figures,
+    perplexity_from_scores,
+    perplexity_requests,
+    summarize_tasks,
+    task_requests,
+)
 from gamma.progress import console
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -179,10 +187,5 @@ def evaluate_with_vllm(backend: VllmBackend, checkpoint: str | Path, windows: to
         results.append(tr.result(scores[start : start + len(tr.requests)]))
         start += len(tr.requests)
     zs = summarize_tasks(results) if per_task else None
-    return {
-        "perplexity": ppl.perplexity, "perplexity_se": ppl.standard_error, "eval_tokens": ppl.tokens,
-        "context_length": ppl.context_length,
-        "zero_shot": zs["average"] if zs else float("nan"), "zero_shot_se": zs["average_se"] if zs else float("nan"),
-        "zero_shot_tasks": zs["tasks"] if zs else {}, "eval_seconds": time.perf_counter() - t0,
-        "eval_backend": f"vllm {engine.get('vllm', '?')} on {engine.get('device', backend.device())}",
-    }
+    return figures(ppl, zs, time.perf_counter() - t0,
+                   f"vllm {engine.get('vllm', '?')} on {engine.get('device', backend.device())}")

@@ -80,7 +80,8 @@ def learn_in_process_group(ws, checkpoint: str | Path | None, out: str | Path, s
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now (for a launcher or a test server)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -91,7 +92,7 @@ def launch_command(params: str | Path, out: str | Path, processes: int) -> list[
     accelerate = Path(sys.executable).parent / "accelerate"
     return [str(accelerate) if accelerate.exists() else "accelerate", "launch", "--multi_gpu",
             "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+            "--dynamo_backend", "no", "--main_process_port", str(free_port()),
             "-m", "gamma.cli", "learn", "--params", str(params), "--out", str(out)]
 
 

@@ -276,6 +276,17 @@ def summarize_tasks(results: list[TaskResult]) -> dict:
             "tasks": {r.task: {"accuracy": r.accuracy, "se": r.standard_error, "items": r.items} for r in results}}
 
 
+def figures(ppl: Perplexity, zero_shot_summary: dict | None, seconds: float, backend: str) -> dict:
+    """The evaluation row every backend reports."""
+    zs = zero_shot_summary
+    return {
+        "perplexity": ppl.perplexity, "perplexity_se": ppl.standard_error, "eval_tokens": ppl.tokens,
+        "context_length": ppl.context_length,
+        "zero_shot": zs["average"] if zs else float("nan"), "zero_shot_se": zs["average_se"] if zs else float("nan"),
+        "zero_shot_tasks": zs["tasks"] if zs else {}, "eval_seconds": seconds, "eval_backend": backend,
+    }
+
+
 def zero_shot_suite(model, tokenizer, tasks: list[str], n_items: int, max_length: int = 512,
                     batch_size: int = 8, seed: int = 0) -> dict:
     return summarize_tasks([zero_shot(model, tokenizer, t, n_items, max_length, batch_size, seed) for t in tasks])

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gamma.quantizer import QuantizedWeight
+from gamma.quantizer import QuantizedWeight, QuantSpec
 
 STORAGE_DTYPE = torch.float16
 WEIGHTS_FILE = "model.safetensors"
@@ -200,8 +200,8 @@ def read_quantized(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dic
 
 
 def dequantized_state_dict(tensors: dict[str, torch.Tensor], args: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """Unpack each quantized module with compressed-tensors' ``unpack_from_int32`` and dequantize in
-    float32 as ``QuantizedWeight.dequantize`` does; other tensors pass through."""
+    """Unpack each quantized module with compressed-tensors' ``unpack_from_int32`` and dequantize it
+    with ``QuantizedWeight.dequantize`` (float32, as in memory); other tensors pass through."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     out = {k: v for k, v in tensors.items() if not k.rsplit(".", 1)[-1].startswith("weight_")}
@@ -211,16 +211,14 @@ def dequantized_state_dict(tensors: dict[str, torch.Tensor], args: dict[str, dic
         except KeyError as err:
             raise CheckpointError(f"module {name} is listed in the config but {err} is not stored") from None
         bits, shape = a["num_bits"], tuple(int(s) for s in shape)
+        spec = QuantSpec(bits, a.get("group_size") or -1, a.get("symmetric", True))
         codes = _unsigned(unpack_from_int32(packed, bits, torch.Size(shape)), bits)
-        if a.get("symmetric", True):
+        if spec.symmetric:
             zeros = torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.int32)
         else:
-            zp = unpack_from_int32(tensors[f"{name}.weight_zero_point"], bits, scales.shape, packed_dim=0)
-            zeros = _unsigned(zp, bits)
-        width = shape[1] // scales.shape[1]
-        s = scales.to(torch.float32).repeat_interleave(width, dim=1)
-        z = zeros.repeat_interleave(width, dim=1).to(torch.float32)
-        out[f"{name}.weight"] = (codes.to(torch.float32) - z) * s
+            zeros = _unsigned(unpack_from_int32(tensors[f"{name}.weight_zero_point"], bits, scales.shape,
+                                                packed_dim=0), bits)
+        out[f"{name}.weight"] = QuantizedWeight(codes, scales.to(torch.float32), zeros, spec).dequantize()
     return out
 
 

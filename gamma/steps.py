@@ -13,7 +13,7 @@ import torch
 from gamma.assignment import apply_assignment, collect_hessians, uniform_assignment
 from gamma.backends import BackendUnavailable, VllmBackend, evaluate_with_vllm
 from gamma.candidates import build_candidates
-from gamma.evaluate import perplexity, zero_shot_suite
+from gamma.evaluate import figures, perplexity, zero_shot_suite
 from gamma.export import export_checkpoint, round_to_storage
 from gamma.hashing import settings_hash
 from gamma.progress import console
@@ -60,17 +60,8 @@ def evaluate_model(ws: Workspace, model, tokenizer, zero_shot_items: int | None 
     t0 = time.perf_counter()
     ppl = perplexity(model, ws.evaluation, batch_size=max(1, e.batch_size // 2))
     zs = zero_shot_suite(model, tokenizer, e.zero_shot_tasks, items, e.context_length, e.batch_size) if items else None
-    return {
-        "perplexity": ppl.perplexity,
-        "perplexity_se": ppl.standard_error,
-        "eval_tokens": ppl.tokens,
-        "context_length": ppl.context_length,
-        "zero_shot": zs["average"] if zs else float("nan"),
-        "zero_shot_se": zs["average_se"] if zs else float("nan"),
-        "zero_shot_tasks": zs["tasks"] if zs else {},
-        "eval_seconds": time.perf_counter() - t0,
-        "eval_backend": "transformers" + (f" (vLLM fallback: {fallback_reason})" if fallback_reason else ""),
-    }
+    return figures(ppl, zs, time.perf_counter() - t0,
+                   "transformers" + (f" (vLLM fallback: {fallback_reason})" if fallback_reason else ""))
 
 
 def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessians=None,

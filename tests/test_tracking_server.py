@@ -4,7 +4,6 @@ PostgreSQL, on loopback), holding a real pipeline run's registry."""
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,14 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gamma.distributed import free_port
+
 BIN = Path(sys.executable).parent
 PG_USER = "postgres"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_postgres(*cmd: str) -> list[str]:
@@ -41,7 +37,7 @@ def _postgres_available() -> str | None:
 def postgres():
     """A throwaway PostgreSQL cluster on 127.0.0.1 with a database 'mlflow'; yields its URI."""
     root = Path(tempfile.mkdtemp(prefix="gamma-pg-"))
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     if os.geteuid() == 0:
         shutil.chown(root, PG_USER)
     subprocess.run(_as_postgres("initdb", "-D", str(data), "-U", PG_USER, "--auth=trust"), check=True,
@@ -64,7 +60,7 @@ def test_pipeline_registry_on_an_mlflow_server_with_postgres(postgres, tmp_path,
 
     from flows.pipeline import run_pipeline
 
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "mlflow-server.log", "w")
     server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", postgres,
