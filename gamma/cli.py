@@ -69,6 +69,7 @@ def cmd_prepare(cfg: GammaConfig, args) -> None:
     from gamma.workspace import Workspace
 
     ws = Workspace(cfg)
+    ws.text = ws.prepare_text(reuse=False)  # the DVC stage: extract afresh, whatever is there
     console.print(f"model: {ws.model_dir} (md5 {ws.model_hash[:12]})")
     console.print(f"text:  {ws.text.calibration} (md5 {ws.text_hash[:12]}), {ws.text.evaluation}")
 

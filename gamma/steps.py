@@ -65,10 +65,11 @@ def evaluate_model(ws: Workspace, model, tokenizer, zero_shot_items: int | None 
 
 
 def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessians=None,
-                          save_to: str | Path | None = None) -> dict:
-    """Apply an assignment (or one uniform bit width) to a fresh model, export it as a
-    compressed-tensors checkpoint when ``save_to`` is given, and evaluate it."""
-    model, tokenizer = ws.load()
+                          save_to: str | Path | None = None, loaded=None) -> dict:
+    """Apply an assignment (or one uniform bit width) to a fresh model (``loaded``: a full-precision
+    ``(model, tokenizer)`` this call may consume), export it as a compressed-tensors checkpoint when
+    ``save_to`` is given, and evaluate it."""
+    model, tokenizer = loaded or ws.load()
     if isinstance(assignment, int):
         assignment = uniform_assignment(model, assignment)
     q = ws.cfg.quantizer

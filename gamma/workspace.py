@@ -3,6 +3,7 @@ token sequences and their content hashes. Pure library code (no orchestrator imp
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -15,6 +16,10 @@ from gamma.model import load_model, quantizable_modules, resolve_model_path
 from gamma.quantizer import get_quantizer
 from gamma.text import PreparedText, evaluation_windows, prepare_text, sample_sequences, tokenize_file
 
+_SHARED: dict[tuple[str, str, str], Workspace] = {}
+_SHARED_MAX = 2
+_SHARED_LOCK = threading.Lock()
+
 
 @dataclass
 class Workspace:
@@ -26,8 +31,11 @@ class Workspace:
 
     @cached_property
     def text(self) -> PreparedText:
+        return self.prepare_text(reuse=True)
+
+    def prepare_text(self, reuse: bool) -> PreparedText:
         t = self.cfg.text
-        return prepare_text(t.source, Path(self.cfg.model.data_dir) / "text", t.eval_fraction, t.split_seed)
+        return prepare_text(t.source, Path(self.cfg.model.data_dir) / "text", t.eval_fraction, t.split_seed, reuse)
 
     @cached_property
     def model_hash(self) -> str:
@@ -36,6 +44,21 @@ class Workspace:
     @cached_property
     def text_hash(self) -> str:
         return content_md5(self.text.calibration)
+
+    @classmethod
+    def shared(cls, cfg: GammaConfig, model_hash: str, text_hash: str) -> Workspace:
+        """One workspace per configuration and input content in this process, so that the tasks of
+        a run (every budget of a fan-out) load the text and tokenize it once. Keyed on the content
+        hashes the run recorded: new data never meets a stale workspace in a long-lived process."""
+        key = (cfg.model_dump_json(), model_hash, text_hash)
+        with _SHARED_LOCK:
+            if key not in _SHARED:
+                while len(_SHARED) >= _SHARED_MAX:
+                    _SHARED.pop(next(iter(_SHARED)))
+                ws = cls(cfg)
+                ws.__dict__.update(model_hash=model_hash, text_hash=text_hash)
+                _SHARED[key] = ws
+            return _SHARED[key]
 
     def load(self):
         """A fresh copy of the full-precision model and its tokenizer."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -36,6 +37,10 @@ def prepare(cfg: GammaConfig, use_dvc: bool = True) -> dict:
     return inputs
 
 
+def _workspace(cfg: GammaConfig, inputs: dict) -> Workspace:
+    return Workspace.shared(cfg, inputs["model_md5"], inputs["text_md5"])
+
+
 def _lineage(inputs: dict) -> dict:
     return {"model_md5": inputs["model_md5"], "text_md5": inputs["text_md5"], "git_commit": inputs["git_commit"]}
 
@@ -46,7 +51,7 @@ def learn(cfg: GammaConfig, inputs: dict, parent_run: str) -> dict:
     log = get_run_logger()
     client, experiment = registry.client_for(cfg)
     names = registry.names_for(cfg, inputs["model_dir"])
-    ws = Workspace(cfg)
+    ws = _workspace(cfg, inputs)
     settings = json.loads(json.dumps(steps.stage1_settings(ws)))
     key = steps.stage1_key(inputs["model_md5"], inputs["text_md5"], settings)
     out = Path(cfg.output_dir)
@@ -87,11 +92,11 @@ def _register(cfg: GammaConfig, inputs: dict, parent_run: str, name: str, run_na
 def variant(cfg: GammaConfig, scores: dict, budget: float, inputs: dict, parent_run: str) -> dict:
     """Stage II from the registered scores, then quantize, evaluate and register ``<model>-<budget>bit``."""
     log = get_run_logger()
+    t0 = time.perf_counter()
     table = ScoreTable.load(scores["path"])
-    ws = Workspace(cfg)
-    model, _ = ws.load()
-    modules, sizes = ws.module_sizes(model)
-    del model
+    ws = _workspace(cfg, inputs)
+    loaded = ws.load()
+    modules, sizes = ws.module_sizes(loaded[0])
     result = steps.allocate(table, [budget], cfg, modules, sizes, inputs["model_md5"])[budget]
     if isinstance(result, Exception):  # an infeasible budget is an answer, not a crash: no retry
         log.error("budget %g: %s", budget, result)
@@ -102,7 +107,7 @@ def variant(cfg: GammaConfig, scores: dict, budget: float, inputs: dict, parent_
     assignment.write_text(json.dumps(result.as_dict(), indent=1) + "\n")
     picture = plot_allocation(result.assignment, out / "allocation.png", f"{budget:g} bits")
     checkpoint = out / "checkpoint"
-    row = steps.quantize_and_evaluate(ws, result.assignment, save_to=checkpoint)
+    row = steps.quantize_and_evaluate(ws, result.assignment, save_to=checkpoint, loaded=loaded)
     row = {"budget": budget, "method": "gamma", "solve_status": result.status, "solve_gap": result.gap,
            "solve_seconds": result.solve_seconds, **row}
     names = registry.names_for(cfg, inputs["model_dir"])
@@ -111,13 +116,14 @@ def variant(cfg: GammaConfig, scores: dict, budget: float, inputs: dict, parent_
         {"score_model": scores["name"], "score_version": scores["version"], "budget": budget, "method": "gamma",
          "solve_status": result.status, "checkpoint": checkpoint.resolve(),
          "checkpoint_sha256": row["checkpoint_sha256"], "checkpoint_format": "compressed-tensors"}, checkpoint)
+    row["task_seconds"] = time.perf_counter() - t0  # what this budget cost, from the scores to its registration
     log.info("budget %g: perplexity %.2f, registered %s", budget, row["perplexity"], row["registered"])
     return row
 
 
 @task(name="uniform baseline")
 def uniform(cfg: GammaConfig, bits: int, inputs: dict, parent_run: str) -> dict:
-    row = {"budget": float(bits), "method": "uniform", **steps.quantize_and_evaluate(Workspace(cfg), bits)}
+    row = {"budget": float(bits), "method": "uniform", **steps.quantize_and_evaluate(_workspace(cfg, inputs), bits)}
     names = registry.names_for(cfg, inputs["model_dir"])
     row["registered"] = _register(cfg, inputs, parent_run, names.uniform(bits), f"uniform-{bits}bit", row, [],
                                   {"budget": bits, "method": "uniform"})

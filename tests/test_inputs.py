@@ -59,6 +59,22 @@ def test_user_text_folder_and_file(tmp_path):
         prepare_text(str(tmp_path / "missing"), tmp_path / "out3")
 
 
+def test_prepared_text_is_reused_until_its_source_or_split_changes(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(8):
+        (folder / f"d{i}.txt").write_text(f"document {i} " * 50)
+    out = prepare_text(str(folder), tmp_path / "out")
+    out.evaluation.write_text("marker")  # a rewrite would replace it
+    assert prepare_text(str(folder), tmp_path / "out").evaluation.read_text() == "marker"
+    (folder / "d0.txt").write_text("changed " * 50)
+    assert "marker" not in prepare_text(str(folder), tmp_path / "out").evaluation.read_text()
+    out.evaluation.write_text("marker")
+    assert "marker" not in prepare_text(str(folder), tmp_path / "out", seed=1).evaluation.read_text()
+    out.evaluation.write_text("marker")
+    assert "marker" not in prepare_text(str(folder), tmp_path / "out", seed=1, reuse=False).evaluation.read_text()
+
+
 def test_split_and_sampling_are_seeded():
     docs = [(f"t{i}", "x") for i in range(20)]
     ev1 = {t for t, _ in split_documents(docs, 0.25, 1)[1]}
