@@ -95,7 +95,8 @@ class Stage1Config(_Section):
     init: Literal["uniform", "proxy"] = "proxy"
     steps: int = Field(100, ge=1)
     sequences_per_step: int = Field(2, ge=1)
-    tokens_per_sequence: int = Field(256, ge=8)
+    tokens_per_sequence: int = Field(256, ge=8, description="loss positions per sequence (from the start); "
+                                                          ">= text.sequence_length: the whole sequence")
     lr: float = Field(0.05, gt=0.0)
     temperature: float = Field(1.0, gt=0.0, description="softmax temperature at the start")
     temperature_end: float = Field(1.0, gt=0.0, description="temperature at the last step (geometric schedule)")
@@ -104,6 +105,19 @@ class Stage1Config(_Section):
     penalty_max: float = Field(1000.0, gt=0.0)
     multiplier_interval: int = Field(5, ge=1, description="K: steps between multiplier updates")
     multiplier_init: Literal["zero", "feasible"] = "feasible"
+    samples: int = Field(1, ge=1, description="hard: straight-through draws per step (their mean gradient)")
+    antithetic: bool = Field(False, description="hard: draws in pairs from Gumbel noise u and 1 - u")
+    fisher_weight: Literal["token", "channel"] = Field(
+        "token", description="fisher loss: G^2 per token, or per channel averaged over all calibration tokens")
+
+    @model_validator(mode="after")
+    def _sampling_needs_hard(self):
+        if self.relaxation == "soft" and (self.samples > 1 or self.antithetic):
+            raise ValueError(f"stage1.samples={self.samples} / stage1.antithetic={self.antithetic} draw "
+                             "straight-through samples: they need stage1.relaxation='hard' (soft has nothing to draw)")
+        if self.antithetic and self.samples % 2:
+            raise ValueError(f"stage1.antithetic pairs draws: stage1.samples={self.samples} must be even")
+        return self
     tolerance: float = Field(0.01, gt=0.0, description="|E - B_train| accepted, in bits")
     proxy_scale: float = Field(0.0, ge=0.0, description="s in alpha=-cost/s; 0 picks it automatically")
     checkpoint_every: int = Field(20, ge=1)

@@ -36,13 +36,22 @@ class PreferenceLogits(nn.Module):
         p = self.probabilities(temperature).double()
         return (self.weights[:, None] * p * self.bits_t[None, :]).sum()
 
-    def straight_through_sample(self, temperature: float, generator: torch.Generator) -> torch.Tensor:
-        """One-hot Gumbel-softmax samples [M, K]; gradients flow through the soft probabilities."""
-        u = torch.rand(self.alpha.shape, generator=generator).clamp(1e-10, 1 - 1e-10)
-        gumbel = -torch.log(-torch.log(u))
-        soft = torch.softmax((self.alpha + gumbel) / temperature, dim=-1)
-        hard = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
-        return hard - soft.detach() + soft
+    def straight_through_samples(self, temperature: float, generator: torch.Generator, samples: int = 1,
+                                 antithetic: bool = False) -> list[torch.Tensor]:
+        """``samples`` one-hot Gumbel-softmax draws [M, K]; gradients flow through the soft
+        probabilities. ``antithetic``: draws come in pairs from uniforms ``u`` and ``1 - u``, whose
+        Gumbel noises are negatively correlated, so a pair's mean gradient varies less than two
+        independent draws'."""
+        draws = []
+        for s in range(samples):
+            if not antithetic or s % 2 == 0:
+                u = torch.rand(self.alpha.shape, generator=generator).clamp(1e-10, 1 - 1e-10)
+            else:
+                u = 1 - u
+            soft = torch.softmax((self.alpha - torch.log(-torch.log(u))) / temperature, dim=-1)
+            hard = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
+            draws.append(hard - soft.detach() + soft)
+        return draws
 
     def scores(self, temperature: float = 1.0) -> torch.Tensor:
         """The score table ``s_mb = log p_mb``."""

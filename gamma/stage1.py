@@ -52,16 +52,31 @@ def temperature_at(cfg: Stage1Config, step: int) -> float:
     return cfg.temperature * (cfg.temperature_end / cfg.temperature) ** frac
 
 
-def block_error(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None,
+def block_error(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, g2: torch.Tensor | None,
                 full_length: int) -> torch.Tensor:
-    """The teacher-forced reconstruction error of one block (see method.md, Stage I step 5)."""
+    """The teacher-forced reconstruction error of one block (see method.md, Stage I step 5).
+    ``g2``: the squared gradient of the final loss at the block's output, per token ([n, t, h]) or
+    per channel ([h], averaged over all calibration tokens); only the ``fisher`` loss uses it."""
     diff = (out - y).float()
     if kind == "output":
         return diff.pow(2).sum() / y.float().pow(2).sum()
     if kind == "update":
         return diff.pow(2).sum() / (y - x).float().pow(2).sum()
     # fisher: second-order estimate of the rise of the mean next-token loss, per sequence
-    return 0.5 * (full_length - 1) * (g.float().pow(2) * diff.pow(2)).sum() / out.shape[0]
+    return 0.5 * (full_length - 1) * (g2 * diff.pow(2)).sum() / out.shape[0]
+
+
+def channel_fisher(grads: list[torch.Tensor], total_sequences: int, all_reduce=None) -> list[torch.Tensor]:
+    """Per block, ``G^2`` averaged over every calibration token (all sequences, all positions): a
+    weight per channel that no minibatch's noise moves. With data parallelism each process holds
+    some sequences; ``all_reduce`` sums their parts."""
+    out = []
+    for g in grads:
+        s = g.float().pow(2).sum(dim=(0, 1))
+        if all_reduce is not None:
+            s = all_reduce(s)
+        out.append(s / (total_sequences * g.shape[1]))
+    return out
 
 
 def _peak_memory_mb() -> float:
@@ -148,6 +163,10 @@ def learn_preferences(
     row_of = {int(g): r for r, g in enumerate(held)}
     tokens = min(cfg.tokens_per_sequence, full_length)
 
+    fisher = cfg.loss == "fisher"
+    per_channel = channel_fisher(teacher.grads, n_seq, all_reduce) if fisher and cfg.fisher_weight == "channel" \
+        else None
+
     steps = range(start, cfg.steps)
     for step in track(steps, f"Stage I ({cfg.relaxation}/{cfg.loss}, B={cfg.budget})", total=len(steps)):
         temperature = temperature_at(cfg, step)
@@ -156,39 +175,43 @@ def learn_preferences(
         mine = torch.tensor([row_of[int(g)] for g in batch if int(g) in row_of], dtype=torch.long)
         optimizer.zero_grad(set_to_none=True)
         if cfg.relaxation == "hard":
-            mix = logits.straight_through_sample(temperature, gen)
+            mixes = logits.straight_through_samples(temperature, gen, cfg.samples, cfg.antithetic)
         else:
-            mix = logits.probabilities(temperature)
-        mix_grad = torch.zeros_like(mix)
+            mixes = [logits.probabilities(temperature)]
+        mix_grads = [torch.zeros_like(m) for m in mixes]
         step_loss = 0.0
         for b, idx in modules_by_block.items():
             if len(mine) == 0:
                 break
             block = runner.blocks[b]
             prefix = f"model.layers.{b}."
-            mixed = {}
-            for i in idx:
-                lin = linear[modules[i]]
-                mixed[modules[i][len(prefix):]] = m = MixedLinear(cands.dense(modules[i], dev), lin.bias)
-                m.set_mix(mix[i])
+            mixed = {modules[i][len(prefix):]: MixedLinear(cands.dense(modules[i], dev), linear[modules[i]].bias)
+                     for i in idx}
             x = teacher.hidden[b][mine, :tokens].to(dev)
             y = teacher.hidden[b + 1][mine, :tokens].to(dev)
-            g = teacher.grads[b][mine, :tokens].to(dev) if cfg.loss == "fisher" else None
-            with swapped(block, mixed), torch.enable_grad():
-                err = block_error(cfg.loss, runner.run_block(b, x), x, y, g, full_length) * len(mine) / len(batch)
-                err.backward()
-            for i in idx:
-                mix_grad[i] = mixed[modules[i][len(prefix):]].mix_grad()
-            step_loss += float(err.detach())
+            g2 = None
+            if fisher:
+                g2 = per_channel[b].to(dev) if per_channel is not None else \
+                    teacher.grads[b][mine, :tokens].to(dev).float().pow(2)
+            for mix, mix_grad in zip(mixes, mix_grads):  # the step's loss is the mean over the draws
+                for i in idx:
+                    mixed[modules[i][len(prefix):]].set_mix(mix[i])
+                with swapped(block, mixed), torch.enable_grad():
+                    err = block_error(cfg.loss, runner.run_block(b, x), x, y, g2, full_length) \
+                        * len(mine) / len(batch) / len(mixes)
+                    err.backward()
+                for i in idx:
+                    mix_grad[i] = mixed[modules[i][len(prefix):]].mix_grad()
+                step_loss += float(err.detach())
         if all_reduce is not None:
-            mix_grad = all_reduce(mix_grad)
+            mix_grads = [all_reduce(g) for g in mix_grads]
             step_loss = float(all_reduce(torch.tensor([step_loss], dtype=torch.float64))[0])
         expected = logits.expected_bits(temperature)
         if step == 0 and cfg.multiplier_init == "feasible" and start == 0:
-            g_loss = torch.autograd.grad(mix, logits.alpha, mix_grad, retain_graph=True)[0]
+            g_loss = torch.autograd.grad(mixes, logits.alpha, mix_grads, retain_graph=True)[0]
             g_c = torch.autograd.grad(expected, logits.alpha, retain_graph=True)[0]
             lagrangian.multiplier = AugmentedLagrangian.feasible_multiplier(g_loss, g_c)
-        torch.autograd.backward([mix, lagrangian.term(expected)], [mix_grad, None])
+        torch.autograd.backward([*mixes, lagrangian.term(expected)], [*mix_grads, None])
         optimizer.step()
         violation = float(expected.detach()) - cfg.budget
         lagrangian.observe(violation)

@@ -2,6 +2,7 @@
 (git + dvc init, a local remote) in a temporary directory, on the embedded model with tiny settings."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,31 @@ def test_pipeline_registers_lineage_caches_stage1_and_isolates_failures(project,
     assert verify_checkpoint(Path(by_class["small"]["variant"]["checkpoint_uri"].removeprefix("file://"))) \
         == by_class["small"]["variant"]["checkpoint_sha256"]
     assert (project / "runs" / "rollout" / "manifest.md").exists()
+
+
+def test_dvc_repro_runs_prepare_then_the_flow(project):
+    """`dvc repro` on the project's dvc.yaml (prepare, then the flow as a stage) registers what
+    `gamma run` would, and a second `dvc repro` has nothing to do."""
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())
+    stages["stages"]["pipeline"] = {
+        "cmd": "gamma run --no-dvc", "deps": ["data/text"], "params": ["stage1", "stage2", "evaluation"],
+        "outs": [{"runs/summary.json": {"cache": False}}]}
+    (project / "dvc.yaml").write_text(yaml.safe_dump(stages))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["stage2"]["budgets"], params["uniform_bits"] = [3.0], []
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    first = subprocess.run([DVC, "repro"], cwd=project, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "Running stage 'prepare'" in first.stdout and "Running stage 'pipeline'" in first.stdout
+    summary = json.loads((project / "runs" / "summary.json").read_text())
+    [row] = summary["rows"]
+    assert row["budget"] == 3.0 and "error" not in row
+    prefix = Path(params["model"]["path"]).name
+    [variant] = _versions(_registry(project), f"{prefix}-3bit")
+    assert variant.tags["text_md5"] == summary["inputs"]["text_md5"]
+    again = subprocess.run([DVC, "repro"], cwd=project, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
 
 
 def test_promotion_gate_decisions():

@@ -95,3 +95,59 @@ def test_foreign_score_table_is_refused(setup, tmp_path):
         loaded.check_matches(names, sizes, "other-model")
     with pytest.raises(ScoreTableError, match="different module set"):
         loaded.check_matches(names[:-1], sizes[:-1], "abc")
+
+
+def test_antithetic_draws_come_in_mirrored_pairs():
+    from gamma.mixed_linear import PreferenceLogits
+
+    logits = PreferenceLogits([f"m{i}" for i in range(400)], [2, 4], [1] * 400)  # equal logits: a coin per module
+    draws = logits.straight_through_samples(1.0, torch.Generator().manual_seed(0), 4, antithetic=True)
+    assert len(draws) == 4 and all(torch.equal(d.detach().sum(1), torch.ones(400)) for d in draws)
+    picks = [d.detach().argmax(1) for d in draws]
+    assert (picks[0] != picks[1]).all() and (picks[2] != picks[3]).all()  # u and 1 - u flip every coin
+    independent = logits.straight_through_samples(1.0, torch.Generator().manual_seed(0), 2)
+    agree = float((independent[0].argmax(1) == independent[1].argmax(1)).float().mean())
+    assert 0.4 < agree < 0.6
+    draws[0].sum().backward()  # straight-through: the gradient reaches the logits
+    assert logits.alpha.grad is not None
+
+
+def test_sampling_options_need_the_hard_relaxation():
+    with pytest.raises(ValueError, match="relaxation='hard'"):
+        cfg(samples=4)
+    with pytest.raises(ValueError, match="must be even"):
+        cfg(relaxation="hard", samples=3, antithetic=True)
+
+
+def test_channel_fisher_averages_every_calibration_token_across_shards():
+    from gamma.stage1 import channel_fisher
+
+    grads = [torch.randn(6, 10, 8) for _ in range(3)]
+    whole = channel_fisher(grads, 6)
+    for w, g in zip(whole, grads):
+        torch.testing.assert_close(w, g.pow(2).mean(dim=(0, 1)))
+    # two processes holding sequences 0::2 and 1::2, summed by the all-reduce
+    parts = [[g[r::2] for g in grads] for r in range(2)]
+    partial = [[g.pow(2).sum(dim=(0, 1)) for g in p] for p in parts]
+    per_block = iter(range(3))
+
+    def all_reduce(t):
+        b = next(per_block)
+        return partial[0][b] + partial[1][b]
+
+    sharded = channel_fisher(parts[0], 6, all_reduce)
+    for a, b in zip(sharded, whole):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("options", [{"relaxation": "hard", "samples": 2, "antithetic": True},
+                                     {"fisher_weight": "channel"}])
+def test_stage1_options_change_the_optimisation_and_keep_the_budget(setup, options):
+    model, teacher, cands, _, _ = setup
+    base = cfg(steps=3, relaxation=options.get("relaxation", "soft"))
+    c = cfg(steps=3, **options)
+    plain = learn_preferences(model, teacher, cands, BITS, base, init_for(setup, base))
+    varied = learn_preferences(model, teacher, cands, BITS, c, init_for(setup, c))
+    assert abs(varied.expected_bits - c.budget) < 0.01
+    assert varied.history["loss"] != pytest.approx(plain.history["loss"])
+    assert not np.allclose(varied.scores, plain.scores)
