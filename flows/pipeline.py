@@ -34,13 +34,14 @@ def gamma_pipeline(params: str = "params.yaml", overrides: dict | None = None, u
     parent_id = parent.info.run_id
     status = "FAILED"
     try:
-        scores = learn(cfg, inputs, parent_id)
+        tables = [learn(cfg, inputs, parent_id, b) for b in cfg.stage1.training_budgets]
+        scores = next(t for t in tables if t["training_budget"] == cfg.stage1.budget)
         client.set_tag(parent_id, "score_version", f"{scores['name']} v{scores['version']}")
-        client.set_tag(parent_id, "stage1_cached", str(scores["cached"]))
+        client.set_tag(parent_id, "stage1_cached", str(all(t["cached"] for t in tables)))
         retrying = variant.with_options(retries=cfg.pipeline.retries)
         jobs = [({"budget": float(b), "method": "uniform"}, uniform.submit(cfg, b, inputs, parent_id))
                 for b in cfg.uniform_bits]
-        jobs += [({"budget": b, "method": "gamma"}, retrying.submit(cfg, scores, b, inputs, parent_id))
+        jobs += [({"budget": b, "method": "gamma"}, retrying.submit(cfg, tables, b, inputs, parent_id))
                  for b in cfg.stage2.budgets]
         rows = []
         for key, future in jobs:
@@ -48,16 +49,18 @@ def gamma_pipeline(params: str = "params.yaml", overrides: dict | None = None, u
             # one failed budget is reported with its reason; the others stand
             rows.append({**key, "error": f"{type(result).__name__}: {result}"} if isinstance(result, BaseException)
                         else result)
-        summarize(client, parent_id, out, inputs, scores, rows)
+        summarize(client, parent_id, out, inputs, scores, rows, tables)
         status = "FINISHED"
     finally:
         client.set_terminated(parent_id, status)
     return rows
 
 
-def summarize(client, run_id: str, out: Path, inputs: dict, scores: dict, rows: list[dict]) -> None:
+def summarize(client, run_id: str, out: Path, inputs: dict, scores: dict, rows: list[dict],
+              tables: list[dict] | None = None) -> None:
     summary = out / "summary.json"
-    summary.write_text(json.dumps({"inputs": inputs, "scores": scores, "rows": rows}, indent=1, default=str) + "\n")
+    record = {"inputs": inputs, "scores": scores, "score_tables": tables or [scores], "rows": rows}
+    summary.write_text(json.dumps(record, indent=1, default=str) + "\n")
     ok = [r for r in rows if "error" not in r]
     pareto = plot_pareto(ok, out / "pareto.png") if ok else None
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ from gamma.fleet import MB, load_fleet, needed_budget, plan_rollout, predicted_b
 from gamma.model import quantizable_modules
 from gamma.workspace import Workspace
 from tasks import registry
-from tasks.steps import prepare, variant
+from tasks.steps import prepare, registered_tables, variant
 
 
 def _size_model(ws: Workspace):
@@ -62,11 +62,10 @@ def fleet_rollout(fleet_file: str, params: str = "params.yaml", overrides: dict 
     inputs = prepare(cfg, use_dvc=False)
     client, experiment = registry.client_for(cfg)
     names = registry.names_for(cfg, inputs["model_dir"])
-    scores_version = registry.latest_version(client, names.scores)
-    if scores_version is None:
-        raise ValueError(f"no registered score table {names.scores!r}: run `gamma run` once before a rollout")
-    scores = {"path": str(registry.download_scores(client, scores_version, Path(cfg.output_dir) / "registered")),
-              "name": names.scores, "version": scores_version.version}
+    tables = registered_tables(cfg, inputs)
+    if not tables:
+        raise ValueError(f"no registered score table {names.scores!r} for this model, text and Stage I settings: "
+                         "run `gamma run` once before a rollout")
 
     size_of = _size_model(ws)
     needed = {c.name: needed_budget(c, cfg.candidates, fleet.budget_step, size_of) for c in fleet.classes}
@@ -74,10 +73,10 @@ def fleet_rollout(fleet_file: str, params: str = "params.yaml", overrides: dict 
     parent = client.create_run(experiment, run_name="fleet rollout", tags={"gamma.kind": "rollout"}).info.run_id
     on_demand = []
     for budget in missing:
-        log.info("budget %g is needed by the fleet and not registered: solving it from %s v%s",
-                 budget, names.scores, scores["version"])
+        log.info("budget %g is needed by the fleet and not registered: solving it from the registered %s",
+                 budget, names.scores)
         t0 = time.perf_counter()
-        row = variant(cfg, scores, budget, inputs, parent)
+        row = variant(cfg, tables, budget, inputs, parent)
         seconds = time.perf_counter() - t0
         gate = registry.promote(cfg, names, budget, fleet.alias) if "error" not in row else None
         on_demand.append({"budget": budget, "seconds": seconds, "registered": row.get("registered"),
@@ -87,7 +86,7 @@ def fleet_rollout(fleet_file: str, params: str = "params.yaml", overrides: dict 
     entries = plan_rollout(fleet, _registered_variants(client, names, fleet.alias))
     for e in entries:
         e["needed_budget"] = needed[e["class"]]
-    manifest = {"fleet": fleet.model_dump(), "scores": scores, "on_demand": on_demand, "classes": entries}
+    manifest = {"fleet": fleet.model_dump(), "scores": tables, "on_demand": on_demand, "classes": entries}
     out = Path(cfg.output_dir) / "rollout"
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str) + "\n")

@@ -94,6 +94,7 @@ def cmd_uniform(cfg: GammaConfig, args) -> list[dict]:
 def cmd_learn(cfg: GammaConfig, args) -> Path:
     from gamma.distributed import in_process_group, learn_in_process_group, learn_with_processes
     from gamma.plots import plot_learning_curves
+    from gamma.steps import table_dir
     from gamma.workspace import Workspace
 
     ws = Workspace(cfg)
@@ -102,27 +103,33 @@ def cmd_learn(cfg: GammaConfig, args) -> Path:
         path = Path(args.out) if args.out else out / "scores.json"
         learn_in_process_group(ws, out / "stage1.ckpt", path)
         return path
-    table = learn_with_processes(ws, out)
-    path = out / "scores.json"
-    plot_learning_curves(table.history, out / "stage1_curves.png")
-    console.print(f"score table: {path} ({len(table.modules)} modules x bits {table.bits}); "
-                  f"E - B = {table.violation:+.4f} bits, lambda = {table.multiplier:.4g}, "
-                  f"{table.wall_seconds:.0f}s, peak {table.peak_memory_mb:.0f} MB")
-    return path
+    for budget in cfg.stage1.training_budgets:  # one table per training budget
+        where = table_dir(cfg, budget)
+        table = learn_with_processes(Workspace(cfg.for_training_budget(budget)), where)
+        path = where / "scores.json"
+        plot_learning_curves(table.history, where / "stage1_curves.png")
+        console.print(f"score table: {path} ({len(table.modules)} modules x bits {table.bits}, learned at "
+                      f"{budget:g} bits); E - B = {table.violation:+.4f} bits, lambda = {table.multiplier:.4g}, "
+                      f"{table.wall_seconds:.0f}s, peak {table.peak_memory_mb:.0f} MB")
+    return out / "scores.json"
 
 
 def cmd_allocate(cfg: GammaConfig, args) -> dict:
     from gamma.plots import plot_allocation
     from gamma.scores import ScoreTable
-    from gamma.steps import allocate
+    from gamma.steps import allocate, table_dir
     from gamma.workspace import Workspace
 
     out = _out(cfg)
-    table = ScoreTable.load(args.scores or out / "scores.json")
+    if args.scores:
+        tables = [ScoreTable.load(p) for p in args.scores]
+    else:  # every training budget's table that exists; the main one at least
+        paths = [table_dir(cfg, b) / "scores.json" for b in cfg.stage1.training_budgets]
+        tables = [ScoreTable.load(p) for p in paths if p.exists()] or [ScoreTable.load(out / "scores.json")]
     budgets = _parse_list(args.budgets) if getattr(args, "budgets", None) else cfg.stage2.budgets
     ws = Workspace(cfg)
     modules, sizes = ws.module_sizes(ws.load()[0])
-    results = allocate(table, budgets, cfg, modules, sizes, ws.model_hash)  # a foreign table is refused
+    results = allocate(tables, budgets, cfg, modules, sizes, ws.model_hash)  # a foreign table is refused
     (out / "assignments").mkdir(exist_ok=True)
     t = Table(title="Stage II (from the saved score table; Stage I not rerun)")
     for c in ("budget", "status", "bits used", "slack", "gap", "seconds", "note"):
@@ -231,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--out", help="score table file, for launched processes (default: <output_dir>/scores.json)")
     a = sub.add_parser("allocate", parents=[common], help="Stage II: solve budgets from a saved score table")
     a.add_argument("--budgets", help="comma-separated average-bit budgets, e.g. 2.25,2.5,3")
-    a.add_argument("--scores", help="score table (default: <output_dir>/scores.json)")
+    a.add_argument("--scores", action="append", help="score table, repeatable: each budget is projected from the "
+                   "table learned nearest to it (default: the tables of stage1.budget and stage1.extra_budgets)")
     q = sub.add_parser("quantize", parents=[common], help="apply an allocation, save and evaluate the model")
     g = q.add_mutually_exclusive_group(required=True)
     g.add_argument("--budget", type=float, help="use <output_dir>/assignments/<budget>.json")

@@ -123,6 +123,13 @@ class Stage1Config(_Section):
     checkpoint_every: int = Field(20, ge=1)
     seed: int = 0
     processes: int = Field(1, ge=1, description="data-parallel processes (accelerate launch); GPUs when present")
+    extra_budgets: list[float] = Field(default_factory=list, description=(
+        "more training budgets, one score table each; Stage II projects every budget from the table "
+        "learned nearest to it"))
+
+    @property
+    def training_budgets(self) -> list[float]:
+        return sorted({self.budget, *self.extra_budgets})
 
 
 class Stage2Config(_Section):
@@ -188,6 +195,11 @@ class GammaConfig(_Section):
             raise ValueError(f"bit widths must not repeat, got {v}")
         return sorted(v)
 
+    def for_training_budget(self, budget: float) -> GammaConfig:
+        """This configuration with Stage I at ``budget`` alone: the settings of one score table."""
+        return self.model_copy(update={"stage1": self.stage1.model_copy(update={"budget": budget,
+                                                                               "extra_budgets": []})})
+
     @model_validator(mode="after")
     def _budgets_in_range(self) -> GammaConfig:
         lo, hi = min(self.candidates), max(self.candidates)
@@ -195,6 +207,9 @@ class GammaConfig(_Section):
             raise ValueError(
                 f"stage1.budget={self.stage1.budget} lies outside the candidate range [{lo}, {hi}]"
             )
+        outside = [b for b in self.stage1.extra_budgets if not lo <= b <= hi]
+        if outside:
+            raise ValueError(f"stage1.extra_budgets {outside} lie outside the candidate range [{lo}, {hi}]")
         for name, bits in self.stage2.min_bits.items():
             if bits not in self.candidates:
                 raise ValueError(f"stage2.min_bits[{name!r}]={bits} is not a candidate in {self.candidates}")

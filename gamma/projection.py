@@ -43,6 +43,7 @@ class Allocation:
     slack: float  # budget - used, in the budget's unit
     lower_bound_relaxed: bool = False
     notes: list[str] = field(default_factory=list)
+    training_budget: float | None = None  # of the score table projected
 
     def as_dict(self) -> dict:
         return asdict(self)

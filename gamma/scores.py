@@ -68,3 +68,11 @@ class ScoreTable:
             )
         if [tuple(s) for s in sizes] != [tuple(s) for s in self.sizes]:
             raise ScoreTableError("score table module shapes differ from this model's")
+
+
+def nearest_table(tables: list[ScoreTable], budget: float) -> ScoreTable:
+    """The table learned at the training budget nearest ``budget`` (the lower one on a tie): a
+    table ranks candidates best near the budget it was learned at (see README, score reuse)."""
+    if not tables:
+        raise ScoreTableError("no score table to project from; run `gamma learn` first")
+    return min(tables, key=lambda t: (abs(t.training_budget - budget), t.training_budget))

@@ -19,7 +19,7 @@ from gamma.hashing import settings_hash
 from gamma.progress import console
 from gamma.projection import Allocation, allocate_bits
 from gamma.proxy import costs_to_logits, fisher_costs
-from gamma.scores import ScoreTable
+from gamma.scores import ScoreTable, nearest_table
 from gamma.stage1 import learn_preferences
 from gamma.teacher import capture_teacher
 from gamma.workspace import Workspace
@@ -140,9 +140,17 @@ def learn_score_table(ws: Workspace, checkpoint: str | Path | None = None, stop_
 def stage1_settings(ws: Workspace) -> dict:
     """Everything that determines a score table besides model and text content."""
     cfg = ws.cfg
-    # the process count changes only float summation order, not the result: not part of the key
-    return {"stage1": cfg.stage1.model_dump(exclude={"processes"}), "candidates": cfg.candidates,
+    # the process count changes only float summation order, not the result; every table has its
+    # own training budget, whatever other tables a run learns beside it: neither is part of the key
+    return {"stage1": cfg.stage1.model_dump(exclude={"processes", "extra_budgets"}), "candidates": cfg.candidates,
             "quantizer": ws.quantizer_record(), "text": cfg.text.model_dump(exclude={"source"})}
+
+
+def table_dir(cfg, budget: float) -> Path:
+    """Where the score table of one training budget lives: ``output_dir`` for ``stage1.budget``,
+    ``output_dir/stage1-<B>`` for each of ``stage1.extra_budgets``."""
+    out = Path(cfg.output_dir)
+    return out if budget == cfg.stage1.budget else out / f"stage1-{budget:g}"
 
 
 def stage1_key(model_md5: str, text_md5: str, settings: dict) -> str:
@@ -150,20 +158,26 @@ def stage1_key(model_md5: str, text_md5: str, settings: dict) -> str:
     return settings_hash({"model": model_md5, "text": text_md5, "settings": settings})
 
 
-def allocate(table: ScoreTable, budgets: list[float], ws_cfg, modules=None, sizes=None,
+def allocate(tables: ScoreTable | list[ScoreTable], budgets: list[float], ws_cfg, modules=None, sizes=None,
              model_hash: str | None = None) -> dict[float, Allocation | Exception]:
-    """Stage II for each budget from a saved score table (never runs Stage I)."""
+    """Stage II for each budget from saved score tables (never runs Stage I); with several tables,
+    each budget is projected from the one learned nearest to it."""
+    tables = tables if isinstance(tables, list) else [tables]
     if modules is not None:
-        table.check_matches(modules, sizes, model_hash)
+        for table in tables:
+            table.check_matches(modules, sizes, model_hash)
     s2, q = ws_cfg.stage2, ws_cfg.quantizer
     out: dict[float, Allocation | Exception] = {}
     for b in budgets:
+        table = nearest_table(tables, b)
         try:
             alloc = allocate_bits(table.modules, table.sizes, np.asarray(table.scores), table.bits, b,
                                   window=s2.window, min_bits=s2.min_bits, group_size=q.group_size,
                                   symmetric=q.symmetric, time_limit=s2.time_limit,
                                   solver=s2.solver)
-            alloc.notes.append(f"distance from training budget: {b - table.training_budget:+.2f} bits")
+            alloc.notes.append(f"table learned at {table.training_budget:g} bits "
+                               f"(distance {b - table.training_budget:+.2f})")
+            alloc.training_budget = table.training_budget
             out[b] = alloc
         except ValueError as err:
             out[b] = err

@@ -17,7 +17,7 @@ from gamma.quantizer import get_quantizer
 from gamma.text import PreparedText, evaluation_windows, prepare_text, sample_sequences, tokenize_file
 
 _SHARED: dict[tuple[str, str, str], Workspace] = {}
-_SHARED_MAX = 2
+_SHARED_MAX = 4
 _SHARED_LOCK = threading.Lock()
 
 

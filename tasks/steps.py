@@ -45,24 +45,47 @@ def _lineage(inputs: dict) -> dict:
     return {"model_md5": inputs["model_md5"], "text_md5": inputs["text_md5"], "git_commit": inputs["git_commit"]}
 
 
-@task(name="learn preferences (Stage I)")
-def learn(cfg: GammaConfig, inputs: dict, parent_run: str) -> dict:
-    """Stage I, or the registered score table when model, text and settings are the same."""
-    log = get_run_logger()
-    client, experiment = registry.client_for(cfg)
-    names = registry.names_for(cfg, inputs["model_dir"])
+def _table_key(cfg: GammaConfig, inputs: dict) -> tuple[Workspace, dict, str]:
     ws = _workspace(cfg, inputs)
     settings = json.loads(json.dumps(steps.stage1_settings(ws)))
-    key = steps.stage1_key(inputs["model_md5"], inputs["text_md5"], settings)
-    out = Path(cfg.output_dir)
+    return ws, settings, steps.stage1_key(inputs["model_md5"], inputs["text_md5"], settings)
+
+
+def registered_tables(cfg: GammaConfig, inputs: dict) -> list[dict]:
+    """The registered score tables of every training budget of ``cfg`` (model, text and settings
+    as now), downloaded; budgets with no registered table are left out."""
+    client, _ = registry.client_for(cfg)
+    names = registry.names_for(cfg, inputs["model_dir"])
+    found = []
+    for b in cfg.stage1.training_budgets:
+        hit = registry.find_scores(client, names, _table_key(cfg.for_training_budget(b), inputs)[2])
+        if hit is not None:
+            path = registry.download_scores(client, hit, steps.table_dir(cfg, b) / "registered")
+            found.append({"path": str(path), "name": names.scores, "version": hit.version, "cached": True,
+                          "training_budget": b})
+    return found
+
+
+@task(name="learn preferences (Stage I)")
+def learn(cfg: GammaConfig, inputs: dict, parent_run: str, budget: float | None = None) -> dict:
+    """Stage I at ``budget`` (default ``stage1.budget``), or the registered score table when model,
+    text and settings are the same."""
+    log = get_run_logger()
+    budget = cfg.stage1.budget if budget is None else budget
+    out = steps.table_dir(cfg, budget)
+    cfg = cfg.for_training_budget(budget)
+    client, experiment = registry.client_for(cfg)
+    names = registry.names_for(cfg, inputs["model_dir"])
+    ws, settings, key = _table_key(cfg, inputs)
     hit = registry.find_scores(client, names, key)
     if hit is not None:
         path = registry.download_scores(client, hit, out / "registered")
-        log.info("Stage I cache hit: reusing registered %s v%s (same model, text and settings)",
-                 names.scores, hit.version)
-        return {"path": str(path), "name": names.scores, "version": hit.version, "cached": True}
-    log.info("Stage I: learning preferences at %.2f bits (no registered table for key %s)", cfg.stage1.budget, key[:12])
-    with registry.child_run(client, experiment, parent_run, "stage1", "stage1") as run_id:
+        log.info("Stage I cache hit: reusing registered %s v%s (same model, text and settings, %g bits)",
+                 names.scores, hit.version, budget)
+        return {"path": str(path), "name": names.scores, "version": hit.version, "cached": True,
+                "training_budget": budget}
+    log.info("Stage I: learning preferences at %.2f bits (no registered table for key %s)", budget, key[:12])
+    with registry.child_run(client, experiment, parent_run, f"stage1 ({budget:g} bits)", "stage1") as run_id:
         table = learn_with_processes(ws, out, on_line=log.info)  # over stage1.processes processes
         path = out / "scores.json"
         curves = plot_learning_curves(table.history, out / "stage1_curves.png")
@@ -76,7 +99,8 @@ def learn(cfg: GammaConfig, inputs: dict, parent_run: str) -> dict:
             {**_lineage(inputs), "cache_key": key, "quantizer": json.dumps(table.quantizer),
              "training_budget": table.training_budget, "settings": json.dumps(settings)[:4000]})
     log.info("registered %s v%s", names.scores, version.version)
-    return {"path": str(path), "name": names.scores, "version": version.version, "cached": False}
+    return {"path": str(path), "name": names.scores, "version": version.version, "cached": False,
+            "training_budget": budget}
 
 
 def _register(cfg: GammaConfig, inputs: dict, parent_run: str, name: str, run_name: str, row: dict,
@@ -89,15 +113,17 @@ def _register(cfg: GammaConfig, inputs: dict, parent_run: str, name: str, run_na
 
 
 @task(name="solve, quantize and evaluate one budget")
-def variant(cfg: GammaConfig, scores: dict, budget: float, inputs: dict, parent_run: str) -> dict:
-    """Stage II from the registered scores, then quantize, evaluate and register ``<model>-<budget>bit``."""
+def variant(cfg: GammaConfig, scores: dict | list[dict], budget: float, inputs: dict, parent_run: str) -> dict:
+    """Stage II from the registered scores (of several tables, the one learned nearest ``budget``),
+    then quantize, evaluate and register ``<model>-<budget>bit``."""
     log = get_run_logger()
     t0 = time.perf_counter()
-    table = ScoreTable.load(scores["path"])
+    scores = scores if isinstance(scores, list) else [scores]
+    tables = [ScoreTable.load(s["path"]) for s in scores]
     ws = _workspace(cfg, inputs)
     loaded = ws.load()
     modules, sizes = ws.module_sizes(loaded[0])
-    result = steps.allocate(table, [budget], cfg, modules, sizes, inputs["model_md5"])[budget]
+    result = steps.allocate(tables, [budget], cfg, modules, sizes, inputs["model_md5"])[budget]
     if isinstance(result, Exception):  # an infeasible budget is an answer, not a crash: no retry
         log.error("budget %g: %s", budget, result)
         return {"budget": budget, "method": "gamma", "error": str(result)}
@@ -106,14 +132,16 @@ def variant(cfg: GammaConfig, scores: dict, budget: float, inputs: dict, parent_
     assignment = out / "allocation.json"
     assignment.write_text(json.dumps(result.as_dict(), indent=1) + "\n")
     picture = plot_allocation(result.assignment, out / "allocation.png", f"{budget:g} bits")
+    used = next(s for s, t in zip(scores, tables) if t.training_budget == result.training_budget)
     checkpoint = out / "checkpoint"
     row = steps.quantize_and_evaluate(ws, result.assignment, save_to=checkpoint, loaded=loaded)
     row = {"budget": budget, "method": "gamma", "solve_status": result.status, "solve_gap": result.gap,
-           "solve_seconds": result.solve_seconds, **row}
+           "solve_seconds": result.solve_seconds, "training_budget": result.training_budget, **row}
     names = registry.names_for(cfg, inputs["model_dir"])
     row["registered"] = _register(
         cfg, inputs, parent_run, names.variant(budget), f"{budget:g}bit", row, [assignment, picture],
-        {"score_model": scores["name"], "score_version": scores["version"], "budget": budget, "method": "gamma",
+        {"score_model": used["name"], "score_version": used["version"], "budget": budget, "method": "gamma",
+         "training_budget": result.training_budget,
          "solve_status": result.status, "checkpoint": checkpoint.resolve(),
          "checkpoint_sha256": row["checkpoint_sha256"], "checkpoint_format": "compressed-tensors"}, checkpoint)
     row["task_seconds"] = time.perf_counter() - t0  # what this budget cost, from the scores to its registration

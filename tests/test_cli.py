@@ -58,3 +58,18 @@ def test_allocate_reuses_scores_and_never_runs_stage1(tmp_path, monkeypatch, cap
         data = json.loads((tmp_path / "assignments" / f"{b}.json").read_text())
         assert data["status"] == "OPTIMAL" and data["bits_used"] <= float(b) + 1e-9
         assert (tmp_path / "assignments" / f"{b}.png").exists()
+    # A second table, learned at 3.5 bits (stage1.extra_budgets): budgets nearer 3.5 come from it, transparently.
+    rng2 = np.random.default_rng(1)
+    other = ScoreTable(modules, sizes, [2, 3, 4], np.log(rng2.dirichlet([1, 1, 1], len(modules))).tolist(),
+                       ws.model_hash, "t", {"name": "rtn"}, 3.5, {}, 0, 0.0, 10.0, 0.0)
+    other.save(tmp_path / "stage1-3.5" / "scores.json")
+    code = cli.main(["allocate", "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}",
+                     "--set", "stage1.extra_budgets=[3.5]", "--budgets", "3,3.25,3.5"])
+    assert code == 0
+    learned_at = {b: json.loads((tmp_path / "assignments" / f"{b}.json").read_text())["training_budget"]
+                  for b in ("3", "3.25", "3.5")}
+    assert learned_at == {"3": 3.0, "3.25": 3.0, "3.5": 3.5}  # nearest; a tie goes to the lower table
+    from gamma.projection import allocate_bits
+
+    direct = allocate_bits(modules, sizes, np.asarray(other.scores), [2, 3, 4], 3.5)
+    assert json.loads((tmp_path / "assignments" / "3.5.json").read_text())["assignment"] == direct.assignment

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from gamma.config import ConfigError, GammaConfig, load_config, validate_config
@@ -30,6 +32,9 @@ def test_repo_params_yaml_is_valid():
         ({"stage1": {"steps": 0}}, "stage1.steps", "0"),
         ({"stage1": {"budget": 9.0}}, "stage1.budget", "9.0"),
         ({"stage1": {"lr": "fast"}}, "stage1.lr", "fast"),
+        ({"stage1": {"extra_budgets": [3.5, 1.0]}}, "stage1.extra_budgets", "1.0"),
+        ({"stage1": {"samples": 2}}, "stage1.samples", "2"),
+        ({"stage1": {"fisher_weight": "row"}}, "stage1.fisher_weight", "row"),
         ({"stage2": {"window": -0.1}}, "stage2.window", "-0.1"),
         ({"stage2": {"min_bits": {"down_proj": 5}}}, "min_bits", "5"),
         ({"evaluation": {"context_length": 4}}, "evaluation.context_length", "4"),
@@ -58,3 +63,16 @@ def test_evaluation_needs_one_window(tmp_path):
         load_config(tmp_path / "none.yaml", {"evaluation.max_tokens": 256})
     assert load_config(tmp_path / "none.yaml", {"evaluation.max_tokens": 256,
                                                 "evaluation.context_length": 128}).evaluation.max_tokens == 256
+
+
+def test_each_training_budget_has_its_own_table_settings(tmp_path):
+    from gamma.steps import stage1_settings, table_dir
+    from gamma.workspace import Workspace
+
+    cfg = load_config(tmp_path / "none.yaml", {"stage1.extra_budgets": [3.5, 2.5], "stage1.processes": 2})
+    assert cfg.stage1.training_budgets == [2.5, 3.0, 3.5]
+    alone = load_config(tmp_path / "none.yaml", {"stage1.budget": 3.5})
+    # the table learned at 3.5 beside others is the table learned at 3.5 alone (same cache key)
+    assert stage1_settings(Workspace(cfg.for_training_budget(3.5))) == stage1_settings(Workspace(alone))
+    assert stage1_settings(Workspace(cfg)) != stage1_settings(Workspace(alone))
+    assert table_dir(cfg, 3.0) == Path(cfg.output_dir) and table_dir(cfg, 3.5) == Path(cfg.output_dir) / "stage1-3.5"

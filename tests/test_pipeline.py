@@ -168,17 +168,22 @@ def test_dvc_repro_runs_prepare_then_the_flow(project):
         "outs": [{"runs/summary.json": {"cache": False}}]}
     (project / "dvc.yaml").write_text(yaml.safe_dump(stages))
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["stage2"]["budgets"], params["uniform_bits"] = [3.0], []
+    params["stage2"]["budgets"], params["uniform_bits"] = [3.0, 3.5], []
+    params["stage1"]["extra_budgets"] = [3.5]  # a second score table; 3.5 bits is projected from it
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     first = subprocess.run([DVC, "repro"], cwd=project, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "Running stage 'prepare'" in first.stdout and "Running stage 'pipeline'" in first.stdout
     summary = json.loads((project / "runs" / "summary.json").read_text())
-    [row] = summary["rows"]
-    assert row["budget"] == 3.0 and "error" not in row
+    assert [(r["budget"], r["training_budget"]) for r in summary["rows"]] == [(3.0, 3.0), (3.5, 3.5)]
     prefix = Path(params["model"]["path"]).name
-    [variant] = _versions(_registry(project), f"{prefix}-3bit")
+    client = _registry(project)
+    tables = _versions(client, f"{prefix}-gamma-scores")
+    assert sorted(float(v.tags["training_budget"]) for v in tables) == [3.0, 3.5]
+    [variant] = _versions(client, f"{prefix}-3.5bit")
+    by_budget = {float(v.tags["training_budget"]): v.version for v in tables}
+    assert variant.tags["score_version"] == str(by_budget[3.5]) and float(variant.tags["training_budget"]) == 3.5
     assert variant.tags["text_md5"] == summary["inputs"]["text_md5"]
     again = subprocess.run([DVC, "repro"], cwd=project, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
