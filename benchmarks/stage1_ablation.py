@@ -72,7 +72,10 @@ CONFIGS: dict[str, dict] = {
     "soft-fisher-channel-fisher": {"fisher_weight": "channel"},
     "hard-fisher-4samples": {"relaxation": "hard", "samples": 4},
     "hard-fisher-4antithetic": {"relaxation": "hard", "samples": 4, "antithetic": True},
+    "soft-fisher-noclip": {"proxy_clip": 0.0},
+    "soft-fisher-noclip-anneal": {"proxy_clip": 0.0, "temperature": 2.0, "temperature_end": 0.5},
 }
+UNTRAINED_CLIPS = {"untrained proxy init": 8.0, "untrained proxy init noclip": 0.0}
 
 
 EXTRA: dict = {}  # --set overrides, applied to every configuration
@@ -193,8 +196,10 @@ def main() -> None:
     for qname in args.quantizers.split(","):
         ev = Evaluator(qname, bits, args, cache)
         costs = ev.proxy_costs()
-        init = costs_to_logits(costs, [r * c for r, c in ev.sizes], bits, args.train_budget)
-        fixed = {"proxy": -costs, "untrained proxy init": torch.log_softmax(torch.tensor(init), -1).numpy()}
+        fixed = {"proxy": -costs}
+        for name, clip in UNTRAINED_CLIPS.items():
+            init = costs_to_logits(costs, [r * c for r, c in ev.sizes], bits, args.train_budget, clip=clip)
+            fixed[name] = torch.log_softmax(torch.tensor(init), -1).numpy()
         for name, scores in fixed.items():
             for b in budgets:
                 record({"quantizer": qname, "kind": "ablation", "row": name, "method": name.split()[0],

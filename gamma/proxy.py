@@ -41,7 +41,7 @@ def costs_to_logits(
     costs: np.ndarray, sizes: list[int], bits: list[int], budget: float, scale: float = 0.0, clip: float = 8.0
 ) -> np.ndarray:
     """Proxy initialisation ``alpha_mb = -cost_mb / s``, clipped per module to ``clip`` units below
-    its best, then shifted by a price per bit (``price_shift``).
+    its best (``clip=0``: not clipped), then shifted by a price per bit (``price_shift``).
 
     ``s`` (``scale=0``: automatic) makes the median module's cost spread span 3 logit units. The
     price ``mu`` is the Lagrangian price at which the initial probabilities already meet the
@@ -51,5 +51,6 @@ def costs_to_logits(
         spread = np.median(costs.max(axis=1) - costs.min(axis=1))
         scale = float(spread / 3.0) if spread > 0 else 1.0
     alpha = -costs / scale
-    alpha = np.maximum(alpha, alpha.max(axis=1, keepdims=True) - clip)
+    if clip > 0:
+        alpha = np.maximum(alpha, alpha.max(axis=1, keepdims=True) - clip)
     return price_shift(alpha, sizes, bits, budget)[0]

@@ -123,7 +123,7 @@ def learn_score_table(ws: Workspace, checkpoint: str | Path | None = None, stop_
     if cfg.stage1.init == "proxy":
         costs = fisher_costs(model, candidates, teacher.fisher)
         init = costs_to_logits(costs, [r * c for r, c in sizes], cfg.candidates, cfg.stage1.budget,
-                               cfg.stage1.proxy_scale)
+                               cfg.stage1.proxy_scale, cfg.stage1.proxy_clip)
     key = stage1_key(ws.model_hash, ws.text_hash, stage1_settings(ws))
     result = learn_preferences(model, teacher, candidates, cfg.candidates, cfg.stage1, init, checkpoint,
                                device=device, stop_after=stop_after, checkpoint_key=key, rank=rank,

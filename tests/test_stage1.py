@@ -151,3 +151,20 @@ def test_stage1_options_change_the_optimisation_and_keep_the_budget(setup, optio
     assert abs(varied.expected_bits - c.budget) < 0.01
     assert varied.history["loss"] != pytest.approx(plain.history["loss"])
     assert not np.allclose(varied.scores, plain.scores)
+
+
+def test_unclipped_proxy_initialisation_ranks_like_the_proxy_with_8_bit_candidates(setup):
+    model, teacher, _, _, sizes = setup
+    bits = [2, 3, 4, 8]
+    cands = build_candidates(model, get_quantizer("rtn"), bits)
+    costs = fisher_costs(model, cands, teacher.fisher)
+    names, n = list(cands), [r * k for r, k in sizes]
+    proxy = allocate_bits(names, sizes, -costs, bits, 3.0).assignment
+
+    def differing(clip):
+        init = costs_to_logits(costs, n, bits, 3.0, clip=clip)
+        table = allocate_bits(names, sizes, torch.log_softmax(torch.tensor(init), -1).numpy(), bits, 3.0).assignment
+        return sum(proxy[m] != table[m] for m in names)
+
+    assert differing(0.0) <= 0.05 * len(names)  # the same ranking up to ties in the window
+    assert differing(8.0) > differing(0.0)  # the clip hides how costly the worst candidates are
