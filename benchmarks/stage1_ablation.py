@@ -75,7 +75,7 @@ CONFIGS: dict[str, dict] = {
     "soft-fisher-noclip": {"proxy_clip": 0.0},
     "soft-fisher-noclip-anneal": {"proxy_clip": 0.0, "temperature": 2.0, "temperature_end": 0.5},
 }
-UNTRAINED_CLIPS = {"untrained proxy init": 8.0, "untrained proxy init noclip": 0.0}
+UNTRAINED_CLIPS = {"untrained proxy init noclip": 0.0, "untrained proxy init": 8.0}
 
 
 EXTRA: dict = {}  # --set overrides, applied to every configuration
@@ -134,6 +134,7 @@ class Evaluator:
             q = self.cfg.quantizer
             acct = account(self.model, assignment, q.group_size, q.symmetric)
             self.cache[key] = {"avg_bits": acct.nominal_bits, "effective_bits": acct.effective_bits,
+                               "window": self.cfg.stage2.window,
                                **evaluate_model(self.ws, self.model, self.tokenizer)}
             self.cache_file.write_text(json.dumps(self.cache, indent=1) + "\n")
         return self.cache[key]
@@ -171,6 +172,9 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=20, help="zero-shot items per task")
     ap.add_argument("--reuse-from", default="", help="training budgets whose tables are projected to the grid")
     ap.add_argument("--reuse-row", default="soft-fisher", help="configuration used for the reuse matrix")
+    ap.add_argument("--reuse-own", default="", help="budgets whose own tables are learned for the comparison "
+                    "(default: every budget of the grid)")
+    ap.add_argument("--untrained", default=",".join(UNTRAINED_CLIPS), help="untrained-table rows to include")
     ap.add_argument("--cache", default=str(ROOT / "runs" / "stage1_ablation"))
     ap.add_argument("--set", action="append", default=[], help="override for every row, key=value (YAML value)")
     args = ap.parse_args()
@@ -197,7 +201,8 @@ def main() -> None:
         ev = Evaluator(qname, bits, args, cache)
         costs = ev.proxy_costs()
         fixed = {"proxy": -costs}
-        for name, clip in UNTRAINED_CLIPS.items():
+        for name in [n for n in args.untrained.split(",") if n]:
+            clip = UNTRAINED_CLIPS[name]
             init = costs_to_logits(costs, [r * c for r, c in ev.sizes], bits, args.train_budget, clip=clip)
             fixed[name] = torch.log_softmax(torch.tensor(init), -1).numpy()
         for name, scores in fixed.items():
@@ -215,7 +220,8 @@ def main() -> None:
             write_results("stage1_ablation", {"note": "rows accumulate over invocations"}, rows)
         reuse_from = [float(b) for b in args.reuse_from.split(",") if b]
         if reuse_from:
-            for trained in sorted(set(reuse_from) | set(budgets)):
+            own = [float(b) for b in args.reuse_own.split(",") if b] or budgets
+            for trained in sorted(set(reuse_from) | set(own)):
                 if trained >= max(bits):
                     continue
                 table = learned_table(args.reuse_row, trained, qname, bits, cache)

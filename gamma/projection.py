@@ -175,7 +175,8 @@ def _solve_exact(scores, costs, capacity, lower, allowed, time_limit, budget, wi
     limit = capacity
     for _attempt in range(5):
         choice, status, _, bound = solve_mckp(scores, costs, capacity, lower, allowed, time_limit)
-        if status == "INFEASIBLE" and lower > 0:
+        # CBC's presolve sometimes reports an infeasible narrow window as NOT_SOLVED rather than INFEASIBLE
+        if status not in ("OPTIMAL", "FEASIBLE") and lower > 0:
             warnings.warn(f"no assignment spends at least {budget - window} at budget {budget}: lower bound dropped",
                           stacklevel=3)
             notes.append("lower bound relaxed: no assignment in the window")
@@ -198,7 +199,7 @@ def allocate_bits(
     candidates: list[int],
     budget: float,
     *,
-    window: float = 0.02,
+    window: float = 0.005,
     unit: BudgetUnit = "nominal",
     min_bits: dict[str, int] | None = None,
     group_size: int = 64,

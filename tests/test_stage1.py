@@ -56,7 +56,7 @@ def test_proxy_initialisation_reproduces_proxy_assignment_before_any_step(setup)
     proxy = allocate_bits(names, sizes, -costs, BITS, c.budget)
     table = allocate_bits(names, sizes, torch.log_softmax(torch.tensor(init), -1).numpy(), BITS, c.budget)
     differ = sum(proxy.assignment[n] != table.assignment[n] for n in names)
-    assert differ <= 0.05 * len(names)  # the price term shifts only ties inside the 0.02-bit window
+    assert differ <= 0.05 * len(names)  # the price term shifts only ties inside the window
 
 
 def test_resumed_run_equals_uninterrupted(setup, tmp_path):
