@@ -134,10 +134,9 @@ class Evaluator:
             q = self.cfg.quantizer
             acct = account(self.model, assignment, q.group_size, q.symmetric)
             self.cache[key] = {"avg_bits": acct.nominal_bits, "effective_bits": acct.effective_bits,
-                               "window": self.cfg.stage2.window,
                                **evaluate_model(self.ws, self.model, self.tokenizer)}
             self.cache_file.write_text(json.dumps(self.cache, indent=1) + "\n")
-        return self.cache[key]
+        return {**self.cache[key], "window": self.cfg.stage2.window}
 
 
 def plot(rows: list[dict], quantizer: str, path: Path) -> None:

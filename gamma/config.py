@@ -120,7 +120,7 @@ class Stage1Config(_Section):
         return self
     tolerance: float = Field(0.01, gt=0.0, description="|E - B_train| accepted, in bits")
     proxy_scale: float = Field(0.0, ge=0.0, description="s in alpha=-cost/s; 0 picks it automatically")
-    proxy_clip: float = Field(8.0, ge=0.0, description=(
+    proxy_clip: float = Field(0.0, ge=0.0, description=(
         "proxy init: logits clipped to this many units below each module's best (keeps every candidate's "
         "gradient alive, but a clipped table no longer ranks like the proxy); 0: no clip"))
     checkpoint_every: int = Field(20, ge=1)

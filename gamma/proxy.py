@@ -38,7 +38,7 @@ def relative_error_costs(model: nn.Module, candidates: dict[str, list[QuantizedW
 
 
 def costs_to_logits(
-    costs: np.ndarray, sizes: list[int], bits: list[int], budget: float, scale: float = 0.0, clip: float = 8.0
+    costs: np.ndarray, sizes: list[int], bits: list[int], budget: float, scale: float = 0.0, clip: float = 0.0
 ) -> np.ndarray:
     """Proxy initialisation ``alpha_mb = -cost_mb / s``, clipped per module to ``clip`` units below
     its best (``clip=0``: not clipped), then shifted by a price per bit (``price_shift``).
