@@ -71,8 +71,10 @@ class ScoreTable:
 
 
 def nearest_table(tables: list[ScoreTable], budget: float) -> ScoreTable:
-    """The table learned at the training budget nearest ``budget`` (the lower one on a tie): a
-    table ranks candidates best near the budget it was learned at (see README, score reuse)."""
+    """The table learned at the training budget nearest ``budget`` (the higher one on a tie): a
+    table ranks candidates best near the budget it was learned at, and reuses better upward
+    than downward (README, score reuse: learned at 3.5 and projected to 3.25, 53.6 perplexity
+    against 56.5 from the table learned at 3.0)."""
     if not tables:
         raise ScoreTableError("no score table to project from; run `gamma learn` first")
-    return min(tables, key=lambda t: (abs(t.training_budget - budget), t.training_budget))
+    return min(tables, key=lambda t: (abs(t.training_budget - budget), -t.training_budget))

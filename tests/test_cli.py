@@ -68,7 +68,7 @@ def test_allocate_reuses_scores_and_never_runs_stage1(tmp_path, monkeypatch, cap
     assert code == 0
     learned_at = {b: json.loads((tmp_path / "assignments" / f"{b}.json").read_text())["training_budget"]
                   for b in ("3", "3.25", "3.5")}
-    assert learned_at == {"3": 3.0, "3.25": 3.0, "3.5": 3.5}  # nearest; a tie goes to the lower table
+    assert learned_at == {"3": 3.0, "3.25": 3.5, "3.5": 3.5}  # nearest; a tie goes to the higher table
     from gamma.projection import allocate_bits
 
     direct = allocate_bits(modules, sizes, np.asarray(other.scores), [2, 3, 4], 3.5)
