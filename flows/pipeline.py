@@ -18,7 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from gamma.config import load_config  # noqa: E402
 from gamma.plots import plot_pareto  # noqa: E402
 from tasks import registry  # noqa: E402
-from tasks.steps import learn, prepare, uniform, variant  # noqa: E402
+from tasks.steps import compared_variant, learn, prepare, uniform, variant  # noqa: E402
 
 
 @flow(name="gamma-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -34,15 +34,20 @@ def gamma_pipeline(params: str = "params.yaml", overrides: dict | None = None, u
     parent_id = parent.info.run_id
     status = "FAILED"
     try:
-        tables = [learn(cfg, inputs, parent_id, b) for b in cfg.stage1.training_budgets]
-        scores = next(t for t in tables if t["training_budget"] == cfg.stage1.budget)
-        client.set_tag(parent_id, "score_version", f"{scores['name']} v{scores['version']}")
-        client.set_tag(parent_id, "stage1_cached", str(all(t["cached"] for t in tables)))
+        methods = cfg.allocation.methods
+        tables = [learn(cfg, inputs, parent_id, b) for b in cfg.stage1.training_budgets] if "gamma" in methods else []
+        scores = next((t for t in tables if t["training_budget"] == cfg.stage1.budget), None)
+        if scores:
+            client.set_tag(parent_id, "score_version", f"{scores['name']} v{scores['version']}")
+            client.set_tag(parent_id, "stage1_cached", str(all(t["cached"] for t in tables)))
         retrying = variant.with_options(retries=cfg.pipeline.retries)
         jobs = [({"budget": float(b), "method": "uniform"}, uniform.submit(cfg, b, inputs, parent_id))
                 for b in cfg.uniform_bits]
-        jobs += [({"budget": b, "method": "gamma"}, retrying.submit(cfg, tables, b, inputs, parent_id))
-                 for b in cfg.stage2.budgets]
+        if scores:
+            jobs += [({"budget": b, "method": "gamma"}, retrying.submit(cfg, tables, b, inputs, parent_id))
+                     for b in cfg.stage2.budgets]
+        jobs += [({"budget": b, "method": m}, compared_variant.submit(cfg, m, b, inputs, parent_id))
+                 for m in methods if m != "gamma" for b in cfg.stage2.budgets]
         rows = []
         for key, future in jobs:
             result = future.result(raise_on_failure=False)
@@ -59,7 +64,8 @@ def gamma_pipeline(params: str = "params.yaml", overrides: dict | None = None, u
 def summarize(client, run_id: str, out: Path, inputs: dict, scores: dict, rows: list[dict],
               tables: list[dict] | None = None) -> None:
     summary = out / "summary.json"
-    record = {"inputs": inputs, "scores": scores, "score_tables": tables or [scores], "rows": rows}
+    record = {"inputs": inputs, "scores": scores, "score_tables": tables if tables is not None else [scores],
+              "rows": rows}
     summary.write_text(json.dumps(record, indent=1, default=str) + "\n")
     ok = [r for r in rows if "error" not in r]
     pareto = plot_pareto(ok, out / "pareto.png") if ok else None

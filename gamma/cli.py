@@ -121,6 +121,8 @@ def cmd_allocate(cfg: GammaConfig, args) -> dict:
     from gamma.workspace import Workspace
 
     out = _out(cfg)
+    if getattr(args, "allocator", "gamma") != "gamma":
+        return allocate_with(cfg, args.allocator, _parse_list(args.budgets) if args.budgets else cfg.stage2.budgets)
     if args.scores:
         tables = [ScoreTable.load(p) for p in args.scores]
     else:  # every training budget's table that exists; the main one at least
@@ -144,6 +146,30 @@ def cmd_allocate(cfg: GammaConfig, args) -> dict:
                   f"{res.solve_seconds:.2f}", "; ".join(res.notes))
     console.print(t)
     return results
+
+
+def allocate_with(cfg: GammaConfig, allocator: str, budgets: list[float]) -> dict:
+    """Another allocator than GAMMA: allocate, quantize, export and evaluate each budget."""
+    from gamma.allocators import ALLOCATORS, AllocatorError
+    from gamma.steps import allocate_and_evaluate
+    from gamma.workspace import Workspace
+
+    if allocator not in ALLOCATORS:
+        raise AllocatorError(f"unknown allocator {allocator!r}; choose one of {sorted(ALLOCATORS)}")
+    ws, out, rows = Workspace(cfg), _out(cfg), {}
+    (out / "assignments").mkdir(exist_ok=True)
+    for b in budgets:
+        try:
+            row = allocate_and_evaluate(ws, allocator, b, save_to=out / "models" / f"{allocator}-{b:g}")
+        except ValueError as err:
+            console.print(f"[red]{allocator} at {b:g} bits: {err}")
+            rows[b] = err
+            continue
+        (out / "assignments" / f"{allocator}-{b:g}.json").write_text(row.pop("allocation"))
+        rows[b] = row
+    _table([{**r, "method": f"{allocator}-{b:g}"} for b, r in rows.items() if isinstance(r, dict)],
+           f"{allocator}: allocations in {out / 'assignments'}, models in {out / 'models'}")
+    return rows
 
 
 def cmd_quantize(cfg: GammaConfig, args) -> dict:
@@ -238,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--out", help="score table file, for launched processes (default: <output_dir>/scores.json)")
     a = sub.add_parser("allocate", parents=[common], help="Stage II: solve budgets from a saved score table")
     a.add_argument("--budgets", help="comma-separated average-bit budgets, e.g. 2.25,2.5,3")
+    a.add_argument("--allocator", default="gamma", help="gamma (Stage II from the score tables) or another "
+                   "allocator (uniform, hawq, higgs, scalebits, windquant, evopress): allocates, quantizes and "
+                   "evaluates each budget")
     a.add_argument("--scores", action="append", help="score table, repeatable: each budget is projected from the "
                    "table learned nearest to it (default: the tables of stage1.budget and stage1.extra_budgets)")
     q = sub.add_parser("quantize", parents=[common], help="apply an allocation, save and evaluate the model")

@@ -144,6 +144,53 @@ class Stage2Config(_Section):
         "auto", description="cbc: exact MIP; hull: LP greedy with proven bound (10^5 items); auto picks by size")
 
 
+AllocatorName = Literal["gamma", "uniform", "hawq", "higgs", "scalebits", "windquant", "evopress"]
+
+
+class HiggsConfig(_Section):
+    calibration_sequences: int = Field(4, ge=1, description="sequences per noise measurement")
+    noise_bits: int = Field(3, description="noise as large as the median relative error of this candidate")
+    draws: int = Field(1, ge=1, description="noise draws per module (their mean)")
+
+
+class ScaleBitsConfig(_Section):
+    width: int = Field(0, ge=0, description="columns per block, a multiple of the group size; 0: the group size")
+    reorder: bool = Field(True, description="reorder input channels by Fisher sensitivity before cutting blocks")
+
+
+class WindQuantConfig(_Section):
+    width: int = Field(0, ge=0, description="columns per chunk, a multiple of the group size; 0: the group size")
+    iterations: int = Field(60, ge=1, description="PPO iterations (each a batch of episodes)")
+    episodes: int = Field(16, ge=2)
+    epochs: int = Field(4, ge=1, description="PPO epochs per batch")
+    lr: float = Field(3e-3, gt=0.0)
+
+
+class EvoPressConfig(_Section):
+    generations: int = Field(40, ge=1)
+    offspring: int = Field(8, ge=1)
+    survivors: int = Field(2, ge=1, description="children rescored on the selection sequences")
+    switches: int = Field(2, ge=1, description="level switches per mutation")
+    screen_tokens: int = Field(256, ge=8, description="tokens of the cheap first fitness")
+    select_sequences: int = Field(4, ge=1, description="calibration sequences of the deciding fitness")
+
+
+class AllocationConfig(_Section):
+    methods: list[AllocatorName] = Field(["gamma"], description=(
+        "allocators the pipeline fans out over the budgets (each variant registered with its name)"))
+    higgs: HiggsConfig = HiggsConfig()
+    scalebits: ScaleBitsConfig = ScaleBitsConfig()
+    windquant: WindQuantConfig = WindQuantConfig()
+    evopress: EvoPressConfig = EvoPressConfig()
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"allocation.methods must list each allocator once, at least one, got {v}")
+        return v
+
+
 class TrackingConfig(_Section):
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (SQLite file by default, or a server)")
     experiment: str = "gamma"
@@ -182,6 +229,7 @@ class GammaConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
+    allocation: AllocationConfig = AllocationConfig()
     uniform_bits: list[int] = Field([2, 3, 4], description="uniform baselines evaluated by the main job")
     tracking: TrackingConfig = TrackingConfig()
     pipeline: PipelineConfig = PipelineConfig()

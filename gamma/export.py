@@ -18,6 +18,7 @@ in-memory one once that model's unquantized tensors are rounded to storage preci
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -151,6 +152,11 @@ def export_checkpoint(model: nn.Module, tokenizer, records: dict[str, QuantizedW
         tokenizer.save_pretrained(tmp)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
+    return _finish(tmp, path)
+
+
+def _finish(tmp: Path, path: Path) -> Checkpoint:
+    """Manifest, fsync, then the rename that makes a finished checkpoint visible at ``path``."""
     digest, manifest = checksum(tmp)
     (tmp / MANIFEST).write_text(json.dumps({"sha256": digest, "files": manifest}, indent=1) + "\n")
     for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
@@ -159,9 +165,26 @@ def export_checkpoint(model: nn.Module, tokenizer, records: dict[str, QuantizedW
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
-    weights = (path / WEIGHTS_FILE).stat().st_size
+    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return Checkpoint(path=path, weights_bytes=weights, total_bytes=total, sha256=digest)
+
+
+def export_fake_quantized(model: nn.Module, tokenizer, path: str | Path,
+                          extra_files: dict[str, str] | None = None) -> Checkpoint:
+    """A sub-module (block-wise) assignment as a plain Hugging Face checkpoint whose linear weights
+    are the dequantized blocks at float16 (fake quantization: no serving kernel packs mixed bits
+    inside one matrix); the per-block bits and permutations go in ``extra_files``. Atomic, with
+    the same checksum manifest as ``export_checkpoint``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    copy.deepcopy(model).to(STORAGE_DTYPE).save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    return _finish(tmp, path)
 
 
 def verify_checkpoint(path: str | Path) -> str:

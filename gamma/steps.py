@@ -10,11 +10,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gamma.assignment import apply_assignment, collect_hessians, uniform_assignment
+from gamma.allocators import AllocationProblem, Allocator, BlockAssignment, allocator_from_config
+from gamma.allocators.column_blocks import block_account
+from gamma.assignment import (
+    UNQUANTIZED_BITS,
+    apply_assignment,
+    collect_hessians,
+    uniform_assignment,
+    unquantized_parameters,
+)
 from gamma.backends import BackendUnavailable, VllmBackend, evaluate_with_vllm
 from gamma.candidates import build_candidates
 from gamma.evaluate import figures, perplexity, zero_shot_suite
-from gamma.export import export_checkpoint, round_to_storage
+from gamma.export import export_checkpoint, export_fake_quantized, round_to_storage
 from gamma.hashing import settings_hash
 from gamma.progress import console
 from gamma.projection import Allocation, allocate_bits
@@ -182,3 +190,52 @@ def allocate(tables: ScoreTable | list[ScoreTable], budgets: list[float], ws_cfg
         except ValueError as err:
             out[b] = err
     return out
+
+
+def allocation_problem(ws: Workspace) -> AllocationProblem:
+    """The shared input of every allocator: the full-precision model, the calibration sequences and
+    each module quantized at every candidate width (GPTQ with full-precision Hessians)."""
+    cfg, q = ws.cfg, ws.cfg.quantizer
+    model, _ = ws.load()
+    hessians = hessians_for(ws, model)
+    candidates = build_candidates(model, ws.quantizer(), cfg.candidates, q.group_size, q.symmetric, hessians)
+    return AllocationProblem(model, ws.calibration, candidates, cfg.candidates, q.group_size, q.symmetric,
+                             cfg.stage1.seed, ws.quantizer(), hessians)
+
+
+def prepared_allocator(ws: Workspace, name: str, tables=None) -> tuple[Allocator, AllocationProblem]:
+    """The allocator ``name`` and the problem, built once per workspace and shared by its budgets."""
+    if "problem" not in ws.allocators:
+        ws.allocators["problem"] = allocation_problem(ws)
+    if name not in ws.allocators:
+        ws.allocators[name] = allocator_from_config(ws.cfg, name, tables)
+    return ws.allocators[name], ws.allocators["problem"]
+
+
+def allocate_and_evaluate(ws: Workspace, name: str, budget: float, save_to: str | Path | None = None,
+                          tables=None) -> dict:
+    """One budget with one allocator: allocate, quantize (a compressed-tensors checkpoint for a
+    module assignment, a fake-quantized one for a block assignment), evaluate."""
+    allocator, problem = prepared_allocator(ws, name, tables)
+    result = allocator.allocate(problem, budget)
+    notes = {k: v for k, v in result.notes.items() if isinstance(v, (int, float, str))}
+    row = {"budget": budget, "method": name, "allocate_seconds": result.seconds,
+           "prepare_seconds": result.prepare_seconds, "metadata_bits": result.metadata_bits, **notes}
+    record = json.dumps(result.as_dict(), indent=1, default=str) + "\n"
+    if not isinstance(result.assignment, BlockAssignment):
+        row.update(quantize_and_evaluate(ws, result.assignment, save_to=save_to))
+        return {**row, "allocation": record}
+    try:
+        allocator.apply(problem, result.assignment)
+        acct = block_account(problem, result.assignment)
+        other = sum(p.numel() for p in unquantized_parameters(problem.model, problem.modules))
+        row.update({"quantizer": ws.cfg.quantizer.method, "avg_bits": acct["nominal_bits"], **acct,
+                     "total_bytes": acct["quantized_bytes"] + other * UNQUANTIZED_BITS / 8})
+        if save_to:
+            ckpt = export_fake_quantized(problem.model, ws.tokenizer, save_to, {"gamma_blocks.json": record})
+            row.update({"checkpoint_bytes": ckpt.weights_bytes, "checkpoint_sha256": ckpt.sha256,
+                        "checkpoint_format": "fake-quantized float16"})
+        row.update(evaluate_model(ws, problem.model, ws.tokenizer))
+    finally:
+        problem.restore()
+    return {**row, "allocation": record}

@@ -4,7 +4,7 @@ token sequences and their content hashes. Pure library code (no orchestrator imp
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -24,6 +24,8 @@ _SHARED_LOCK = threading.Lock()
 @dataclass
 class Workspace:
     cfg: GammaConfig
+    # prepared allocators and their problem, shared by every budget this workspace serves
+    allocators: dict = field(default_factory=dict, repr=False, compare=False)
 
     @cached_property
     def model_dir(self) -> Path:

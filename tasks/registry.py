@@ -54,6 +54,10 @@ class Names:
     def uniform(self, bits: int) -> str:
         return f"{self.prefix}-uniform-{bits}bit"
 
+    def allocated(self, allocator: str, budget: float) -> str:
+        """A variant of another allocator than GAMMA (GAMMA's keep ``variant``'s name)."""
+        return self.variant(budget) if allocator == "gamma" else f"{self.prefix}-{allocator}-{budget:g}bit"
+
 
 def names_for(cfg: GammaConfig, model_dir: str | Path) -> Names:
     return Names(cfg.tracking.model_name or Path(model_dir).name)

@@ -141,6 +141,7 @@ def variant(cfg: GammaConfig, scores: dict | list[dict], budget: float, inputs: 
     row["registered"] = _register(
         cfg, inputs, parent_run, names.variant(budget), f"{budget:g}bit", row, [assignment, picture],
         {"score_model": used["name"], "score_version": used["version"], "budget": budget, "method": "gamma",
+         "allocator": "gamma",
          "training_budget": result.training_budget,
          "solve_status": result.status, "checkpoint": checkpoint.resolve(),
          "checkpoint_sha256": row["checkpoint_sha256"], "checkpoint_format": "compressed-tensors"}, checkpoint)
@@ -155,4 +156,33 @@ def uniform(cfg: GammaConfig, bits: int, inputs: dict, parent_run: str) -> dict:
     names = registry.names_for(cfg, inputs["model_dir"])
     row["registered"] = _register(cfg, inputs, parent_run, names.uniform(bits), f"uniform-{bits}bit", row, [],
                                   {"budget": bits, "method": "uniform"})
+    return row
+
+
+@task(name="allocate with another allocator, quantize and evaluate one budget")
+def compared_variant(cfg: GammaConfig, allocator: str, budget: float, inputs: dict, parent_run: str) -> dict:
+    """One budget from a competing allocator (``allocation.methods``), registered as
+    ``<model>-<allocator>-<budget>bit`` with the allocator's name and costs; the allocator's
+    one-off work (a Fisher pass, coefficients, a policy) is shared by the budgets of this process."""
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    ws = _workspace(cfg, inputs)
+    out = Path(cfg.output_dir) / "variants" / allocator / f"{budget:g}bit"
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        row = steps.allocate_and_evaluate(ws, allocator, budget, save_to=out / "checkpoint")
+    except ValueError as err:  # an infeasible budget or bad settings: an answer, not a crash
+        log.error("%s at %g bits: %s", allocator, budget, err)
+        return {"budget": budget, "method": allocator, "error": str(err)}
+    allocation = out / "allocation.json"
+    allocation.write_text(row.pop("allocation"))
+    names = registry.names_for(cfg, inputs["model_dir"])
+    row["registered"] = _register(
+        cfg, inputs, parent_run, names.allocated(allocator, budget), f"{allocator}-{budget:g}bit", row, [allocation],
+        {"budget": budget, "method": allocator, "allocator": allocator, "checkpoint": (out / "checkpoint").resolve(),
+         "checkpoint_sha256": row.get("checkpoint_sha256"),
+         "checkpoint_format": row.get("checkpoint_format", "compressed-tensors"),
+         "prepare_seconds": row["prepare_seconds"], "metadata_bits": row["metadata_bits"]}, out / "checkpoint")
+    row["task_seconds"] = time.perf_counter() - t0
+    log.info("%s at %g bits: perplexity %.2f, registered %s", allocator, budget, row["perplexity"], row["registered"])
     return row

@@ -1,0 +1,118 @@
+"""Every allocator side by side on the embedded model: same quantizer, candidates, text and budgets.
+
+For each quantizer, the candidates are built once (GPTQ with full-precision Hessians) and every
+allocator chooses among those very weights, so the comparison isolates the allocation. Per
+(allocator, budget): held-out perplexity (evaluation text never used for calibration) with its
+standard error across windows, zero-shot average with its standard error, bits (nominal, and
+effective with scales, zero-points and block metadata), bytes, and the cost of serving one more
+budget: the allocator's per-budget time (GAMMA and the proxies: a solve; search and RL: their
+whole run), with the one-off work (Stage I, Fisher, coefficients) reported beside it. Writes
+benchmarks/results/compare_allocators.json and a Pareto plot per quantizer.
+
+    python benchmarks/compare_allocators.py [--quantizers rtn,gptq] [--budgets 2.25,2.5,2.75,3,3.5]
+        [--allocators gamma,uniform,hawq,higgs,scalebits,windquant,evopress] [--tokens 8192] [--items 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_results  # noqa: E402
+
+from gamma.allocators import BlockAssignment, allocator_from_config  # noqa: E402
+from gamma.allocators.column_blocks import block_account  # noqa: E402
+from gamma.assignment import account  # noqa: E402
+from gamma.config import load_config  # noqa: E402
+from gamma.plots import plot_pareto  # noqa: E402
+from gamma.progress import console  # noqa: E402
+from gamma.steps import allocation_problem, evaluate_model  # noqa: E402
+from gamma.workspace import Workspace  # noqa: E402
+
+ALL = "gamma,uniform,hawq,higgs,scalebits,windquant,evopress"
+
+
+def compare(qname: str, budgets: list[float], names: list[str], args, overrides: dict) -> tuple[list[dict], dict]:
+    cfg = load_config("params.yaml", {"evaluation.max_tokens": args.tokens, "evaluation.zero_shot_items": args.items,
+                                      "quantizer.method": qname, **overrides})
+    ws = Workspace(cfg)
+    problem = allocation_problem(ws)
+    tok = ws.tokenizer
+    rows: list[dict] = []
+    for name in names:
+        allocator = allocator_from_config(cfg, name)
+        for budget in budgets:
+            try:
+                result = allocator.allocate(problem, budget)
+            except ValueError as err:
+                console.print(f"{qname}: {name} at {budget:g}: {err}")
+                rows.append({"quantizer": qname, "method": name, "budget": budget, "error": str(err)})
+                continue
+            if isinstance(result.assignment, BlockAssignment):
+                acct = block_account(problem, result.assignment)
+                size = {"effective_bits": acct["effective_bits"], "quantized_bytes": acct["quantized_bytes"],
+                        "metadata_bits_per_weight": acct["metadata_bits_per_weight"]}
+            else:
+                a = account(problem.model, result.assignment, problem.group_size, problem.symmetric)
+                size = {"effective_bits": a.effective_bits, "quantized_bytes": a.quantized_bytes,
+                        "metadata_bits_per_weight": 0.0}
+            try:
+                allocator.apply(problem, result.assignment)
+                figures = evaluate_model(ws, problem.model, tok)
+            finally:
+                problem.restore()
+            notes = {k: v for k, v in result.notes.items() if isinstance(v, (int, float, str))}
+            row = {"quantizer": qname, "method": name, "granularity": allocator.granularity, "budget": budget,
+                   "avg_bits": result.avg_bits, **size, "one_more_budget_seconds": result.seconds,
+                   "prepare_seconds": result.prepare_seconds, **notes, **figures}
+            rows.append(row)
+            console.print(f"{qname}: {name:9s} B={budget:<5g} bits={result.avg_bits:.3f} "
+                          f"eff={size['effective_bits']:.3f} "
+                          f"ppl={row['perplexity']:.2f}±{row['perplexity_se']:.2f} zs={row['zero_shot']:.3f} "
+                          f"budget {result.seconds:.1f}s (+{result.prepare_seconds:.0f}s once)")
+        write_partial(qname, rows)
+    plot_pareto([r for r in rows if "error" not in r], RESULTS / f"compare_allocators_{qname}.png")
+    settings = {"candidates": cfg.candidates, "quantizer": ws.quantizer_record(), "stage1": cfg.stage1.model_dump(),
+                "allocation": cfg.allocation.model_dump(), "calibration_sequences": cfg.text.calibration_sequences,
+                "eval_tokens": args.tokens, "zero_shot_items": args.items, "budgets": budgets, "overrides": overrides}
+    return rows, settings
+
+
+def write_partial(qname: str, rows: list[dict]) -> None:
+    """Rows so far, so that a long run cut short still leaves its measurements."""
+    (RESULTS / f"compare_allocators_{qname}.partial.json").write_text(json.dumps(rows, indent=1, default=str))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quantizers", default="rtn,gptq")
+    ap.add_argument("--budgets", default="2.25,2.5,2.75,3,3.5")
+    ap.add_argument("--allocators", default=ALL)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--items", type=int, default=20)
+    ap.add_argument("--set", action="append", default=[], help="extra config override key=value (repeatable)")
+    args = ap.parse_args()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    previous = RESULTS / "compare_allocators.json"
+    old = json.loads(previous.read_text()) if previous.exists() else {"settings": {}, "rows": []}
+    rows, per_quantizer = old["rows"], old["settings"].get("per_quantizer", {})
+    for qname in args.quantizers.split(","):
+        qrows, per_quantizer[qname] = compare(qname, budgets, args.allocators.split(","), args, overrides)
+        rows = [r for r in rows if r["quantizer"] != qname] + qrows  # a quantizer's rerun replaces its rows
+        console.print(f"wrote {write_results('compare_allocators', {'per_quantizer': per_quantizer}, rows)}")
+        (RESULTS / f"compare_allocators_{qname}.partial.json").unlink(missing_ok=True)
+    for qname in args.quantizers.split(","):
+        console.print(f"\n{qname}: perplexity (SE) by budget")
+        for budget in budgets:
+            by = {r["method"]: r for r in rows
+                  if r["quantizer"] == qname and r["budget"] == budget and "error" not in r}
+            console.print(f"  B={budget:<5g} " + "  ".join(f"{m} {r['perplexity']:.1f}({r['perplexity_se']:.1f})"
+                                                          for m, r in by.items()))
+
+
+if __name__ == "__main__":
+    main()

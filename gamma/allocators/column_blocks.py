@@ -1,0 +1,176 @@
+"""Column blocks: the sub-module granularity that block-wise allocators choose bits for.
+
+A module's input channels are (optionally) reordered, then cut into blocks of ``width`` columns,
+a multiple of the quantization group so that each block's groups (and their scales) belong to it
+alone; each block can take any candidate bit width. Candidates are quantized once in the reordered
+layout, so a block at ``b`` bits holds exactly what a ``b``-bit quantization of that layout stores.
+A block assignment is exported as a fake-quantized model (dequantized weights in the original
+channel order) together with the per-block bits and permutations; ``account`` counts what such a
+model stores, the per-block bit-width indices and the permutations explicitly included.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from gamma.allocators.base import AllocationProblem, AllocatorError, BlockAssignment
+from gamma.assignment import module_cost_bits
+from gamma.model import quantizable_modules
+from gamma.progress import track
+from gamma.quantizer import QuantizedWeight, QuantSpec
+
+
+@dataclass
+class ColumnBlocks:
+    width: int
+    modules: list[str]
+    order: dict[str, torch.Tensor | None]  # input-channel permutation per module
+    candidates: dict[str, list[QuantizedWeight]]  # in the permuted layout
+    owner: np.ndarray  # [J] module index of each block
+    sizes: np.ndarray  # [J] weights per block
+    errors: np.ndarray  # [J, K] the allocator's error measure of each block at each candidate
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.owner)
+
+    def to_assignment(self, levels: np.ndarray, bits: list[int]) -> BlockAssignment:
+        out: dict[str, list[int]] = {m: [] for m in self.modules}
+        for j, k in enumerate(levels):
+            out[self.modules[self.owner[j]]].append(bits[int(k)])
+        order = {m: (None if o is None else o.tolist()) for m, o in self.order.items()}
+        return BlockAssignment(self.width, out, order)
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, assignment: BlockAssignment, bits: list[int]) -> None:
+        """Set every module's weight to its fake-quantized blocks, in the original channel order."""
+        modules = quantizable_modules(model)
+        for name, block_bits in assignment.bits.items():
+            cands = self.candidates[name]
+            dense = {b: cands[bits.index(b)].dequantize() for b in set(block_bits)}
+            permuted = torch.empty_like(dense[block_bits[0]])
+            for j, b in enumerate(block_bits):
+                cols = slice(j * self.width, (j + 1) * self.width)
+                permuted[:, cols] = dense[b][:, cols]
+            order = self.order[name]
+            weight = permuted if order is None else permuted[:, torch.argsort(order)]
+            modules[name].weight.copy_(weight.to(modules[name].weight.dtype))
+
+
+def block_width(problem: AllocationProblem, width: int) -> int:
+    g = problem.group_size
+    if g == -1:
+        raise AllocatorError("block-wise allocation needs quantization groups (quantizer.group_size > 0); "
+                             "got -1, one group per row, which spans every block")
+    width = width or g
+    if width % g:
+        raise AllocatorError(f"block width {width} is not a multiple of quantizer.group_size {g}")
+    bad = sorted({c for _, c in problem.sizes if c % width})
+    if bad:
+        raise AllocatorError(f"block width {width} does not divide the input width(s) {bad}")
+    return width
+
+
+def build_column_blocks(problem: AllocationProblem, width: int, order: dict[str, torch.Tensor | None],
+                        column_weight: dict[str, torch.Tensor], label: str) -> ColumnBlocks:
+    """Quantize each module in its channel ``order`` at every candidate and measure each block's
+    error ``sum(column_weight * (W - Q)^2)`` over its columns (``column_weight``: [out, in] or [in])."""
+    width = block_width(problem, width)
+    weights = quantizable_modules(problem.model)
+    candidates, owner, sizes, errors = {}, [], [], []
+    for i, name in enumerate(track(problem.modules, f"{label}: blocks of {width} columns")):
+        perm = order.get(name)
+        w = weights[name].weight.detach().float()
+        cw = column_weight[name].float()
+        if perm is not None:
+            w, cw = w[:, perm], cw[..., perm]
+        if perm is None:
+            candidates[name] = problem.candidates[name]
+        else:
+            h = problem.hessians.get(name) if problem.hessians else None
+            h = h[perm][:, perm] if h is not None else None
+            candidates[name] = [problem.quantizer.quantize(w, QuantSpec(b, problem.group_size, problem.symmetric), h)
+                                for b in problem.bits]
+        per_col = torch.stack([(cw * (w - q.dequantize()) ** 2).reshape(-1, w.shape[1]).sum(dim=0)
+                               for q in candidates[name]])  # [K, in]
+        blocks = per_col.reshape(len(problem.bits), -1, width).sum(dim=2).T  # [in / width, K]
+        owner += [i] * blocks.shape[0]
+        sizes += [w.shape[0] * width] * blocks.shape[0]
+        errors.append(blocks.double().numpy())
+    return ColumnBlocks(width, problem.modules, order, candidates, np.array(owner), np.array(sizes, dtype=np.int64),
+                        np.concatenate(errors))
+
+
+def greedy_upgrade(errors: np.ndarray, sizes: np.ndarray, bits: list[int], levels: np.ndarray,
+                   budget_bits: float) -> np.ndarray:
+    """From ``levels``, repeatedly raise the block whose next candidate removes the most error
+    per added bit, while the budget allows (the marginal-gain greedy)."""
+    levels = levels.copy()
+    spent = float((sizes * np.array(bits)[levels]).sum())
+    heap = []
+
+    def push(j: int) -> None:
+        k = levels[j]
+        if k + 1 < len(bits):
+            cost = sizes[j] * (bits[k + 1] - bits[k])
+            heapq.heappush(heap, (-(errors[j, k] - errors[j, k + 1]) / cost, j, k))
+
+    for j in range(len(levels)):
+        push(j)
+    while heap:
+        _, j, k = heapq.heappop(heap)
+        if levels[j] != k:
+            continue
+        cost = sizes[j] * (bits[k + 1] - bits[k])
+        if spent + cost > budget_bits:
+            continue  # this upgrade no longer fits; a smaller one still might
+        levels[j], spent = k + 1, spent + cost
+        push(j)
+    return levels
+
+
+def repair_down(errors: np.ndarray, sizes: np.ndarray, bits: list[int], levels: np.ndarray,
+                budget_bits: float) -> np.ndarray:
+    """Lower blocks, least error added per saved bit first, until the assignment fits the budget."""
+    levels = levels.copy()
+    spent = float((sizes * np.array(bits)[levels]).sum())
+    heap = []
+
+    def push(j: int) -> None:
+        k = levels[j]
+        if k > 0:
+            saved = sizes[j] * (bits[k] - bits[k - 1])
+            heapq.heappush(heap, ((errors[j, k - 1] - errors[j, k]) / saved, j, k))
+
+    for j in range(len(levels)):
+        push(j)
+    while spent > budget_bits and heap:
+        _, j, k = heapq.heappop(heap)
+        if levels[j] != k:
+            continue
+        levels[j] = k - 1
+        spent -= sizes[j] * (bits[k] - bits[k - 1])
+        push(j)
+    if spent > budget_bits:
+        raise AllocatorError("no block assignment fits the budget")
+    return levels
+
+
+def block_account(problem: AllocationProblem, assignment: BlockAssignment) -> dict:
+    """Nominal bits, and effective bits with scales, zero-points and block metadata counted."""
+    n_total = codes = stored = 0
+    for name, (rows, _cols) in zip(problem.modules, problem.sizes):
+        for b in assignment.bits[name]:
+            n = rows * assignment.width
+            n_total += n
+            codes += n * b
+            stored += module_cost_bits(rows, assignment.width, QuantSpec(b, problem.group_size, problem.symmetric))
+    meta = assignment.metadata_bits(len(problem.bits))
+    return {"nominal_bits": codes / n_total, "effective_bits": (stored + meta) / n_total,
+            "metadata_bits": meta, "metadata_bits_per_weight": meta / n_total,
+            "quantized_bytes": (stored + meta) / 8}
