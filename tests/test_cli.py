@@ -73,3 +73,24 @@ def test_allocate_reuses_scores_and_never_runs_stage1(tmp_path, monkeypatch, cap
 
     direct = allocate_bits(modules, sizes, np.asarray(other.scores), [2, 3, 4], 3.5)
     assert json.loads((tmp_path / "assignments" / "3.5.json").read_text())["assignment"] == direct.assignment
+
+
+def test_allocate_with_another_allocator_quantizes_and_evaluates(tmp_path, capsys):
+    base = ["allocate", "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}",
+            "--set", "text.calibration_sequences=2", "--set", "text.sequence_length=64",
+            "--set", "evaluation.max_tokens=512", "--set", "evaluation.context_length=256",
+            "--set", "evaluation.zero_shot_items=0"]
+    assert cli.main([*base, "--allocator", "hawk", "--budgets", "3"]) == 2
+    captured = capsys.readouterr()
+    assert "unknown allocator 'hawk'" in captured.out + captured.err
+    assert cli.main([*base, "--allocator", "hawq", "--budgets", "3,1.5"]) == 0
+    captured = capsys.readouterr()
+    assert "1.5 bits is outside" in captured.out + captured.err  # fails alone
+    data = json.loads((tmp_path / "assignments" / "hawq-3.json").read_text())
+    assert data["allocator"] == "hawq" and data["avg_bits"] <= 3.0
+    from gamma.export import load_checkpoint
+    from gamma.model import quantizable_modules
+
+    model, _ = load_checkpoint(tmp_path / "models" / "hawq-3")  # a real compressed-tensors checkpoint
+    widths = {m: len(w.weight.unique()) for m, w in quantizable_modules(model).items()}
+    assert max(widths.values()) > 8  # dequantized groups at 2-4 bits: a few levels per group, many groups

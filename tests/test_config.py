@@ -76,3 +76,17 @@ def test_each_training_budget_has_its_own_table_settings(tmp_path):
     assert stage1_settings(Workspace(cfg.for_training_budget(3.5))) == stage1_settings(Workspace(alone))
     assert stage1_settings(Workspace(cfg)) != stage1_settings(Workspace(alone))
     assert table_dir(cfg, 3.0) == Path(cfg.output_dir) and table_dir(cfg, 3.5) == Path(cfg.output_dir) / "stage1-3.5"
+
+
+def test_allocators_are_chosen_by_name_with_their_settings():
+    from gamma.allocators import allocator_from_config
+
+    with pytest.raises(ConfigError, match="allocation.methods"):
+        validate_config({"allocation": {"methods": ["gamma", "hawk"]}})
+    with pytest.raises(ConfigError, match="each allocator once"):
+        validate_config({"allocation": {"methods": ["hawq", "hawq"]}})
+    cfg = validate_config({"allocation": {"methods": ["evopress"], "evopress": {"generations": 7}},
+                           "stage2": {"window": 0.01}})
+    assert allocator_from_config(cfg, "evopress").generations == 7
+    assert allocator_from_config(cfg, "hawq").window == 0.01
+    assert allocator_from_config(cfg, "gamma").stage1 == cfg.stage1

@@ -259,3 +259,28 @@ def test_dask_runner_registers_the_same_variants_as_threads(tmp_path, monkeypatc
     [row] = reevaluate("params.yaml", {"output_dir": "dask"})
     assert row["version"] == v2.version and row["perplexity_drift"] == pytest.approx(0.0, abs=1e-9)
     assert client.get_model_version(v2.name, v2.version).tags["last_reevaluation"].startswith("perplexity")
+
+
+def test_competing_allocators_fan_out_and_register_under_their_names(project, prefect_api):
+    from flows.pipeline import gamma_pipeline
+    from gamma.config import load_config
+
+    overrides = {"allocation.methods": ["hawq", "scalebits"], "uniform_bits": []}
+    rows = gamma_pipeline(params="params.yaml", overrides=overrides)
+    by = {(r["method"], r["budget"]): r for r in rows}
+    assert set(by) == {("hawq", 3.0), ("hawq", 1.5), ("scalebits", 3.0), ("scalebits", 1.5)}  # no GAMMA asked
+    assert "1.5 bits is outside" in by[("hawq", 1.5)]["error"]  # fails alone
+    assert "1.5 bits is outside" in by[("scalebits", 1.5)]["error"]
+    for method in ("hawq", "scalebits"):
+        assert 2.95 <= by[(method, 3.0)]["avg_bits"] <= 3.0
+    assert by[("scalebits", 3.0)]["metadata_bits"] > 0 and by[("hawq", 3.0)]["metadata_bits"] == 0
+    assert by[("scalebits", 3.0)]["effective_bits"] > by[("hawq", 3.0)]["effective_bits"] - 0.05
+
+    client = _registry(project)
+    prefix = Path(load_config("params.yaml").model.path).name
+    assert not client.search_model_versions(f"name = '{prefix}-gamma-scores'")  # Stage I never ran
+    for method, fmt in (("hawq", "compressed-tensors"), ("scalebits", "fake-quantized float16")):
+        [version] = _versions(client, f"{prefix}-{method}-3bit")
+        assert version.tags["allocator"] == method and version.tags["checkpoint_format"] == fmt
+        assert float(version.tags["metric.perplexity"]) == pytest.approx(by[(method, 3.0)]["perplexity"])
+        assert verify_checkpoint(version.tags["checkpoint"]) == version.tags["checkpoint_sha256"]
