@@ -17,52 +17,25 @@ a Pareto plot per quantizer.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, previous_rows, quantizer_arguments, write_results  # noqa: E402
 
+from gamma.allocators.uniform import SPLIT_ORDERS, two_level_split  # noqa: E402
 from gamma.assignment import account  # noqa: E402
 from gamma.candidates import apply_candidates, build_candidates  # noqa: E402
 from gamma.config import load_config  # noqa: E402
 from gamma.evaluate import perplexity  # noqa: E402
-from gamma.model import block_index  # noqa: E402
 from gamma.plots import plot_pareto  # noqa: E402
 from gamma.progress import console  # noqa: E402
 from gamma.projection import allocate_bits  # noqa: E402
 from gamma.proxy import relative_error_costs  # noqa: E402
 from gamma.steps import allocate, evaluate_model, hessians_for, learn_score_table  # noqa: E402
 from gamma.workspace import Workspace  # noqa: E402
-
-SPLIT_ORDERS = {
-    "deepest first": lambda n: -block_index(n),
-    "shallowest first": lambda n: block_index(n),
-    "mlp first": lambda n: (0 if ".mlp." in n else 1, block_index(n)),
-    "attention first": lambda n: (0 if ".self_attn." in n else 1, block_index(n)),
-}
-
-
-def two_level_split(modules, sizes, bits, budget, order) -> dict[str, int] | None:
-    """Lower candidate everywhere, then the upper one module by module in ``order`` while it fits."""
-    lower = max((b for b in bits if b <= budget), default=None)
-    upper = min((b for b in bits if b > budget), default=None)
-    if lower is None:
-        return None
-    n = {m: r * c for m, (r, c) in zip(modules, sizes)}
-    room = budget * sum(n.values()) - lower * sum(n.values())
-    assignment = dict.fromkeys(modules, lower)
-    if upper is None:
-        return assignment
-    for m in sorted(modules, key=order):
-        extra = n[m] * (upper - lower)
-        if extra <= room + 1e-6:
-            assignment[m], room = upper, room - extra
-    return assignment
 
 
 def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[list[dict], dict]:
@@ -109,9 +82,9 @@ def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[li
         run("proxy", budget, proxy.assignment)
         best = None
         for name, order in SPLIT_ORDERS.items():
-            split = two_level_split(modules, sizes, bits, budget, order)
-            if split is None:
+            if budget < min(bits):
                 continue
+            split = two_level_split(modules, [r * c for r, c in sizes], bits, budget, order)
             apply_candidates(model, candidates, bits, split)
             calib_ppl = perplexity(model, calib).perplexity
             if best is None or calib_ppl < best[0]:
@@ -126,21 +99,10 @@ def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[li
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quantizers", default="rtn,gptq")
-    ap.add_argument("--budgets", default="2.25,2.5,2.75,3,3.5")
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--items", type=int, default=20)
-    ap.add_argument("--set", action="append", default=[], help="extra config override key=value (repeatable)")
-    args = ap.parse_args()
+    args = quantizer_arguments(__doc__).parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     overrides = dict(kv.split("=", 1) for kv in args.set)
-    # Each quantizer's rows replace that quantizer's rows of an earlier run, so RTN and GPTQ can
-    # be measured in separate sittings and land in one table.
-    previous = RESULTS / "allocation_quality.json"
-    old = json.loads(previous.read_text()) if previous.exists() else {"settings": {}, "rows": []}
-    rows = old["rows"]
-    per_quantizer = old["settings"].get("per_quantizer", {})
+    rows, per_quantizer = previous_rows("allocation_quality")
     for qname in args.quantizers.split(","):
         qrows, per_quantizer[qname] = compare(qname, budgets, args, overrides)
         rows = [r for r in rows if r["quantizer"] != qname] + qrows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import subprocess
@@ -24,3 +25,22 @@ def write_results(name: str, settings: dict, rows: list[dict]) -> Path:
     settings = {**settings, "commit": commit(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     path.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1, default=str) + "\n")
     return path
+
+
+def quantizer_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every per-quantizer comparison takes; callers add their own."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quantizers", default="rtn,gptq")
+    ap.add_argument("--budgets", default="2.25,2.5,2.75,3,3.5")
+    ap.add_argument("--tokens", type=int, default=8192, help="held-out evaluation tokens")
+    ap.add_argument("--items", type=int, default=20, help="zero-shot items per task")
+    ap.add_argument("--set", action="append", default=[], help="extra config override key=value (repeatable)")
+    return ap
+
+
+def previous_rows(name: str) -> tuple[list[dict], dict]:
+    """Rows and per-quantizer settings of an earlier run: each quantizer's rerun replaces only its
+    own rows, so RTN and GPTQ can be measured in separate sittings and land in one table."""
+    previous = RESULTS / f"{name}.json"
+    old = json.loads(previous.read_text()) if previous.exists() else {"settings": {}, "rows": []}
+    return old["rows"], old["settings"].get("per_quantizer", {})

@@ -15,13 +15,12 @@ benchmarks/results/compare_allocators.json and a Pareto plot per quantizer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, previous_rows, quantizer_arguments, write_results  # noqa: E402
 
 from gamma.allocators import BlockAssignment, allocator_from_config  # noqa: E402
 from gamma.allocators.column_blocks import block_account  # noqa: E402
@@ -87,19 +86,12 @@ def write_partial(qname: str, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quantizers", default="rtn,gptq")
-    ap.add_argument("--budgets", default="2.25,2.5,2.75,3,3.5")
+    ap = quantizer_arguments(__doc__)
     ap.add_argument("--allocators", default=ALL)
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--items", type=int, default=20)
-    ap.add_argument("--set", action="append", default=[], help="extra config override key=value (repeatable)")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     overrides = dict(kv.split("=", 1) for kv in args.set)
-    previous = RESULTS / "compare_allocators.json"
-    old = json.loads(previous.read_text()) if previous.exists() else {"settings": {}, "rows": []}
-    rows, per_quantizer = old["rows"], old["settings"].get("per_quantizer", {})
+    rows, per_quantizer = previous_rows("compare_allocators")
     for qname in args.quantizers.split(","):
         qrows, per_quantizer[qname] = compare(qname, budgets, args.allocators.split(","), args, overrides)
         rows = [r for r in rows if r["quantizer"] != qname] + qrows  # a quantizer's rerun replaces its rows
