@@ -12,14 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gamma.allocators.base import AllocationProblem, Allocator
-from gamma.allocators.column_blocks import build_column_blocks, greedy_upgrade
+from gamma.allocators.base import AllocationProblem
+from gamma.allocators.column_blocks import BlockAllocator, build_column_blocks, greedy_upgrade
 from gamma.model import quantizable_modules
 
 
-class BlockwiseAllocator(Allocator):
+class BlockwiseAllocator(BlockAllocator):
     name = "scalebits"
-    granularity = "block"
 
     def __init__(self, width: int = 0, reorder: bool = True):
         """``width``: columns per block (0: the quantization group size)."""
@@ -42,6 +41,3 @@ class BlockwiseAllocator(Allocator):
         return b.to_assignment(levels, problem.bits), {"blocks": b.n_blocks, "width": b.width,
                                                        "fisher_error": float(b.errors[np.arange(b.n_blocks),
                                                                                       levels].sum())}
-
-    def apply(self, problem: AllocationProblem, assignment) -> None:
-        self.blocks.apply(problem.model, assignment, problem.bits)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gamma.allocators.base import AllocationProblem, AllocatorError, BlockAssignment
+from gamma.allocators.base import AllocationProblem, Allocator, AllocatorError, BlockAssignment
 from gamma.assignment import module_cost_bits
 from gamma.model import quantizable_modules
 from gamma.progress import track
@@ -60,6 +60,16 @@ class ColumnBlocks:
             order = self.order[name]
             weight = permuted if order is None else permuted[:, torch.argsort(order)]
             modules[name].weight.copy_(weight.to(modules[name].weight.dtype))
+
+
+class BlockAllocator(Allocator):
+    """An allocator over column blocks: ``prepare`` builds ``self.blocks``; ``apply`` fake-quantizes."""
+
+    granularity = "block"
+    blocks: ColumnBlocks
+
+    def apply(self, problem: AllocationProblem, assignment: BlockAssignment) -> None:
+        self.blocks.apply(problem.model, assignment, problem.bits)
 
 
 def block_width(problem: AllocationProblem, width: int) -> int:

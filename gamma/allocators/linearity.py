@@ -22,19 +22,14 @@ from gamma.allocators.base import AllocationProblem, Allocator, AllocatorError
 from gamma.blocks import BlockRunner
 from gamma.model import block_index, quantizable_modules
 from gamma.progress import track
+from gamma.proxy import relative_error_costs
 
 MAX_DP_UNITS = 200_000  # above this, module sizes are rounded up to a coarser unit (never over budget)
 
 
 def relative_errors(problem: AllocationProblem) -> np.ndarray:
-    """``t[m, k] = ||W_m - Q_k(W_m)||^2 / ||W_m||^2``."""
-    modules = quantizable_modules(problem.model)
-    rows = []
-    for name, cands in problem.candidates.items():
-        w = modules[name].weight.detach().float()
-        norm = float(w.pow(2).sum())
-        rows.append([float((w - q.dequantize()).pow(2).sum()) / norm for q in cands])
-    return np.array(rows)
+    """``t[m, k] = ||W_m - Q_k(W_m)||^2 / ||W_m||^2``: the proxy's relative error without its size weight."""
+    return relative_error_costs(problem.model, problem.candidates) / problem.params[:, None]
 
 
 @torch.no_grad()

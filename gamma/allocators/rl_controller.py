@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from gamma.allocators.base import AllocationProblem, Allocator
-from gamma.allocators.column_blocks import build_column_blocks, greedy_upgrade, repair_down
+from gamma.allocators.base import AllocationProblem
+from gamma.allocators.column_blocks import BlockAllocator, build_column_blocks, greedy_upgrade, repair_down
 from gamma.assignment import collect_hessians
 from gamma.model import block_index, quantizable_modules
 from gamma.progress import track
@@ -40,9 +40,8 @@ def chunk_features(blocks, modules: list[str]) -> torch.Tensor:
     return torch.tensor(feats, dtype=torch.float32)
 
 
-class RLControllerAllocator(Allocator):
+class RLControllerAllocator(BlockAllocator):
     name = "windquant"
-    granularity = "block"
 
     def __init__(self, width: int = 0, iterations: int = 60, episodes: int = 16, epochs: int = 4,
                  lr: float = 3e-3, clip: float = 0.2, entropy: float = 0.01, hidden: int = 64):
@@ -106,6 +105,3 @@ class RLControllerAllocator(Allocator):
         return b.to_assignment(levels, bits), {"blocks": b.n_blocks, "width": b.width, "reward_curve": curve,
                                                "best_sampled_reward": best_reward,
                                                "final_reward": -float(b.errors[rows, levels].sum())}
-
-    def apply(self, problem: AllocationProblem, assignment) -> None:
-        self.blocks.apply(problem.model, assignment, problem.bits)
