@@ -6,8 +6,10 @@ allocator chooses among those very weights, so the comparison isolates the alloc
 standard error across windows, zero-shot average with its standard error, bits (nominal, and
 effective with scales, zero-points and block metadata), bytes, and the cost of serving one more
 budget: the allocator's per-budget time (GAMMA and the proxies: a solve; search and RL: their
-whole run), with the one-off work (Stage I, Fisher, coefficients) reported beside it. Writes
-benchmarks/results/compare_allocators.json and a Pareto plot per quantizer.
+whole run), with the one-off work (Stage I, Fisher, coefficients) reported beside it, and the
+time to apply the answer (GPTQ block assignments: one GPTQ pass per mixed module). Writes
+benchmarks/results/compare_allocators.json and a Pareto plot per quantizer; rerunning some
+``--allocators`` replaces only their rows.
 
     python benchmarks/compare_allocators.py [--quantizers rtn,gptq] [--budgets 2.25,2.5,2.75,3,3.5]
         [--allocators gamma,uniform,hawq,higgs,scalebits,windquant,evopress] [--tokens 8192] [--items 20]
@@ -17,10 +19,11 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, previous_rows, quantizer_arguments, write_results  # noqa: E402
+from common import RESULTS, commit, previous_rows, quantizer_arguments, write_results  # noqa: E402
 
 from gamma.allocators import BlockAssignment, allocator_from_config  # noqa: E402
 from gamma.allocators.column_blocks import block_account  # noqa: E402
@@ -59,13 +62,16 @@ def compare(qname: str, budgets: list[float], names: list[str], args, overrides:
                 size = {"effective_bits": a.effective_bits, "quantized_bytes": a.quantized_bytes,
                         "metadata_bits_per_weight": 0.0}
             try:
-                allocator.apply(problem, result.assignment)
+                t0 = time.perf_counter()
+                allocator.apply(problem, result.assignment)  # GPTQ block assignments: one GPTQ pass per module
+                apply_seconds = time.perf_counter() - t0
                 figures = evaluate_model(ws, problem.model, tok)
             finally:
                 problem.restore()
             notes = {k: v for k, v in result.notes.items() if isinstance(v, (int, float, str))}
             row = {"quantizer": qname, "method": name, "granularity": allocator.granularity, "budget": budget,
                    "avg_bits": result.avg_bits, **size, "one_more_budget_seconds": result.seconds,
+                   "apply_seconds": apply_seconds,
                    "prepare_seconds": result.prepare_seconds, **notes, **figures}
             rows.append(row)
             console.print(f"{qname}: {name:9s} B={budget:<5g} bits={result.avg_bits:.3f} "
@@ -73,7 +79,6 @@ def compare(qname: str, budgets: list[float], names: list[str], args, overrides:
                           f"ppl={row['perplexity']:.2f}±{row['perplexity_se']:.2f} zs={row['zero_shot']:.3f} "
                           f"budget {result.seconds:.1f}s (+{result.prepare_seconds:.0f}s once)")
         write_partial(qname, rows)
-    plot_pareto([r for r in rows if "error" not in r], RESULTS / f"compare_allocators_{qname}.png")
     settings = {"candidates": cfg.candidates, "quantizer": ws.quantizer_record(), "stage1": cfg.stage1.model_dump(),
                 "allocation": cfg.allocation.model_dump(), "calibration_sequences": cfg.text.calibration_sequences,
                 "eval_tokens": args.tokens, "zero_shot_items": args.items, "budgets": budgets, "overrides": overrides}
@@ -93,8 +98,15 @@ def main() -> None:
     overrides = dict(kv.split("=", 1) for kv in args.set)
     rows, per_quantizer = previous_rows("compare_allocators")
     for qname in args.quantizers.split(","):
-        qrows, per_quantizer[qname] = compare(qname, budgets, args.allocators.split(","), args, overrides)
-        rows = [r for r in rows if r["quantizer"] != qname] + qrows  # a quantizer's rerun replaces its rows
+        names = args.allocators.split(",")
+        qrows, settings = compare(qname, budgets, names, args, overrides)
+        # a rerun replaces the rows of the allocators it ran; the others' rows stay
+        kept = [r for r in rows if r["quantizer"] == qname and r["method"] not in names]
+        rows = [r for r in rows if r["quantizer"] != qname] + kept + qrows
+        per_quantizer[qname] = {**settings, "allocators": sorted({r["method"] for r in kept + qrows}),
+                                "reran": {"allocators": names, "commit": commit()}}
+        plot_pareto([r for r in rows if r["quantizer"] == qname and "error" not in r],
+                    RESULTS / f"compare_allocators_{qname}.png")
         console.print(f"wrote {write_results('compare_allocators', {'per_quantizer': per_quantizer}, rows)}")
         (RESULTS / f"compare_allocators_{qname}.partial.json").unlink(missing_ok=True)
     for qname in args.quantizers.split(","):

@@ -72,10 +72,9 @@ CONFIGS: dict[str, dict] = {
     "soft-fisher-channel-fisher": {"fisher_weight": "channel"},
     "hard-fisher-4samples": {"relaxation": "hard", "samples": 4},
     "hard-fisher-4antithetic": {"relaxation": "hard", "samples": 4, "antithetic": True},
-    "soft-fisher-noclip": {"proxy_clip": 0.0},
-    "soft-fisher-noclip-anneal": {"proxy_clip": 0.0, "temperature": 2.0, "temperature_end": 0.5},
+    "soft-fisher-clip8": {"proxy_clip": 8.0},
 }
-UNTRAINED_CLIPS = {"untrained proxy init noclip": 0.0, "untrained proxy init": 8.0}
+UNTRAINED_CLIPS = {"untrained proxy init": 0.0, "untrained proxy init clip8": 8.0}
 
 
 EXTRA: dict = {}  # --set overrides, applied to every configuration
@@ -231,7 +230,8 @@ def main() -> None:
                             **ev.evaluate(ev.solve(np.asarray(table.scores), b))})
                 write_results("stage1_ablation", {"note": "rows accumulate over invocations"}, rows)
         plot(rows, qname, RESULTS / f"stage1_ablation_{qname}.png")
-        settings = {"candidates": bits, "eval_tokens": args.tokens, "zero_shot_items": args.items,
+        settings = {"note": "rows accumulate over invocations (soft-fisher: the default, proxy_clip 0)",
+                    "candidates": bits, "eval_tokens": args.tokens, "zero_shot_items": args.items,
                     "train_budget": args.train_budget, "configs": CONFIGS, "params": ev.cfg.stage1.model_dump(),
                     "calibration_sequences": ev.cfg.text.calibration_sequences, "model_md5": ev.ws.model_hash,
                     "text_md5": ev.ws.text_hash, "context_length": ev.cfg.evaluation.context_length}

@@ -86,12 +86,23 @@ class GPTQ:
             return search_group_params(w, spec, weights=h_diag)
         return group_params(w, spec)
 
-    def quantize(self, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+    def quantize(self, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None,
+                 group_bits: list[int] | None = None) -> QuantizedWeight:
+        """``group_bits``: a bit width per group (sub-module allocations), overriding ``spec.bits``
+        group by group in one pass, so that every group's error is still compensated by the columns
+        after it whatever their width; the result's ``spec`` then carries the widest of them."""
         if hessian is None:
             raise QuantizationError("GPTQ needs the Hessian of the module's calibration inputs")
         rows, cols = weight.shape
         n_groups = spec.groups(cols)
         width = spec.group_width(cols)
+        if group_bits is None:
+            specs = [spec] * n_groups
+        elif len(group_bits) != n_groups:
+            raise QuantizationError(f"group_bits has {len(group_bits)} widths for {n_groups} groups of {width} columns")
+        else:
+            specs = [QuantSpec(int(b), spec.group_size, spec.symmetric) for b in group_bits]
+            spec = QuantSpec(max(int(b) for b in group_bits), spec.group_size, spec.symmetric)
         W = weight.detach().to(torch.float32).clone()
         H = hessian.to(torch.float32).clone()
 
@@ -104,7 +115,7 @@ class GPTQ:
         zeros = torch.zeros(rows, n_groups, dtype=torch.int32)
         if self.act_order:
             for g in range(n_groups):
-                scales[:, g], zeros[:, g] = self._group_params(W[:, g * width : (g + 1) * width], spec,
+                scales[:, g], zeros[:, g] = self._group_params(W[:, g * width : (g + 1) * width], specs[g],
                                                                diag[g * width : (g + 1) * width])
             perm = torch.argsort(torch.diag(H), descending=True)
         else:
@@ -127,10 +138,10 @@ class GPTQ:
                 col = int(perm[i1 + i])
                 g = col // width
                 if not self.act_order and col % width == 0:
-                    scales[:, g], zeros[:, g] = self._group_params(W1[:, i : i + width], spec,
+                    scales[:, g], zeros[:, g] = self._group_params(W1[:, i : i + width], specs[g],
                                                                    diag[col : col + width])
                 w = W1[:, i]
-                q = quantize_with(w[:, None], scales[:, g], zeros[:, g], spec.max_code)[:, 0]
+                q = quantize_with(w[:, None], scales[:, g], zeros[:, g], specs[g].max_code)[:, 0]
                 codes[:, col] = q
                 deq = (q - zeros[:, g]) * scales[:, g]
                 err = (w - deq) / Hinv1[i, i]

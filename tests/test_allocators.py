@@ -155,3 +155,46 @@ def test_block_assignment_exports_a_loadable_fake_quantized_model(problem, tmp_p
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
     assert torch.equal(quantizable_modules(loaded)[name].weight, fake.half().float())  # the blocks, at float16
     assert next_token_loss(loaded, ids) == pytest.approx(expected, abs=0.01)
+
+
+def test_gptq_block_assignment_is_quantized_in_one_pass(model_and_tokenizer, calibration):
+    """With GPTQ, a module whose blocks differ in width gets one GPTQ pass at those widths (what a
+    real per-block quantization stores), not a splice of separately compensated candidates."""
+    import copy
+
+    from gamma.allocators import AllocationProblem, BlockAssignment
+    from gamma.allocators.column_blocks import build_column_blocks
+    from gamma.assignment import collect_hessians
+    from gamma.candidates import build_candidates
+    from gamma.model import quantizable_modules
+    from gamma.quantizer import get_quantizer
+
+    names = ["model.layers.3.self_attn.o_proj", "model.layers.3.mlp.down_proj"]
+    model = copy.deepcopy(model_and_tokenizer[0])
+    gptq = get_quantizer("gptq")
+    hessians = collect_hessians(model, calibration, modules=set(names))
+    candidates = build_candidates(model, gptq, BITS, 64, False, hessians, modules=names)
+    problem = AllocationProblem(model, calibration, candidates, BITS, quantizer=gptq, hessians=hessians)
+    order = {names[0]: None, names[1]: torch.randperm(1536, generator=torch.Generator().manual_seed(0))}
+    blocks = build_column_blocks(problem, 64, order, {n: torch.ones(problem.sizes[i][1]) for i, n in enumerate(names)},
+                                 "test")
+    pattern = {n: [BITS[j % 3] for j in range(problem.sizes[i][1] // 64)] for i, n in enumerate(names)}
+    assignment = BlockAssignment(64, pattern, {n: (None if o is None else o.tolist()) for n, o in order.items()})
+    layers = quantizable_modules(model)
+    try:
+        blocks.apply(problem, assignment)
+        applied = {n: layers[n].weight.detach().clone() for n in names}
+    finally:
+        problem.restore()
+    for n in names:
+        w, h, perm = problem.full_precision(n), hessians[n], order[n]
+        dense = [q.dequantize() for q in blocks.candidates[n]]  # in the permuted layout
+        spliced = torch.cat([dense[BITS.index(b)][:, j * 64:(j + 1) * 64] for j, b in enumerate(pattern[n])], 1)
+        spliced = spliced if perm is None else spliced[:, torch.argsort(perm)]
+
+        def out_err(q, w=w, h=h):
+            d = q - w
+            return float(torch.einsum("ij,jk,ik->", d, h, d))
+
+        assert not torch.equal(applied[n], spliced)
+        assert out_err(applied[n]) < out_err(spliced), n

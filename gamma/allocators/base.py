@@ -42,7 +42,7 @@ class AllocationProblem:
     symmetric: bool = False
     seed: int = 0
     quantizer: object = None  # re-quantizes permuted weights (sub-module allocators)
-    hessians: dict[str, torch.Tensor] | None = None  # GPTQ's, when the candidates used them
+    hessians: dict[str, torch.Tensor] | None = None  # GPTQ's, exactly when the candidates used them
     _fisher: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _original: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -59,6 +59,10 @@ class AllocationProblem:
         layers = quantizable_modules(self.model)
         for name, w in self._original.items():
             layers[name].weight.copy_(w)
+
+    def full_precision(self, name: str) -> torch.Tensor:
+        """Module ``name``'s original weight (whatever the model holds now)."""
+        return self._original[name]
 
     @property
     def modules(self) -> list[str]:
