@@ -197,6 +197,11 @@ def main() -> None:
 
     for qname in args.quantizers.split(","):
         ev = Evaluator(qname, bits, args, cache)
+        settings = {"note": "rows accumulate over invocations (soft-fisher: the default, proxy_clip 0)",
+                    "candidates": bits, "eval_tokens": args.tokens, "zero_shot_items": args.items,
+                    "train_budget": args.train_budget, "configs": CONFIGS, "params": ev.cfg.stage1.model_dump(),
+                    "calibration_sequences": ev.cfg.text.calibration_sequences, "model_md5": ev.ws.model_hash,
+                    "text_md5": ev.ws.text_hash, "context_length": ev.cfg.evaluation.context_length}
         costs = ev.proxy_costs()
         fixed = {"proxy": -costs}
         for name in [n for n in args.untrained.split(",") if n]:
@@ -215,7 +220,7 @@ def main() -> None:
                         "training_budget": args.train_budget, "budget": b, "stage1_seconds": table.wall_seconds,
                         "stage1_peak_mb": table.peak_memory_mb, "stage1_steps": len(table.history["loss"]),
                         **ev.evaluate(ev.solve(np.asarray(table.scores), b))})
-            write_results("stage1_ablation", {"note": "rows accumulate over invocations"}, rows)
+            write_results("stage1_ablation", settings, rows)
         reuse_from = [float(b) for b in args.reuse_from.split(",") if b]
         if reuse_from:
             own = [float(b) for b in args.reuse_own.split(",") if b] or budgets
@@ -228,13 +233,8 @@ def main() -> None:
                             "training_budget": trained, "budget": b, "stage1_seconds": table.wall_seconds,
                             "stage1_peak_mb": table.peak_memory_mb,
                             **ev.evaluate(ev.solve(np.asarray(table.scores), b))})
-                write_results("stage1_ablation", {"note": "rows accumulate over invocations"}, rows)
+                write_results("stage1_ablation", settings, rows)
         plot(rows, qname, RESULTS / f"stage1_ablation_{qname}.png")
-        settings = {"note": "rows accumulate over invocations (soft-fisher: the default, proxy_clip 0)",
-                    "candidates": bits, "eval_tokens": args.tokens, "zero_shot_items": args.items,
-                    "train_budget": args.train_budget, "configs": CONFIGS, "params": ev.cfg.stage1.model_dump(),
-                    "calibration_sequences": ev.cfg.text.calibration_sequences, "model_md5": ev.ws.model_hash,
-                    "text_md5": ev.ws.text_hash, "context_length": ev.cfg.evaluation.context_length}
         path = write_results("stage1_ablation", settings, rows)
         console.print(f"wrote {path}")
         summarize(rows, qname, budgets)
