@@ -3,7 +3,9 @@
 A module's input channels are (optionally) reordered, then cut into blocks of ``width`` columns,
 a multiple of the quantization group so that each block's groups (and their scales) belong to it
 alone; each block can take any candidate bit width. Candidates are quantized once in the reordered
-layout, so a block at ``b`` bits holds exactly what a ``b``-bit quantization of that layout stores.
+layout and measure each block's error at every width; with RTN a block at ``b`` bits holds exactly
+what a ``b``-bit quantization of that layout stores, with GPTQ ``apply`` quantizes a mixed module
+again in one pass at its per-block widths (GPTQ's compensation crosses block boundaries).
 A block assignment is exported as a fake-quantized model (dequantized weights in the original
 channel order) together with the per-block bits and permutations; ``account`` counts what such a
 model stores, the per-block bit-width indices and the permutations explicitly included.
