@@ -54,8 +54,8 @@ class ColumnBlocks:
         With GPTQ (the problem carries Hessians) a module whose blocks differ in width is quantized
         again in one pass at its per-block widths: splicing columns of candidates quantized
         separately would drop, at every block boundary, the error compensation GPTQ gave each
-        candidate (spliced, ScaleBITS lost to uniform allocation at 2.25, 2.5 and 3.0 bits). With RTN every
-        group is quantized on its own, so the splice is exactly that pass."""
+        candidate (spliced, ScaleBITS lost to uniform allocation at 2.25, 2.5 and 3.0 bits). With
+        RTN every group is quantized on its own, so the splice is exactly that pass."""
         modules = quantizable_modules(problem.model)
         bits = problem.bits
         for name, block_bits in assignment.bits.items():
