@@ -12,7 +12,7 @@ benchmarks/results/compare_allocators.json and a Pareto plot per quantizer; reru
 ``--allocators`` replaces only their rows.
 
     python benchmarks/compare_allocators.py [--quantizers rtn,gptq] [--budgets 2.25,2.5,2.75,3,3.5]
-        [--allocators gamma,uniform,hawq,higgs,scalebits,windquant,evopress] [--tokens 8192] [--items 20]
+        [--allocators gamma,gamma-blocks,uniform,hawq,higgs,scalebits,windquant,evopress] [--tokens 8192] [--items 20]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from gamma.progress import console  # noqa: E402
 from gamma.steps import allocation_problem, evaluate_model  # noqa: E402
 from gamma.workspace import Workspace  # noqa: E402
 
-ALL = "gamma,uniform,hawq,higgs,scalebits,windquant,evopress"
+ALL = "gamma,gamma-blocks,uniform,hawq,higgs,scalebits,windquant,evopress"
 
 
 def compare(qname: str, budgets: list[float], names: list[str], args, overrides: dict) -> tuple[list[dict], dict]:

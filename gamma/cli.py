@@ -265,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("allocate", parents=[common], help="Stage II: solve budgets from a saved score table")
     a.add_argument("--budgets", help="comma-separated average-bit budgets, e.g. 2.25,2.5,3")
     a.add_argument("--allocator", default="gamma", help="gamma (Stage II from the score tables) or another "
-                   "allocator (uniform, hawq, higgs, scalebits, windquant, evopress): allocates, quantizes and "
-                   "evaluates each budget")
+                   "allocator (gamma-blocks, uniform, hawq, higgs, scalebits, windquant, evopress): allocates, "
+                   "quantizes and evaluates each budget")
     a.add_argument("--scores", action="append", help="score table, repeatable: each budget is projected from the "
                    "table learned nearest to it (default: the tables of stage1.budget and stage1.extra_budgets)")
     q = sub.add_parser("quantize", parents=[common], help="apply an allocation, save and evaluate the model")

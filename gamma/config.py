@@ -144,7 +144,7 @@ class Stage2Config(_Section):
         "auto", description="cbc: exact MIP; hull: LP greedy with proven bound (10^5 items); auto picks by size")
 
 
-AllocatorName = Literal["gamma", "uniform", "hawq", "higgs", "scalebits", "windquant", "evopress"]
+AllocatorName = Literal["gamma", "gamma-blocks", "uniform", "hawq", "higgs", "scalebits", "windquant", "evopress"]
 
 
 class HiggsConfig(_Section):
@@ -154,6 +154,11 @@ class HiggsConfig(_Section):
 
 
 class ScaleBitsConfig(_Section):
+    width: int = Field(0, ge=0, description="columns per block, a multiple of the group size; 0: the group size")
+    reorder: bool = Field(True, description="reorder input channels by Fisher sensitivity before cutting blocks")
+
+
+class GammaBlocksConfig(_Section):
     width: int = Field(0, ge=0, description="columns per block, a multiple of the group size; 0: the group size")
     reorder: bool = Field(True, description="reorder input channels by Fisher sensitivity before cutting blocks")
 
@@ -179,6 +184,8 @@ class AllocationConfig(_Section):
     methods: list[AllocatorName] = Field(["gamma"], description=(
         "allocators the pipeline fans out over the budgets (each variant registered with its name)"))
     higgs: HiggsConfig = HiggsConfig()
+    gamma_blocks: GammaBlocksConfig = Field(GammaBlocksConfig(), description=(
+        "gamma-blocks: GAMMA (stage1 settings) with one preference row per column block"))
     scalebits: ScaleBitsConfig = ScaleBitsConfig()
     windquant: WindQuantConfig = WindQuantConfig()
     evopress: EvoPressConfig = EvoPressConfig()

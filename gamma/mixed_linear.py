@@ -6,16 +6,41 @@ its weight is ``sum_b mix_b Q_b(W)`` where ``mix`` is either the softmax probabi
 (``soft``) or a straight-through Gumbel sample (``hard``). The mixed weight is built as a
 detached leaf and ``dL/dmix_b = <dL/dW, Q_b(W)>`` is applied afterwards: autograd through the
 sum would keep |C| weight-sized temporaries alive per module.
+
+At column-block granularity (``columns`` given) a module has one row of logits per block of input
+channels: ``mix`` is [J, K] and column ``i`` of the weight mixes its candidates with
+``mix[columns[i]]``; the gradient of a block's row sums over its columns.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass
+class ColumnLayout:
+    """A module cut into column blocks: its candidates hold input channel ``order[p]`` in column
+    ``p`` (None: the natural order), and input channel ``c`` belongs to block ``columns[c]``."""
+
+    order: torch.Tensor | None
+    columns: torch.Tensor  # [in], long
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.columns.max()) + 1
+
+    def block_sizes(self, rows: int) -> list[int]:
+        return (torch.bincount(self.columns, minlength=self.n_blocks) * rows).tolist()
+
+    def to_model_order(self, dense: torch.Tensor) -> torch.Tensor:
+        """Candidate weights [..., out, in] in the model's own channel order."""
+        return dense if self.order is None else dense[..., torch.argsort(self.order)]
 
 
 class PreferenceLogits(nn.Module):
@@ -59,22 +84,34 @@ class PreferenceLogits(nn.Module):
 
 
 class MixedLinear(nn.Module):
-    def __init__(self, candidates: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, candidates: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor | None = None):
+        """``candidates``: [K, out, in], dequantized; ``columns``: [in], the block of each input
+        column (None: one mix for the whole module)."""
         super().__init__()
-        self.candidates = candidates  # [K, out, in], dequantized
+        self.candidates = candidates
         self.bias = bias
+        self.columns = columns
         self.weight: torch.Tensor | None = None
 
     def set_mix(self, mix: torch.Tensor) -> None:
-        self.weight = torch.einsum("k,koi->oi", mix.detach().to(self.candidates.dtype), self.candidates)
+        """``mix``: [K] for the module, or [J, K], one row per column block."""
+        mix = mix.detach().to(self.candidates.dtype)
+        if self.columns is None:
+            self.weight = torch.einsum("k,koi->oi", mix, self.candidates)
+        else:
+            self.weight = torch.einsum("ik,koi->oi", mix[self.columns], self.candidates)
+            self._blocks = mix.shape[0]
         self.weight.requires_grad_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
     def mix_grad(self) -> torch.Tensor:
-        """``dL/dmix_b = <dL/dW, Q_b(W)>`` after a backward through this module."""
-        return torch.einsum("oi,koi->k", self.weight.grad, self.candidates)
+        """``dL/dmix_b = <dL/dW, Q_b(W)>`` after a backward through this module ([K], or [J, K] per block)."""
+        if self.columns is None:
+            return torch.einsum("oi,koi->k", self.weight.grad, self.candidates)
+        per_column = torch.einsum("oi,koi->ik", self.weight.grad, self.candidates)
+        return per_column.new_zeros(self._blocks, per_column.shape[1]).index_add_(0, self.columns, per_column)
 
 
 @contextlib.contextmanager

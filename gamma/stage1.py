@@ -23,7 +23,7 @@ from torch import nn
 from gamma.blocks import BlockRunner
 from gamma.config import Stage1Config
 from gamma.lagrangian import AugmentedLagrangian, price_shift
-from gamma.mixed_linear import MixedLinear, PreferenceLogits, swapped
+from gamma.mixed_linear import ColumnLayout, MixedLinear, PreferenceLogits, swapped
 from gamma.model import block_index
 from gamma.progress import track
 from gamma.quantizer import QuantizedWeight
@@ -86,15 +86,20 @@ def _peak_memory_mb() -> float:
 class _Candidates:
     """Dense candidate weights of one block at a time (cached while the total stays small)."""
 
-    def __init__(self, candidates: dict[str, list[QuantizedWeight]], cache_limit_bytes: float = 4e9):
+    def __init__(self, candidates: dict[str, list[QuantizedWeight]], layouts: dict[str, ColumnLayout] | None,
+                 cache_limit_bytes: float = 4e9):
         self.candidates = candidates
+        self.layouts = layouts or {}
         total = sum(q.codes.numel() * 4 for qs in candidates.values() for q in qs)
         self.cache: dict[str, torch.Tensor] | None = {} if total <= cache_limit_bytes else None
 
     def dense(self, name: str, device: torch.device) -> torch.Tensor:
         if self.cache is not None and name in self.cache:
             return self.cache[name]
-        t = torch.stack([q.dequantize() for q in self.candidates[name]]).to(device)
+        t = torch.stack([q.dequantize() for q in self.candidates[name]])
+        if name in self.layouts:
+            t = self.layouts[name].to_model_order(t)
+        t = t.to(device)
         if self.cache is not None:
             self.cache[name] = t
         return t
@@ -114,6 +119,7 @@ def learn_preferences(
     shard: tuple[torch.Tensor, int] | None = None,
     all_reduce=None,
     checkpoint_key: str = "",
+    layouts: dict[str, ColumnLayout] | None = None,
 ) -> Stage1Result:
     """Learn the logits; returns the score table arrays and the optimisation record.
 
@@ -125,6 +131,9 @@ def learn_preferences(
     number of sequences); every process draws the same step batches, takes the part it holds,
     and ``all_reduce`` sums the logit gradients, so all processes take identical steps. Only
     rank 0 writes checkpoints.
+    ``layouts``: column-block granularity; one row of logits per block of every module, in
+    module order (``init_logits`` and the returned table likewise), the candidates laid out as
+    each module's layout says.
     """
     t_start = time.perf_counter()
     dev = torch.device(device)
@@ -134,11 +143,24 @@ def learn_preferences(
     for i, name in enumerate(modules):
         modules_by_block.setdefault(block_index(name), []).append(i)
     linear = dict(model.named_modules())
-    sizes = [linear[n].weight.numel() for n in modules]
+    # the logit rows of each module: its row (module level), or a slice of rows, one per column block
+    rows: list[int | slice] = []
+    row_names: list[str] = []
+    sizes: list[int] = []
+    for i, name in enumerate(modules):
+        if layouts is None:
+            rows.append(i)
+            row_names.append(name)
+            sizes.append(linear[name].weight.numel())
+        else:
+            layout = layouts[name]
+            rows.append(slice(len(row_names), len(row_names) + layout.n_blocks))
+            row_names += [f"{name}#{j}" for j in range(layout.n_blocks)]
+            sizes += layout.block_sizes(linear[name].weight.shape[0])
     if cfg.init == "proxy" and init_logits is None:
         raise ValueError("stage1.init='proxy' needs init_logits from the Fisher proxy")
     init = torch.as_tensor(init_logits, dtype=torch.float32) if cfg.init == "proxy" else None
-    logits = PreferenceLogits(modules, bits, sizes, init).to(dev)
+    logits = PreferenceLogits(row_names, bits, sizes, init).to(dev)
     optimizer = torch.optim.Adam([logits.alpha], lr=cfg.lr)
     lagrangian = AugmentedLagrangian(cfg.budget, 0.0, cfg.penalty, cfg.penalty_growth, cfg.penalty_max,
                                      cfg.multiplier_interval)
@@ -156,7 +178,7 @@ def learn_preferences(
         optimizer.load_state_dict(state["optimizer"])
         lagrangian.load_state_dict(state["lagrangian"])
         history, start = state["history"], state["step"]
-    cands = _Candidates(candidates)
+    cands = _Candidates(candidates, layouts)
     full_length = teacher.hidden[0].shape[1]
     n_seq = shard[1] if shard else teacher.hidden[0].shape[0]
     held = shard[0].tolist() if shard else list(range(n_seq))
@@ -185,8 +207,9 @@ def learn_preferences(
                 break
             block = runner.blocks[b]
             prefix = f"model.layers.{b}."
-            mixed = {modules[i][len(prefix):]: MixedLinear(cands.dense(modules[i], dev), linear[modules[i]].bias)
-                     for i in idx}
+            mixed = {modules[i][len(prefix):]: MixedLinear(
+                cands.dense(modules[i], dev), linear[modules[i]].bias,
+                None if layouts is None else layouts[modules[i]].columns.to(dev)) for i in idx}
             x = teacher.hidden[b][mine, :tokens].to(dev)
             y = teacher.hidden[b + 1][mine, :tokens].to(dev)
             g2 = None
@@ -195,13 +218,13 @@ def learn_preferences(
                     teacher.grads[b][mine, :tokens].to(dev).float().pow(2)
             for mix, mix_grad in zip(mixes, mix_grads):  # the step's loss is the mean over the draws
                 for i in idx:
-                    mixed[modules[i][len(prefix):]].set_mix(mix[i])
+                    mixed[modules[i][len(prefix):]].set_mix(mix[rows[i]])
                 with swapped(block, mixed), torch.enable_grad():
                     err = block_error(cfg.loss, runner.run_block(b, x), x, y, g2, full_length) \
                         * len(mine) / len(batch) / len(mixes)
                     err.backward()
                 for i in idx:
-                    mix_grad[i] = mixed[modules[i][len(prefix):]].mix_grad()
+                    mix_grad[rows[i]] = mixed[modules[i][len(prefix):]].mix_grad()
                 step_loss += float(err.detach())
         if all_reduce is not None:
             mix_grads = [all_reduce(g) for g in mix_grads]

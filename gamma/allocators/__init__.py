@@ -1,8 +1,8 @@
 """Bit allocators behind one interface (``Allocator``): GAMMA and the alternatives users ask about.
 
-Each lives in its own file: ``learned`` (GAMMA), ``uniform``, ``sensitivity`` (HAWQ-style),
-``linearity`` (HIGGS-style), ``blockwise`` (ScaleBITS-style), ``rl_controller`` (WINDQuant-style),
-``evolution`` (EvoPress-style).
+Each lives in its own file: ``learned`` (GAMMA, per module and per column block), ``uniform``,
+``sensitivity`` (HAWQ-style), ``linearity`` (HIGGS-style), ``blockwise`` (ScaleBITS-style),
+``rl_controller`` (WINDQuant-style), ``evolution`` (EvoPress-style).
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from gamma.allocators.base import (
 )
 from gamma.allocators.blockwise import BlockwiseAllocator
 from gamma.allocators.evolution import EvolutionAllocator
-from gamma.allocators.learned import GammaAllocator
+from gamma.allocators.learned import BlockGammaAllocator, GammaAllocator
 from gamma.allocators.linearity import LinearityAllocator
 from gamma.allocators.rl_controller import RLControllerAllocator
 from gamma.allocators.sensitivity import SensitivityAllocator
 from gamma.allocators.uniform import UniformAllocator
 
 ALLOCATORS: dict[str, type[Allocator]] = {
-    cls.name: cls for cls in (GammaAllocator, UniformAllocator, SensitivityAllocator, LinearityAllocator,
-                              BlockwiseAllocator, RLControllerAllocator, EvolutionAllocator)
+    cls.name: cls for cls in (GammaAllocator, BlockGammaAllocator, UniformAllocator, SensitivityAllocator,
+                              LinearityAllocator, BlockwiseAllocator, RLControllerAllocator, EvolutionAllocator)
 }
 
 
@@ -35,14 +35,14 @@ def get_allocator(name: str, **settings) -> Allocator:
     return ALLOCATORS[name](**settings)
 
 
-
-
 def allocator_from_config(cfg, name: str, tables=None) -> Allocator:
     """The allocator ``name`` with its settings from a ``GammaConfig`` (``tables``: GAMMA's
     registered score tables, so the pipeline never relearns them here)."""
     a = cfg.allocation
     settings = {
         "gamma": lambda: {"stage1": cfg.stage1, "window": cfg.stage2.window, "tables": tables},
+        "gamma-blocks": lambda: {"stage1": cfg.stage1, "window": cfg.stage2.window, "solver": cfg.stage2.solver,
+                                 **a.gamma_blocks.model_dump()},
         "uniform": dict,
         "hawq": lambda: {"window": cfg.stage2.window},
         "higgs": lambda: a.higgs.model_dump(),

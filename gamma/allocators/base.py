@@ -22,7 +22,7 @@ from torch import nn
 from gamma.candidates import apply_candidates
 from gamma.model import quantizable_modules
 from gamma.quantizer import QuantizedWeight
-from gamma.teacher import capture_teacher
+from gamma.teacher import TeacherData, capture_teacher
 
 
 class AllocatorError(ValueError):
@@ -76,10 +76,13 @@ class AllocationProblem:
     def params(self) -> np.ndarray:
         return np.array([r * c for r, c in self.sizes], dtype=np.int64)
 
-    def fisher(self) -> dict[str, torch.Tensor]:
-        """Empirical Fisher diagonal of every module (one backward per calibration sequence), once."""
+    def fisher(self, teacher: TeacherData | None = None) -> dict[str, torch.Tensor]:
+        """Empirical Fisher diagonal of every module (one backward per calibration sequence), once;
+        from ``teacher`` when it carries one (a capture of these calibration sequences)."""
         if self._fisher is None:
-            self._fisher = capture_teacher(self.model, self.calibration, with_grads=True).fisher
+            if teacher is None or teacher.fisher is None:
+                teacher = capture_teacher(self.model, self.calibration, with_grads=True)
+            self._fisher = teacher.fisher
         return self._fisher
 
     def check_budget(self, budget: float) -> None:

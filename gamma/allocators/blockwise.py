@@ -10,11 +10,9 @@ the budget is spent (a heap makes this greedy O(J log J) over J blocks: the scal
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from gamma.allocators.base import AllocationProblem
-from gamma.allocators.column_blocks import BlockAllocator, build_column_blocks, greedy_upgrade
-from gamma.model import quantizable_modules
+from gamma.allocators.column_blocks import BlockAllocator, build_column_blocks, fisher_channel_order, greedy_upgrade
 
 
 class BlockwiseAllocator(BlockAllocator):
@@ -26,13 +24,8 @@ class BlockwiseAllocator(BlockAllocator):
         self.width, self.reorder = width, reorder
 
     def _prepare(self, problem: AllocationProblem) -> None:
-        fisher = problem.fisher()
-        weights = quantizable_modules(problem.model)
-        order = {}
-        for name in problem.modules:
-            sensitivity = (fisher[name] * weights[name].weight.detach().float() ** 2).sum(dim=0)
-            order[name] = torch.argsort(sensitivity, descending=True) if self.reorder else None
-        self.blocks = build_column_blocks(problem, self.width, order, fisher, "ScaleBITS")
+        order = fisher_channel_order(problem, self.reorder)
+        self.blocks = build_column_blocks(problem, self.width, order, problem.fisher(), "ScaleBITS")
 
     def _allocate(self, problem: AllocationProblem, budget: float):
         b = self.blocks

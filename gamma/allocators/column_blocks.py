@@ -21,6 +21,7 @@ import torch
 
 from gamma.allocators.base import AllocationProblem, Allocator, AllocatorError, BlockAssignment
 from gamma.assignment import module_cost_bits
+from gamma.mixed_linear import ColumnLayout
 from gamma.model import quantizable_modules
 from gamma.progress import track
 from gamma.quantizer import QuantizedWeight, QuantSpec
@@ -39,6 +40,32 @@ class ColumnBlocks:
     @property
     def n_blocks(self) -> int:
         return len(self.owner)
+
+    @property
+    def row_names(self) -> list[str]:
+        """``module#j`` for block ``j`` of each module, in block order."""
+        seen: dict[int, int] = {}
+        names = []
+        for m in self.owner:
+            names.append(f"{self.modules[m]}#{seen.get(m, 0)}")
+            seen[m] = seen.get(m, 0) + 1
+        return names
+
+    @property
+    def row_sizes(self) -> list[tuple[int, int]]:
+        """(out, width) of every block: its weights, as Stage II's knapsack counts them."""
+        return [(int(n) // self.width, self.width) for n in self.sizes]
+
+    def layouts(self) -> dict[str, ColumnLayout]:
+        """Each module's candidate layout and the block of each of its input channels."""
+        out = {}
+        for name in self.modules:
+            n_in = self.candidates[name][0].codes.shape[1]
+            block = torch.arange(n_in) // self.width
+            order = self.order.get(name)
+            columns = block if order is None else torch.empty_like(block).scatter_(0, order, block)
+            out[name] = ColumnLayout(order, columns)
+        return out
 
     def to_assignment(self, levels: np.ndarray, bits: list[int]) -> BlockAssignment:
         out: dict[str, list[int]] = {m: [] for m in self.modules}
@@ -94,6 +121,17 @@ class BlockAllocator(Allocator):
 
     def apply(self, problem: AllocationProblem, assignment: BlockAssignment) -> None:
         self.blocks.apply(problem, assignment)
+
+
+def fisher_channel_order(problem: AllocationProblem, reorder: bool = True) -> dict[str, torch.Tensor | None]:
+    """Input channels of each module, most Fisher-sensitive first (``sum_i F_ij W_ij^2``), so that
+    the channels worth more bits share blocks (None everywhere when ``reorder`` is off)."""
+    if not reorder:
+        return {name: None for name in problem.modules}
+    fisher = problem.fisher()
+    weights = quantizable_modules(problem.model)
+    return {name: torch.argsort((fisher[name] * weights[name].weight.detach().float() ** 2).sum(dim=0),
+                                descending=True) for name in problem.modules}
 
 
 def block_width(problem: AllocationProblem, width: int) -> int:
