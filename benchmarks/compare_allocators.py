@@ -9,7 +9,8 @@ budget: the allocator's per-budget time (GAMMA and the proxies: a solve; search 
 whole run), with the one-off work (Stage I, Fisher, coefficients) reported beside it, and the
 time to apply the answer (GPTQ block assignments: one GPTQ pass per mixed module). Writes
 benchmarks/results/compare_allocators.json and a Pareto plot per quantizer; rerunning some
-``--allocators`` replaces only their rows.
+``--allocators`` replaces only their rows. GAMMA's score tables (both granularities) are kept
+under runs/compare_allocators/ by their Stage I key and reused by a rerun with the same settings.
 
     python benchmarks/compare_allocators.py [--quantizers rtn,gptq] [--budgets 2.25,2.5,2.75,3,3.5]
         [--allocators gamma,gamma-blocks,uniform,hawq,higgs,scalebits,windquant,evopress] [--tokens 8192] [--items 20]
@@ -31,8 +32,20 @@ from gamma.assignment import account  # noqa: E402
 from gamma.config import load_config  # noqa: E402
 from gamma.plots import plot_pareto  # noqa: E402
 from gamma.progress import console  # noqa: E402
-from gamma.steps import allocation_problem, evaluate_model  # noqa: E402
+from gamma.scores import ScoreTable  # noqa: E402
+from gamma.steps import allocation_problem, evaluate_model, settings_hash, stage1_key, stage1_settings  # noqa: E402
 from gamma.workspace import Workspace  # noqa: E402
+
+TABLES = Path(__file__).resolve().parents[1] / "runs" / "compare_allocators"
+LEARNED = ("gamma", "gamma-blocks")
+
+
+def table_files(ws: Workspace, name: str) -> list[Path]:
+    """Where the score tables of a learned allocator with these settings are kept, one per training budget."""
+    key = stage1_key(ws.model_hash, ws.text_hash, {**stage1_settings(ws), "allocator": name,
+                                                   "blocks": ws.cfg.allocation.gamma_blocks.model_dump()})
+    return [TABLES / f"{name}-{settings_hash({'key': key, 'budget': b})[:16]}.json"
+            for b in ws.cfg.stage1.training_budgets]
 
 ALL = "gamma,gamma-blocks,uniform,hawq,higgs,scalebits,windquant,evopress"
 
@@ -45,7 +58,13 @@ def compare(qname: str, budgets: list[float], names: list[str], args, overrides:
     tok = ws.tokenizer
     rows: list[dict] = []
     for name in names:
-        allocator = allocator_from_config(cfg, name)
+        files = table_files(ws, name) if name in LEARNED else []
+        cached = [ScoreTable.load(f) for f in files] if files and all(f.exists() for f in files) else None
+        allocator = allocator_from_config(cfg, name, cached)
+        if files and cached is None:
+            allocator.prepare(problem)
+            for f, table in zip(files, allocator.tables):
+                table.save(f)
         for budget in budgets:
             try:
                 result = allocator.allocate(problem, budget)
@@ -73,6 +92,8 @@ def compare(qname: str, budgets: list[float], names: list[str], args, overrides:
                    "avg_bits": result.avg_bits, **size, "one_more_budget_seconds": result.seconds,
                    "apply_seconds": apply_seconds,
                    "prepare_seconds": result.prepare_seconds, **notes, **figures}
+            if name in LEARNED:  # Stage I's own wall time, also when its tables came from the cache
+                row.update(stage1_seconds=sum(t.wall_seconds for t in allocator.tables), stage1_cached=bool(cached))
             rows.append(row)
             console.print(f"{qname}: {name:9s} B={budget:<5g} bits={result.avg_bits:.3f} "
                           f"eff={size['effective_bits']:.3f} "

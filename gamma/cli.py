@@ -166,6 +166,9 @@ def allocate_with(cfg: GammaConfig, allocator: str, budgets: list[float]) -> dic
             rows[b] = err
             continue
         (out / "assignments" / f"{allocator}-{b:g}.json").write_text(row.pop("allocation"))
+        if "score_table" in row:  # gamma-blocks: the block table it projected from
+            table = row.pop("score_table")
+            table.save(out / f"{allocator}-scores-{table.training_budget:g}.json")
         rows[b] = row
     _table([{**r, "method": f"{allocator}-{b:g}"} for b, r in rows.items() if isinstance(r, dict)],
            f"{allocator}: allocations in {out / 'assignments'}, models in {out / 'models'}")

@@ -215,13 +215,17 @@ def prepared_allocator(ws: Workspace, name: str, tables=None) -> tuple[Allocator
 def allocate_and_evaluate(ws: Workspace, name: str, budget: float, save_to: str | Path | None = None,
                           tables=None) -> dict:
     """One budget with one allocator: allocate, quantize (a compressed-tensors checkpoint for a
-    module assignment, a fake-quantized one for a block assignment), evaluate."""
+    module assignment, a fake-quantized one for a block assignment), evaluate. A learned
+    allocator's row carries the ``score_table`` it projected from."""
     allocator, problem = prepared_allocator(ws, name, tables)
     result = allocator.allocate(problem, budget)
     notes = {k: v for k, v in result.notes.items() if isinstance(v, (int, float, str))}
     row = {"budget": budget, "method": name, "allocate_seconds": result.seconds,
            "prepare_seconds": result.prepare_seconds, "metadata_bits": result.metadata_bits, **notes}
     record = json.dumps(result.as_dict(), indent=1, default=str) + "\n"
+    learned = getattr(allocator, "tables", None)  # GAMMA's: the table this budget was projected from
+    if learned:
+        row["score_table"] = nearest_table(learned, budget)
     if not isinstance(result.assignment, BlockAssignment):
         row.update(quantize_and_evaluate(ws, result.assignment, save_to=save_to))
         return {**row, "allocation": record}

@@ -176,9 +176,12 @@ def compared_variant(cfg: GammaConfig, allocator: str, budget: float, inputs: di
         return {"budget": budget, "method": allocator, "error": str(err)}
     allocation = out / "allocation.json"
     allocation.write_text(row.pop("allocation"))
+    artifacts = [allocation]
+    if "score_table" in row:  # gamma-blocks: its block table travels with every variant it produced
+        artifacts.append(row.pop("score_table").save(out / "scores.json"))
     names = registry.names_for(cfg, inputs["model_dir"])
     row["registered"] = _register(
-        cfg, inputs, parent_run, names.allocated(allocator, budget), f"{allocator}-{budget:g}bit", row, [allocation],
+        cfg, inputs, parent_run, names.allocated(allocator, budget), f"{allocator}-{budget:g}bit", row, artifacts,
         {"budget": budget, "method": allocator, "allocator": allocator, "checkpoint": (out / "checkpoint").resolve(),
          "checkpoint_sha256": row.get("checkpoint_sha256"),
          "checkpoint_format": row.get("checkpoint_format", "compressed-tensors"),

@@ -198,3 +198,83 @@ def test_gptq_block_assignment_is_quantized_in_one_pass(model_and_tokenizer, cal
 
         assert not torch.equal(applied[n], spliced)
         assert out_err(applied[n]) < out_err(spliced), n
+
+
+@pytest.fixture(scope="module")
+def block_gamma(problem):
+    from gamma.allocators import get_allocator
+    from gamma.config import Stage1Config
+
+    stage1 = Stage1Config(budget=2.75, steps=4, sequences_per_step=2, tokens_per_sequence=64, multiplier_interval=2)
+    allocator = get_allocator("gamma-blocks", stage1=stage1)
+    allocator.prepare(problem)
+    return allocator
+
+
+def test_block_stage1_mixes_exactly_the_weights_a_block_assignment_exports(problem, block_gamma):
+    """A one-hot mix per block in Stage I's mixed linear is, column for column, the fake-quantized
+    weight that ``apply`` puts into the model for that block assignment: Stage I chooses among
+    exactly what is exported, in the model's channel order."""
+    from gamma.allocators import BlockAssignment
+    from gamma.mixed_linear import MixedLinear
+    from gamma.model import quantizable_modules
+
+    blocks = block_gamma.blocks
+    layouts = blocks.layouts()
+    name = next(n for n in problem.modules if n.endswith("down_proj"))
+    layout = layouts[name]
+    assert layout.order is not None and not torch.equal(layout.order, torch.arange(len(layout.order)))
+    pattern = [j % len(BITS) for j in range(layout.n_blocks)]
+    dense = layout.to_model_order(torch.stack([q.dequantize() for q in blocks.candidates[name]]))
+    mixed = MixedLinear(dense, None, layout.columns)
+    mixed.set_mix(torch.nn.functional.one_hot(torch.tensor(pattern), len(BITS)).float())
+    bits = {m: [BITS[0]] * (problem.sizes[i][1] // blocks.width) for i, m in enumerate(problem.modules)}
+    bits[name] = [BITS[k] for k in pattern]
+    order = {m: (None if o is None else o.tolist()) for m, o in blocks.order.items()}
+    try:
+        blocks.apply(problem, BlockAssignment(blocks.width, bits, order))
+        exported = quantizable_modules(problem.model)[name].weight.detach().clone()
+    finally:
+        problem.restore()
+    torch.testing.assert_close(mixed.weight.detach(), exported, rtol=0, atol=0)
+    # a block's gradient is the module gradient restricted to its columns
+    g = torch.randn_like(exported)
+    mixed.weight.grad = g
+    per_block = mixed.mix_grad()
+    j = 5
+    cols = layout.columns == j
+    expected = torch.einsum("oi,koi->k", g[:, cols], dense[:, :, cols])
+    torch.testing.assert_close(per_block[j], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_block_gamma_table_is_per_block_and_serves_other_budgets(problem, block_gamma, held_out, split_at_2_75):
+    """One table learned at 2.75 bits (4 steps) has a row per column block; Stage II serves its
+    own budget and another one exactly, within budget, and beats the best two-level split."""
+    table = block_gamma.tables[0]
+    assert len(table.modules) == block_gamma.blocks.n_blocks > 10 * len(problem.modules)
+    assert table.modules[0].endswith("#0") and np.allclose(np.exp(table.array()).sum(1), 1)
+    assert len(table.history["loss"]) == 4
+    for budget in (2.75, 3.25):
+        result = block_gamma.allocate(problem, budget)
+        assert budget - 0.006 <= result.avg_bits <= budget
+        assert result.notes["solver"] == "hull" and result.notes["gap"] < 1e-4  # a proven bound
+        assert result.notes["training_budget"] == 2.75
+        assert result.metadata_bits > 0
+    result = block_gamma.allocate(problem, 2.75)
+    split, split_loss = split_at_2_75
+    loss = held_out_loss(block_gamma, problem, result.assignment, held_out)
+    assert loss < split_loss, f"gamma-blocks: held-out loss {loss:.3f} vs the best two-level split {split_loss:.3f}"
+
+
+def test_block_gamma_proxy_initialisation_is_the_block_proxy(problem, block_gamma):
+    """Before any step, the block table's knapsack picks what minimising the blocks' Fisher costs
+    picks (up to ties inside the window): learning starts from the block-wise proxy."""
+    from gamma.projection import allocate_bits
+    from gamma.proxy import costs_to_logits
+
+    blocks = block_gamma.blocks
+    names, sizes = blocks.row_names, blocks.row_sizes
+    init = costs_to_logits(blocks.errors, [int(n) for n in blocks.sizes], BITS, 2.75)
+    proxy = allocate_bits(names, sizes, -blocks.errors, BITS, 2.75).assignment
+    table = allocate_bits(names, sizes, torch.log_softmax(torch.tensor(init), -1).numpy(), BITS, 2.75).assignment
+    assert sum(proxy[n] != table[n] for n in names) <= 0.05 * len(names)

@@ -265,13 +265,13 @@ def test_competing_allocators_fan_out_and_register_under_their_names(project, pr
     from flows.pipeline import gamma_pipeline
     from gamma.config import load_config
 
-    overrides = {"allocation.methods": ["hawq", "scalebits"], "uniform_bits": []}
+    methods = ["hawq", "scalebits", "gamma-blocks"]
+    overrides = {"allocation.methods": methods, "uniform_bits": []}
     rows = gamma_pipeline(params="params.yaml", overrides=overrides)
     by = {(r["method"], r["budget"]): r for r in rows}
-    assert set(by) == {("hawq", 3.0), ("hawq", 1.5), ("scalebits", 3.0), ("scalebits", 1.5)}  # no GAMMA asked
-    assert "1.5 bits is outside" in by[("hawq", 1.5)]["error"]  # fails alone
-    assert "1.5 bits is outside" in by[("scalebits", 1.5)]["error"]
-    for method in ("hawq", "scalebits"):
+    assert set(by) == {(m, b) for m in methods for b in (3.0, 1.5)}  # no module-level GAMMA asked
+    for method in methods:
+        assert "1.5 bits is outside" in by[(method, 1.5)]["error"]  # fails alone
         assert 2.95 <= by[(method, 3.0)]["avg_bits"] <= 3.0
     assert by[("scalebits", 3.0)]["metadata_bits"] > 0 and by[("hawq", 3.0)]["metadata_bits"] == 0
     assert by[("scalebits", 3.0)]["effective_bits"] > by[("hawq", 3.0)]["effective_bits"] - 0.05
@@ -279,8 +279,17 @@ def test_competing_allocators_fan_out_and_register_under_their_names(project, pr
     client = _registry(project)
     prefix = Path(load_config("params.yaml").model.path).name
     assert not client.search_model_versions(f"name = '{prefix}-gamma-scores'")  # Stage I never ran
-    for method, fmt in (("hawq", "compressed-tensors"), ("scalebits", "fake-quantized float16")):
+    for method, fmt in (("hawq", "compressed-tensors"), ("scalebits", "fake-quantized float16"),
+                        ("gamma-blocks", "fake-quantized float16")):
         [version] = _versions(client, f"{prefix}-{method}-3bit")
         assert version.tags["allocator"] == method and version.tags["checkpoint_format"] == fmt
         assert float(version.tags["metric.perplexity"]) == pytest.approx(by[(method, 3.0)]["perplexity"])
         assert verify_checkpoint(version.tags["checkpoint"]) == version.tags["checkpoint_sha256"]
+    # the block score table gamma-blocks learned travels with its variant
+    [version] = _versions(client, f"{prefix}-gamma-blocks-3bit")
+    import mlflow
+
+    table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="scores.json",
+                                                                tracking_uri=client.tracking_uri)).read_text())
+    assert table["training_budget"] == 3.0 and table["modules"][0].endswith("#0")
+    assert len(table["modules"]) > 10 * 210 and len(table["history"]["loss"]) == 2

@@ -36,13 +36,14 @@ def get_allocator(name: str, **settings) -> Allocator:
 
 
 def allocator_from_config(cfg, name: str, tables=None) -> Allocator:
-    """The allocator ``name`` with its settings from a ``GammaConfig`` (``tables``: GAMMA's
-    registered score tables, so the pipeline never relearns them here)."""
+    """The allocator ``name`` with its settings from a ``GammaConfig`` (``tables``: GAMMA's score
+    tables learned before, per module for ``gamma``, per block for ``gamma-blocks``, so that they
+    are not relearned here)."""
     a = cfg.allocation
     settings = {
         "gamma": lambda: {"stage1": cfg.stage1, "window": cfg.stage2.window, "tables": tables},
         "gamma-blocks": lambda: {"stage1": cfg.stage1, "window": cfg.stage2.window, "solver": cfg.stage2.solver,
-                                 **a.gamma_blocks.model_dump()},
+                                 "tables": tables, **a.gamma_blocks.model_dump()},
         "uniform": dict,
         "hawq": lambda: {"window": cfg.stage2.window},
         "higgs": lambda: a.higgs.model_dump(),

@@ -10,6 +10,8 @@ per block for blocks) and the same knapsack; only the rows differ.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from gamma.allocators.base import AllocationProblem, Allocator
@@ -84,11 +86,15 @@ class BlockGammaAllocator(BlockAllocator):
     def __init__(self, stage1: Stage1Config | None = None, window: float = 0.005, width: int = 0,
                  reorder: bool = True, solver: Solver = "auto", tables: list[ScoreTable] | None = None):
         """``width``: columns per block (0: the quantization group size); ``reorder``: Fisher
-        channel reordering before the blocks are cut; ``tables``: block tables learned before
-        (same model, candidates and blocks), so ``prepare`` only rebuilds the blocks."""
+        channel reordering before the blocks are cut; ``solver``: Stage II's, where ``auto`` is the
+        LP-hull solver (a feasible answer and a proven bound in about a second: CBC on the 2,340
+        blocks of the embedded model hit its 60 s limit without proving optimality); ``tables``:
+        block tables learned before (same model, candidates and blocks), so ``prepare`` only
+        rebuilds the blocks."""
         super().__init__()
         self.stage1 = stage1 or Stage1Config()
-        self.window, self.width, self.reorder, self.solver = window, width, reorder, solver
+        self.window, self.width, self.reorder = window, width, reorder
+        self.solver: Solver = "hull" if solver == "auto" else solver
         self.tables = tables or []
 
     def _prepare(self, problem: AllocationProblem) -> None:
@@ -101,6 +107,9 @@ class BlockGammaAllocator(BlockAllocator):
             for table in self.tables:
                 table.check_matches(self.blocks.row_names, self.blocks.row_sizes)
             return
+        if self.stage1.processes > 1:
+            warnings.warn(f"gamma-blocks learns its block table in this one process; stage1.processes="
+                          f"{self.stage1.processes} applies to module-level GAMMA only", stacklevel=2)
         for cfg in one_table_per_budget(self.stage1):
             self.tables.append(learn_table(problem, cfg, teacher, self.blocks))
 
