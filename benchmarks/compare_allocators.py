@@ -33,7 +33,7 @@ from gamma.config import load_config  # noqa: E402
 from gamma.plots import plot_pareto  # noqa: E402
 from gamma.progress import console  # noqa: E402
 from gamma.scores import ScoreTable  # noqa: E402
-from gamma.steps import allocation_problem, evaluate_model, settings_hash, stage1_key, stage1_settings  # noqa: E402
+from gamma.steps import allocation_problem, evaluate_model, stage1_key, stage1_settings  # noqa: E402
 from gamma.workspace import Workspace  # noqa: E402
 
 TABLES = Path(__file__).resolve().parents[1] / "runs" / "compare_allocators"
@@ -42,10 +42,12 @@ LEARNED = ("gamma", "gamma-blocks")
 
 def table_files(ws: Workspace, name: str) -> list[Path]:
     """Where the score tables of a learned allocator with these settings are kept, one per training budget."""
-    key = stage1_key(ws.model_hash, ws.text_hash, {**stage1_settings(ws), "allocator": name,
-                                                   "blocks": ws.cfg.allocation.gamma_blocks.model_dump()})
-    return [TABLES / f"{name}-{settings_hash({'key': key, 'budget': b})[:16]}.json"
-            for b in ws.cfg.stage1.training_budgets]
+    settings = {**stage1_settings(ws), "allocator": name, "blocks": ws.cfg.allocation.gamma_blocks.model_dump()}
+    files = []
+    for b in ws.cfg.stage1.training_budgets:  # each table's key holds its own training budget only
+        key = stage1_key(ws.model_hash, ws.text_hash, {**settings, "stage1": {**settings["stage1"], "budget": b}})
+        files.append(TABLES / f"{name}-{b:g}-{key[:16]}.json")
+    return files
 
 ALL = "gamma,gamma-blocks,uniform,hawq,higgs,scalebits,windquant,evopress"
 
