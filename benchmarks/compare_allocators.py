@@ -14,6 +14,7 @@ under runs/compare_allocators/ by their Stage I key and reused by a rerun with t
 
     python benchmarks/compare_allocators.py [--quantizers rtn,gptq] [--budgets 2.25,2.5,2.75,3,3.5]
         [--allocators gamma,gamma-blocks,uniform,hawq,higgs,scalebits,windquant,evopress] [--tokens 8192] [--items 20]
+        [--set stage1.extra_budgets=[2.5] --suffix +band]
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def compare(qname: str, budgets: list[float], names: list[str], args, overrides:
                 result = allocator.allocate(problem, budget)
             except ValueError as err:
                 console.print(f"{qname}: {name} at {budget:g}: {err}")
-                rows.append({"quantizer": qname, "method": name, "budget": budget, "error": str(err)})
+                rows.append({"quantizer": qname, "method": name + args.suffix, "budget": budget, "error": str(err)})
                 continue
             if isinstance(result.assignment, BlockAssignment):
                 acct = block_account(problem, result.assignment)
@@ -90,8 +91,8 @@ def compare(qname: str, budgets: list[float], names: list[str], args, overrides:
             finally:
                 problem.restore()
             notes = {k: v for k, v in result.notes.items() if isinstance(v, (int, float, str))}
-            row = {"quantizer": qname, "method": name, "granularity": allocator.granularity, "budget": budget,
-                   "avg_bits": result.avg_bits, **size, "one_more_budget_seconds": result.seconds,
+            row = {"quantizer": qname, "method": name + args.suffix, "granularity": allocator.granularity,
+                   "budget": budget, "avg_bits": result.avg_bits, **size, "one_more_budget_seconds": result.seconds,
                    "apply_seconds": apply_seconds,
                    "prepare_seconds": result.prepare_seconds, **notes, **figures}
             if name in LEARNED:  # Stage I's own wall time, also when its tables came from the cache
@@ -116,6 +117,8 @@ def write_partial(qname: str, rows: list[dict]) -> None:
 def main() -> None:
     ap = quantizer_arguments(__doc__)
     ap.add_argument("--allocators", default=ALL)
+    ap.add_argument("--suffix", default="", help="appended to the allocators' names in the rows, so that a run "
+                    "with other settings (--set) keeps its own rows beside the defaults', e.g. '+band'")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     overrides = dict(kv.split("=", 1) for kv in args.set)
@@ -124,10 +127,12 @@ def main() -> None:
         names = args.allocators.split(",")
         qrows, settings = compare(qname, budgets, names, args, overrides)
         # a rerun replaces the rows of the allocators it ran; the others' rows stay
-        kept = [r for r in rows if r["quantizer"] == qname and r["method"] not in names]
+        kept = [r for r in rows if r["quantizer"] == qname and r["method"] not in [n + args.suffix for n in names]]
         rows = [r for r in rows if r["quantizer"] != qname] + kept + qrows
-        per_quantizer[qname] = {**settings, "allocators": sorted({r["method"] for r in kept + qrows}),
-                                "reran": {"allocators": names, "commit": commit()}}
+        # every run's allocators and overrides are kept: a rerun with other settings loses no record
+        runs = per_quantizer.get(qname, {}).get("runs", [])
+        runs.append({"allocators": [n + args.suffix for n in names], "overrides": overrides, "commit": commit()})
+        per_quantizer[qname] = {**settings, "allocators": sorted({r["method"] for r in kept + qrows}), "runs": runs}
         plot_pareto([r for r in rows if r["quantizer"] == qname and "error" not in r],
                     RESULTS / f"compare_allocators_{qname}.png")
         console.print(f"wrote {write_results('compare_allocators', {'per_quantizer': per_quantizer}, rows)}")
