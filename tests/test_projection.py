@@ -104,3 +104,35 @@ def test_hull_solver_gap_vanishes_on_many_items():
     exact = allocate_bits(names, sizes, scores, BITS, 2.7, solver="cbc")
     assert exact.status == "OPTIMAL" and hull.gap < 1e-4
     assert exact.objective - 1e-9 <= hull.best_bound and hull.objective <= exact.objective + 1e-9
+
+
+def test_hull_solver_spends_the_window_when_scores_fall_with_bits():
+    """Learned scores carry a price per bit: where every row prefers fewer bits, the plain LP
+    optimum spends the minimum. The hull solver prices the window's lower end in and still proves
+    its bound against every assignment inside the window."""
+    rng = np.random.default_rng(7)
+    for _ in range(100):
+        m = int(rng.integers(3, 7))
+        sizes, _ = instance(rng, m)
+        scores = -np.sort(rng.random((m, len(BITS))), axis=1) * 0.1 - np.array(BITS)[None, :] * 0.05  # falling
+        budget, window = float(rng.uniform(2.6, 3.6)), 0.5
+        a = allocate_bits([f"m{i}" for i in range(m)], sizes, scores, BITS, budget, window=window, solver="hull")
+        n = np.array([r * c for r, c in sizes])
+        picks = np.array([a.assignment[f"m{i}"] for i in range(m)])
+        best = None
+        for combo in itertools.product(range(len(BITS)), repeat=m):
+            used = (n * np.array(BITS)[list(combo)]).sum() / n.sum()
+            if budget - window - 1e-9 <= used <= budget + 1e-9:
+                v = scores[np.arange(m), list(combo)].sum()
+                best = v if best is None or v > best else best
+        if best is None:
+            continue
+        assert (n * picks).sum() <= budget * n.sum() + 1e-9
+        assert a.objective <= best + 1e-9 <= a.best_bound + 2e-9
+        if (n * picks).sum() >= (budget - window) * n.sum() - 1e-9:
+            continue
+        assert any("below the window" in note for note in a.notes)  # never silently
+    sizes = [(64, 64)] * 2000  # many small items: the window is always reached
+    scores = -np.array(BITS, dtype=float)[None, :] * (1 + np.random.default_rng(8).random((2000, 1)))
+    a = allocate_bits([f"b{i}" for i in range(2000)], sizes, scores, BITS, 3.5, window=0.005, solver="hull")
+    assert 3.495 <= a.bits_used <= 3.5 and a.gap < 1e-3
