@@ -93,7 +93,7 @@ class Stage1Config(_Section):
     relaxation: Literal["soft", "hard"] = "soft"
     loss: Literal["output", "update", "fisher"] = "fisher"
     init: Literal["uniform", "proxy"] = "proxy"
-    steps: int = Field(100, ge=1)
+    steps: int = Field(100, ge=0, description="Adam steps; 0: the untrained (proxy-initialised) table")
     sequences_per_step: int = Field(2, ge=1)
     tokens_per_sequence: int = Field(256, ge=8, description="loss positions per sequence (from the start); "
                                                           ">= text.sequence_length: the whole sequence")
@@ -115,6 +115,9 @@ class Stage1Config(_Section):
         if self.relaxation == "soft" and (self.samples > 1 or self.antithetic):
             raise ValueError(f"stage1.samples={self.samples} / stage1.antithetic={self.antithetic} draw "
                              "straight-through samples: they need stage1.relaxation='hard' (soft has nothing to draw)")
+        if self.steps == 0 and self.init != "proxy":
+            raise ValueError("stage1.steps=0 keeps the initial table, which only means something with "
+                             f"stage1.init='proxy' (got init={self.init!r})")
         if self.antithetic and self.samples % 2:
             raise ValueError(f"stage1.antithetic pairs draws: stage1.samples={self.samples} must be even")
         return self

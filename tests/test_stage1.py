@@ -168,3 +168,16 @@ def test_unclipped_proxy_initialisation_ranks_like_the_proxy_with_8_bit_candidat
 
     assert differing(0.0) <= 0.05 * len(names)  # the same ranking up to ties in the window
     assert differing(8.0) > differing(0.0)  # the clip hides how costly the worst candidates are
+
+
+def test_zero_steps_return_the_proxy_initialised_table(setup):
+    """``steps: 0`` is the untrained row of an ablation: the table is the proxy initialisation itself."""
+    model, teacher, cands, _, _ = setup
+    c = cfg(steps=0)
+    init = init_for(setup, c)
+    r = learn_preferences(model, teacher, cands, BITS, c, init)
+    np.testing.assert_allclose(r.scores, torch.log_softmax(torch.tensor(init, dtype=torch.float32), -1).numpy(),
+                               atol=1e-5)
+    assert abs(r.expected_bits - c.budget) < 0.01 and r.history["loss"] == []
+    with pytest.raises(ValueError, match="steps=0 keeps the initial table"):
+        cfg(steps=0, init="uniform")
