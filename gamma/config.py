@@ -161,9 +161,8 @@ class ScaleBitsConfig(_Section):
     reorder: bool = Field(True, description="reorder input channels by Fisher sensitivity before cutting blocks")
 
 
-class GammaBlocksConfig(_Section):
-    width: int = Field(0, ge=0, description="columns per block, a multiple of the group size; 0: the group size")
-    reorder: bool = Field(True, description="reorder input channels by Fisher sensitivity before cutting blocks")
+class GammaBlocksConfig(ScaleBitsConfig):
+    """gamma-blocks cuts the same column blocks as ScaleBITS."""
 
 
 class WindQuantConfig(_Section):
