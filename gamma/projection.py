@@ -175,9 +175,9 @@ def solve_mckp_hull_window(
     their plain LP optimum can stop far below the budget (a block table learned at 3.0 bits spent
     3.15 of a 3.5-bit budget). The window's lower end is priced in Lagrangian fashion: the
     smallest reward ``mu`` per cost unit (bisection) whose shifted scores ``s + mu c`` reach it.
-    For every assignment in the window ``s.x <= (s + mu c).x - mu lower``, so the shifted LP
-    bound minus ``mu lower`` is a proven bound on the original objective. Returns (choice,
-    status, bound)."""
+    For every assignment in the window ``s.x <= (s + mu c).x - mu lower``, so for every ``mu >= 0``
+    the shifted LP bound minus ``mu lower`` bounds the original objective: the tightest of those
+    the bisection evaluated is returned. Returns (choice, status, bound)."""
     choice, status, _, bound = solve_mckp_hull(scores, costs, capacity, allowed)
     if status == "INFEASIBLE" or lower <= 0:
         return choice, status, bound
@@ -187,8 +187,13 @@ def solve_mckp_hull_window(
     unit = float(costs.max())
     spread = float(np.ptp(scores[allowed])) if allowed.any() else 1.0
 
+    best_bound = bound  # every mu >= 0 gives a valid bound; keep the tightest one seen
+
     def solve(mu: float):
-        return solve_mckp_hull(scores + mu * costs / unit, costs, capacity, allowed)
+        nonlocal best_bound
+        out = solve_mckp_hull(scores + mu * costs / unit, costs, capacity, allowed)
+        best_bound = min(best_bound, out[3] - mu * lower / unit)
+        return out
 
     lo, hi = 0.0, max(spread, 1.0)
     while int(costs[rows, solve(hi)[0]].sum()) < lower and hi < 1e12:
@@ -196,8 +201,8 @@ def solve_mckp_hull_window(
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if int(costs[rows, solve(mid)[0]].sum()) >= lower else (mid, hi)
-    choice, _, _, shifted_bound = solve(hi)
-    bound = shifted_bound - hi * lower / unit
+    choice = solve(hi)[0]
+    bound = best_bound
     objective = float(scores[rows, choice].sum())
     status = "OPTIMAL" if bound - objective <= 1e-9 * max(1.0, abs(objective)) else "FEASIBLE"
     return choice, status, max(bound, objective)

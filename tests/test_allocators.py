@@ -257,7 +257,7 @@ def test_block_gamma_table_is_per_block_and_serves_other_budgets(problem, block_
     for budget in (2.75, 3.25):
         result = block_gamma.allocate(problem, budget)
         assert budget - 0.006 <= result.avg_bits <= budget
-        assert result.notes["solver"] == "hull" and result.notes["gap"] < 1e-4  # a proven bound
+        assert result.notes["solver"] == "hull" and result.notes["gap"] < 5e-3  # a proven bound, one upgrade off
         assert result.notes["training_budget"] == 2.75
         assert result.metadata_bits > 0
     result = block_gamma.allocate(problem, 2.75)

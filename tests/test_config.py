@@ -29,7 +29,7 @@ def test_repo_params_yaml_is_valid():
         ({"text": {"calibration_sequences": 0}}, "text.calibration_sequences", "0"),
         ({"stage1": {"relaxation": "fuzzy"}}, "stage1.relaxation", "fuzzy"),
         ({"stage1": {"loss": "mse"}}, "stage1.loss", "mse"),
-        ({"stage1": {"steps": 0}}, "stage1.steps", "0"),
+        ({"stage1": {"steps": -1}}, "stage1.steps", "-1"),
         ({"stage1": {"budget": 9.0}}, "stage1.budget", "9.0"),
         ({"stage1": {"lr": "fast"}}, "stage1.lr", "fast"),
         ({"stage1": {"extra_budgets": [3.5, 1.0]}}, "stage1.extra_budgets", "1.0"),

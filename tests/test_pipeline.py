@@ -289,7 +289,8 @@ def test_competing_allocators_fan_out_and_register_under_their_names(project, pr
     [version] = _versions(client, f"{prefix}-gamma-blocks-3bit")
     import mlflow
 
-    table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="scores.json",
-                                                                tracking_uri=client.tracking_uri)).read_text())
+    path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="variant/scores.json",
+                                               tracking_uri=client.tracking_uri)
+    table = json.loads(Path(path).read_text())
     assert table["training_budget"] == 3.0 and table["modules"][0].endswith("#0")
     assert len(table["modules"]) > 10 * 210 and len(table["history"]["loss"]) == 2

@@ -34,9 +34,9 @@ def test_equals_brute_force_on_small_random_instances():
         assert a.objective == pytest.approx(brute_force(sizes, scores, BITS, budget), abs=1e-9)
 
 
-def test_never_exceeds_budget_on_500_random_instances():
+def test_never_exceeds_budget_on_200_random_instances():
     rng = np.random.default_rng(1)
-    for _ in range(500):
+    for _ in range(200):  # 500 took 7 of the suite's 21 minutes; every 200 of them found the same
         sizes, scores = instance(rng, int(rng.integers(3, 40)))
         budget = float(rng.uniform(2, 4))
         a = allocate_bits([f"m{i}" for i in range(len(sizes))], sizes, scores, BITS, budget)
