@@ -23,6 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def block_rows(module: str, n_blocks: int) -> list[str]:
+    """The logit-row names of a module's column blocks, ``module#j``."""
+    return [f"{module}#{j}" for j in range(n_blocks)]
+
+
 @dataclass
 class ColumnLayout:
     """A module cut into column blocks: its candidates hold input channel ``order[p]`` in column
@@ -91,13 +96,13 @@ class MixedLinear(nn.Module):
         self.candidates = candidates
         self.bias = bias
         self.columns = columns
+        self.n_blocks = 0 if columns is None else int(columns.max()) + 1
         self.weight: torch.Tensor | None = None
 
     def set_mix(self, mix: torch.Tensor) -> None:
         """``mix``: [K] for the module, or [J, K], one row per column block."""
         mix = mix.detach().to(self.candidates.dtype)
         if self.columns is not None:
-            self._blocks = mix.shape[0]
             mix = mix[self.columns].T[:, None, :]  # [K, 1, in]: each column's mix, broadcast over rows
         # one fused multiply-add per candidate: 7-10x faster on CPU than einsum, which copies the
         # candidates into a batched-matmul layout for these shapes
@@ -115,7 +120,7 @@ class MixedLinear(nn.Module):
         if self.columns is None:
             return torch.stack([torch.dot(g.reshape(-1), q.reshape(-1)) for q in self.candidates])
         per_column = torch.stack([(g * q).sum(dim=0) for q in self.candidates], dim=1)  # [in, K]
-        return per_column.new_zeros(self._blocks, per_column.shape[1]).index_add_(0, self.columns, per_column)
+        return per_column.new_zeros(self.n_blocks, per_column.shape[1]).index_add_(0, self.columns, per_column)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from torch import nn
 from gamma.blocks import BlockRunner
 from gamma.config import Stage1Config
 from gamma.lagrangian import AugmentedLagrangian, price_shift
-from gamma.mixed_linear import ColumnLayout, MixedLinear, PreferenceLogits, swapped
+from gamma.mixed_linear import ColumnLayout, MixedLinear, PreferenceLogits, block_rows, swapped
 from gamma.model import block_index
 from gamma.progress import track
 from gamma.quantizer import QuantizedWeight
@@ -155,7 +155,7 @@ def learn_preferences(
         else:
             layout = layouts[name]
             rows.append(slice(len(row_names), len(row_names) + layout.n_blocks))
-            row_names += [f"{name}#{j}" for j in range(layout.n_blocks)]
+            row_names += block_rows(name, layout.n_blocks)
             sizes += layout.block_sizes(linear[name].weight.shape[0])
     if cfg.init == "proxy" and init_logits is None:
         raise ValueError("stage1.init='proxy' needs init_logits from the Fisher proxy")

@@ -21,7 +21,7 @@ import torch
 
 from gamma.allocators.base import AllocationProblem, Allocator, AllocatorError, BlockAssignment
 from gamma.assignment import module_cost_bits
-from gamma.mixed_linear import ColumnLayout
+from gamma.mixed_linear import ColumnLayout, block_rows
 from gamma.model import quantizable_modules
 from gamma.progress import track
 from gamma.quantizer import QuantizedWeight, QuantSpec
@@ -43,13 +43,10 @@ class ColumnBlocks:
 
     @property
     def row_names(self) -> list[str]:
-        """``module#j`` for block ``j`` of each module, in block order."""
-        seen: dict[int, int] = {}
-        names = []
-        for m in self.owner:
-            names.append(f"{self.modules[m]}#{seen.get(m, 0)}")
-            seen[m] = seen.get(m, 0) + 1
-        return names
+        """``module#j`` for block ``j`` of each module, in block order (the blocks of a module are
+        consecutive, module by module)."""
+        counts = np.bincount(self.owner, minlength=len(self.modules))
+        return [row for m, n in zip(self.modules, counts) for row in block_rows(m, int(n))]
 
     @property
     def row_sizes(self) -> list[tuple[int, int]]:
