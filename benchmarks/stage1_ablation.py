@@ -77,6 +77,8 @@ CONFIGS: dict[str, dict] = {
 UNTRAINED_CLIPS = {"untrained proxy init": 0.0, "untrained proxy init clip8": 8.0}
 
 
+# a row is one (quantizer, kind, configuration, budget, training budget, evaluation length)
+KEY = ("quantizer", "kind", "row", "budget", "training_budget", "max_tokens")
 EXTRA: dict = {}  # --set overrides, applied to every configuration
 
 
@@ -135,15 +137,16 @@ class Evaluator:
             self.cache[key] = {"avg_bits": acct.nominal_bits, "effective_bits": acct.effective_bits,
                                **evaluate_model(self.ws, self.model, self.tokenizer)}
             self.cache_file.write_text(json.dumps(self.cache, indent=1) + "\n")
-        return {**self.cache[key], "window": self.cfg.stage2.window}
+        return {**self.cache[key], "window": self.cfg.stage2.window, "max_tokens": self.cfg.evaluation.max_tokens}
 
 
-def plot(rows: list[dict], quantizer: str, path: Path) -> None:
+def plot(rows: list[dict], quantizer: str, tokens: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["max_tokens"] == tokens]
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in dict.fromkeys(r["row"] for r in rows if r["quantizer"] == quantizer and r["kind"] == "ablation"):
         pts = sorted((r["budget"], r["perplexity"]) for r in rows
@@ -152,7 +155,7 @@ def plot(rows: list[dict], quantizer: str, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("average bits (budget)")
     ax.set_ylabel("held-out perplexity")
-    ax.set_title(f"Stage I ablation ({quantizer})")
+    ax.set_title(f"Stage I ablation ({quantizer}, {tokens:,} held-out tokens)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -187,10 +190,11 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     previous = RESULTS / "stage1_ablation.json"
     rows = json.loads(previous.read_text())["rows"] if previous.exists() else []
+    for r in rows:  # rows from before max_tokens was recorded were all evaluated on 16,384 tokens
+        r.setdefault("max_tokens", 16384)
 
     def record(new: dict) -> None:
-        rows[:] = [r for r in rows if any(r.get(k) != new[k] for k in ("quantizer", "kind", "row", "budget",
-                                                                        "training_budget"))] + [new]
+        rows[:] = [r for r in rows if any(r.get(k) != new[k] for k in KEY)] + [new]
         console.print(f"{new['quantizer']} {new['kind']:8s} {new['row']:28s} trained {new['training_budget']} "
                       f"B={new['budget']:<5} bits={new['avg_bits']:.3f} ppl={new['perplexity']:.2f}"
                       f"±{new['perplexity_se']:.2f} zs={new.get('zero_shot', math.nan):.3f}")
@@ -198,7 +202,8 @@ def main() -> None:
     for qname in args.quantizers.split(","):
         ev = Evaluator(qname, bits, args, cache)
         settings = {"note": "rows accumulate over invocations (soft-fisher: the default, proxy_clip 0)",
-                    "candidates": bits, "eval_tokens": args.tokens, "zero_shot_items": args.items,
+                    "candidates": bits, "eval_tokens": "per row: max_tokens asked, eval_tokens counted",
+                    "zero_shot_items": "per row: zero_shot_tasks",
                     "train_budget": args.train_budget, "configs": CONFIGS, "params": ev.cfg.stage1.model_dump(),
                     "calibration_sequences": ev.cfg.text.calibration_sequences, "model_md5": ev.ws.model_hash,
                     "text_md5": ev.ws.text_hash, "context_length": ev.cfg.evaluation.context_length}
@@ -234,10 +239,10 @@ def main() -> None:
                             "stage1_peak_mb": table.peak_memory_mb,
                             **ev.evaluate(ev.solve(np.asarray(table.scores), b))})
                 write_results("stage1_ablation", settings, rows)
-        plot(rows, qname, RESULTS / f"stage1_ablation_{qname}.png")
+        plot(rows, qname, args.tokens, RESULTS / f"stage1_ablation_{qname}.png")
         path = write_results("stage1_ablation", settings, rows)
         console.print(f"wrote {path}")
-        summarize(rows, qname, budgets)
+        summarize([r for r in rows if r["max_tokens"] == args.tokens], qname, budgets)
 
 
 def summarize(rows: list[dict], quantizer: str, budgets: list[float]) -> None:

@@ -109,6 +109,17 @@ class Stage1Config(_Section):
     antithetic: bool = Field(False, description="hard: draws in pairs from Gumbel noise u and 1 - u")
     fisher_weight: Literal["token", "channel"] = Field(
         "token", description="fisher loss: G^2 per token, or per channel averaged over all calibration tokens")
+    tolerance: float = Field(0.01, gt=0.0, description="|E - B_train| accepted, in bits")
+    proxy_scale: float = Field(0.0, ge=0.0, description="s in alpha=-cost/s; 0 picks it automatically")
+    proxy_clip: float = Field(0.0, ge=0.0, description=(
+        "proxy init: logits clipped to this many units below each module's best (keeps every candidate's "
+        "gradient alive, but a clipped table no longer ranks like the proxy); 0: no clip"))
+    checkpoint_every: int = Field(20, ge=1)
+    seed: int = 0
+    processes: int = Field(1, ge=1, description="data-parallel processes (accelerate launch); GPUs when present")
+    extra_budgets: list[float] = Field(default_factory=list, description=(
+        "more training budgets, one score table each; Stage II projects every budget from the table "
+        "learned nearest to it"))
 
     @model_validator(mode="after")
     def _sampling_needs_hard(self):
@@ -121,17 +132,6 @@ class Stage1Config(_Section):
         if self.antithetic and self.samples % 2:
             raise ValueError(f"stage1.antithetic pairs draws: stage1.samples={self.samples} must be even")
         return self
-    tolerance: float = Field(0.01, gt=0.0, description="|E - B_train| accepted, in bits")
-    proxy_scale: float = Field(0.0, ge=0.0, description="s in alpha=-cost/s; 0 picks it automatically")
-    proxy_clip: float = Field(0.0, ge=0.0, description=(
-        "proxy init: logits clipped to this many units below each module's best (keeps every candidate's "
-        "gradient alive, but a clipped table no longer ranks like the proxy); 0: no clip"))
-    checkpoint_every: int = Field(20, ge=1)
-    seed: int = 0
-    processes: int = Field(1, ge=1, description="data-parallel processes (accelerate launch); GPUs when present")
-    extra_budgets: list[float] = Field(default_factory=list, description=(
-        "more training budgets, one score table each; Stage II projects every budget from the table "
-        "learned nearest to it"))
 
     @property
     def training_budgets(self) -> list[float]:
