@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, previous_rows, quantizer_arguments, write_results  # noqa: E402
@@ -41,7 +42,8 @@ from gamma.workspace import Workspace  # noqa: E402
 def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[list[dict], dict]:
     """Every method at every budget for one quantizer; returns the rows and the settings used."""
     cfg = load_config("params.yaml", {"evaluation.max_tokens": args.tokens, "evaluation.zero_shot_items": args.items,
-                                      "quantizer.method": qname, **overrides})
+                                      "quantizer.method": qname,
+                                      "stage1.extra_budgets": [], **overrides})  # one table unless --set
     ws = Workspace(cfg)
     q = cfg.quantizer
     model, tok = ws.load()
@@ -101,7 +103,7 @@ def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[li
 def main() -> None:
     args = quantizer_arguments(__doc__).parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     rows, per_quantizer = previous_rows("allocation_quality")
     for qname in args.quantizers.split(","):
         qrows, per_quantizer[qname] = compare(qname, budgets, args, overrides)

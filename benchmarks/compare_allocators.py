@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, commit, previous_rows, quantizer_arguments, write_results  # noqa: E402
 
@@ -55,7 +57,8 @@ ALL = "gamma,gamma-blocks,uniform,hawq,higgs,scalebits,windquant,evopress"
 
 def compare(qname: str, budgets: list[float], names: list[str], args, overrides: dict) -> tuple[list[dict], dict]:
     cfg = load_config("params.yaml", {"evaluation.max_tokens": args.tokens, "evaluation.zero_shot_items": args.items,
-                                      "quantizer.method": qname, **overrides})
+                                      "quantizer.method": qname,
+                                      "stage1.extra_budgets": [], **overrides})  # one table unless --set
     ws = Workspace(cfg)
     problem = allocation_problem(ws)
     tok = ws.tokenizer
@@ -121,7 +124,7 @@ def main() -> None:
                     "with other settings (--set) keeps its own rows beside the defaults', e.g. '+band'")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     rows, per_quantizer = previous_rows("compare_allocators")
     for qname in args.quantizers.split(","):
         names = args.allocators.split(",")

@@ -83,7 +83,9 @@ EXTRA: dict = {}  # --set overrides, applied to every configuration
 
 
 def row_overrides(name: str, budget: float, quantizer: str, candidates: list[int]) -> dict:
-    base = {"stage1.budget": budget, "quantizer.method": quantizer, "candidates": candidates, **EXTRA}
+    # one table per row: params.yaml's score band (stage1.extra_budgets) would learn its other tables too
+    base = {"stage1.budget": budget, "stage1.extra_budgets": [], "quantizer.method": quantizer,
+            "candidates": candidates, **EXTRA}
     return {**base, **{(k if "." in k else f"stage1.{k}"): v for k, v in CONFIGS[name].items()}}
 
 

@@ -42,7 +42,7 @@ def device_name() -> str:
 
 
 def learn(processes: int, out: Path, extra: list[str]) -> tuple[float, ScoreTable, list[dict]]:
-    sets = [f"stage1.processes={processes}", f"output_dir={out}", *extra]
+    sets = [f"stage1.processes={processes}", "stage1.extra_budgets=[]", f"output_dir={out}", *extra]  # one table
     cmd = [str(Path(sys.executable).parent / "gamma"), "learn"] + [a for s in sets for a in ("--set", s)]
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
