@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, previous_rows, quantizer_arguments, write_results  # noqa: E402
+from common import RESULTS, parse_sets, previous_rows, quantizer_arguments, write_results  # noqa: E402
 
 from gamma.allocators.uniform import SPLIT_ORDERS, two_level_split  # noqa: E402
 from gamma.assignment import account  # noqa: E402
@@ -103,7 +102,7 @@ def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[li
 def main() -> None:
     args = quantizer_arguments(__doc__).parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = parse_sets(args.set)
     rows, per_quantizer = previous_rows("allocation_quality")
     for qname in args.quantizers.split(","):
         qrows, per_quantizer[qname] = compare(qname, budgets, args, overrides)

@@ -24,10 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, commit, previous_rows, quantizer_arguments, write_results  # noqa: E402
+from common import RESULTS, commit, parse_sets, previous_rows, quantizer_arguments, write_results  # noqa: E402
 
 from gamma.allocators import BlockAssignment, allocator_from_config  # noqa: E402
 from gamma.allocators.column_blocks import block_account  # noqa: E402
@@ -124,7 +122,7 @@ def main() -> None:
                     "with other settings (--set) keeps its own rows beside the defaults', e.g. '+band'")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = parse_sets(args.set)
     rows, per_quantizer = previous_rows("compare_allocators")
     for qname in args.quantizers.split(","):
         names = args.allocators.split(",")

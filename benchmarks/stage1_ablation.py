@@ -33,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, parse_sets, write_results  # noqa: E402
 
 from gamma.assignment import account  # noqa: E402
 from gamma.candidates import apply_candidates, build_candidates  # noqa: E402
@@ -143,12 +142,12 @@ class Evaluator:
 
 
 def plot(rows: list[dict], quantizer: str, tokens: int, path: Path) -> None:
+    """``rows``: those evaluated on ``tokens`` held-out tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["max_tokens"] == tokens]
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in dict.fromkeys(r["row"] for r in rows if r["quantizer"] == quantizer and r["kind"] == "ablation"):
         pts = sorted((r["budget"], r["perplexity"]) for r in rows
@@ -181,7 +180,7 @@ def main() -> None:
     ap.add_argument("--cache", default=str(ROOT / "runs" / "stage1_ablation"))
     ap.add_argument("--set", action="append", default=[], help="override for every row, key=value (YAML value)")
     args = ap.parse_args()
-    EXTRA.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})
+    EXTRA.update(parse_sets(args.set))
     budgets = [float(b) for b in args.budgets.split(",")]
     bits = [int(b) for b in args.candidates.split(",")]
     names = [n for n in args.rows.split(",") if n]
@@ -192,8 +191,6 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     previous = RESULTS / "stage1_ablation.json"
     rows = json.loads(previous.read_text())["rows"] if previous.exists() else []
-    for r in rows:  # rows from before max_tokens was recorded were all evaluated on 16,384 tokens
-        r.setdefault("max_tokens", 16384)
 
     def record(new: dict) -> None:
         rows[:] = [r for r in rows if any(r.get(k) != new[k] for k in KEY)] + [new]
@@ -241,10 +238,11 @@ def main() -> None:
                             "stage1_peak_mb": table.peak_memory_mb,
                             **ev.evaluate(ev.solve(np.asarray(table.scores), b))})
                 write_results("stage1_ablation", settings, rows)
-        plot(rows, qname, args.tokens, RESULTS / f"stage1_ablation_{qname}.png")
         path = write_results("stage1_ablation", settings, rows)
         console.print(f"wrote {path}")
-        summarize([r for r in rows if r["max_tokens"] == args.tokens], qname, budgets)
+        this_length = [r for r in rows if r["max_tokens"] == args.tokens]  # figures compare at one length
+        plot(this_length, qname, args.tokens, RESULTS / f"stage1_ablation_{qname}.png")
+        summarize(this_length, qname, budgets)
 
 
 def summarize(rows: list[dict], quantizer: str, budgets: list[float]) -> None:
