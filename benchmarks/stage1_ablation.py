@@ -148,16 +148,23 @@ def plot(rows: list[dict], quantizer: str, tokens: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name in dict.fromkeys(r["row"] for r in rows if r["quantizer"] == quantizer and r["kind"] == "ablation"):
-        pts = sorted((r["budget"], r["perplexity"]) for r in rows
-                     if r["quantizer"] == quantizer and r["row"] == name and r["kind"] == "ablation")
-        ax.plot(*zip(*pts), marker="o", label=name, lw=2.5 if name in ("proxy", "soft-fisher") else 1)
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    names = list(dict.fromkeys(r["row"] for r in rows if r["quantizer"] == quantizer and r["kind"] == "ablation"))
+    # Twenty-odd rows: colour and dash together keep each line its own (ten colours alone repeat);
+    # the dash shifts each time the twenty colours come round again.
+    colours, dashes = plt.get_cmap("tab20").colors, ["-", "--", ":", "-."]
+    for i, name in enumerate(names):
+        pts = sorted({r["budget"]: r["perplexity"] for r in rows
+                      if r["quantizer"] == quantizer and r["row"] == name and r["kind"] == "ablation"}.items())
+        main_line = name in ("proxy", "soft-fisher")
+        colour = {"proxy": "black", "soft-fisher": "tab:red"}.get(name, colours[i % 20])
+        ax.plot(*zip(*pts), marker="o", ms=3, label=name, color=colour,
+                ls="-" if main_line else dashes[(i + i // 20) % 4], lw=2.5 if main_line else 1)
     ax.set_yscale("log")
     ax.set_xlabel("average bits (budget)")
     ax.set_ylabel("held-out perplexity")
     ax.set_title(f"Stage I ablation ({quantizer}, {tokens:,} held-out tokens)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
