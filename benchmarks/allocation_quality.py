@@ -23,19 +23,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, parse_sets, previous_rows, quantizer_arguments, write_results  # noqa: E402
+from common import RESULTS, previous_rows, quantizer_arguments, write_results
 
-from gamma.allocators.uniform import SPLIT_ORDERS, two_level_split  # noqa: E402
-from gamma.assignment import account  # noqa: E402
-from gamma.candidates import apply_candidates, build_candidates  # noqa: E402
-from gamma.config import load_config  # noqa: E402
-from gamma.evaluate import perplexity  # noqa: E402
-from gamma.plots import plot_pareto  # noqa: E402
-from gamma.progress import console  # noqa: E402
-from gamma.projection import allocate_bits  # noqa: E402
-from gamma.proxy import relative_error_costs  # noqa: E402
-from gamma.steps import allocate, evaluate_model, hessians_for, learn_score_table  # noqa: E402
-from gamma.workspace import Workspace  # noqa: E402
+from gamma.allocators.uniform import SPLIT_ORDERS, two_level_split
+from gamma.config import load_config, parse_overrides
+from gamma.evaluation.metrics import perplexity
+from gamma.model.assignment import account
+from gamma.model.candidates import apply_candidates
+from gamma.progress import console
+from gamma.run.plots import plot_pareto
+from gamma.run.tables import project_budget
+from gamma.run.variant import evaluate_model
+from gamma.run.workspace import Workspace
+from gamma.stage1.learn import learn_score_table
+from gamma.stage1.proxy import relative_error_costs
+from gamma.stage2.projection import project
+from gamma.stage2.scores import Scores
 
 
 def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[list[dict], dict]:
@@ -45,16 +48,20 @@ def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[li
                                       "stage1.extra_budgets": [], **overrides})  # one table unless --set
     ws = Workspace(cfg)
     q = cfg.quantizer
-    model, tok = ws.load()
-    modules, sizes = ws.module_sizes(model)
-    bits = cfg.candidates
-    candidates = build_candidates(model, ws.quantizer(), bits, q.group_size, q.symmetric, hessians_for(ws, model))
+    problem = ws.problem()
+    model, tok, candidates, bits = problem.model, ws.tokenizer, problem.candidates, problem.bits
+    modules, sizes = problem.modules, problem.sizes
     proxy_scores = -relative_error_costs(model, candidates)
     torch.manual_seed(cfg.stage1.seed)
-    table = learn_score_table(ws, candidates=candidates)
+    table = learn_score_table(problem, cfg.stage1)
     console.print(f"{qname}: Stage I: {table.wall_seconds:.0f}s, peak {table.peak_memory_mb:.0f} MB, "
                   f"E - B = {table.violation:+.4f}")
-    gamma_allocs = allocate(table, budgets, cfg)
+    gamma_allocs = {}
+    for b in budgets:
+        try:
+            gamma_allocs[b] = project_budget([table], b, cfg)
+        except ValueError as err:
+            gamma_allocs[b] = err
     calib = ws.calibration[: min(8, len(ws.calibration))]
     rows: list[dict] = []
 
@@ -78,8 +85,8 @@ def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[li
             run("gamma", budget, alloc.assignment, {"solve_seconds": alloc.solve_seconds,
                                                     "stage1_seconds": table.wall_seconds,
                                                     "stage1_peak_mb": table.peak_memory_mb})
-        proxy = allocate_bits(modules, sizes, proxy_scores, bits, budget, window=cfg.stage2.window,
-                              group_size=q.group_size, symmetric=q.symmetric)
+        proxy = project(Scores(modules, sizes, bits, proxy_scores), budget, cfg.stage2, group_size=q.group_size,
+                        symmetric=q.symmetric)
         run("proxy", budget, proxy.assignment)
         best = None
         for name, order in SPLIT_ORDERS.items():
@@ -102,7 +109,7 @@ def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[li
 def main() -> None:
     args = quantizer_arguments(__doc__).parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    overrides = parse_sets(args.set)
+    overrides = parse_overrides(args.set)
     rows, per_quantizer = previous_rows("allocation_quality")
     for qname in args.quantizers.split(","):
         qrows, per_quantizer[qname] = compare(qname, budgets, args, overrides)

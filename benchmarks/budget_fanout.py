@@ -24,17 +24,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import write_results
 
-from gamma.progress import console  # noqa: E402
+from gamma.config import command_line, parse_overrides
+from gamma.progress import console
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def gamma_run(budgets: list[float], work: Path, extra: list[str]) -> tuple[float, dict]:
-    sets = [f"stage2.budgets={budgets}", "uniform_bits=[]", f"output_dir={work / 'runs'}",
-            f"tracking.uri=sqlite:///{work / 'mlflow.db'}", f"tracking.artifacts={work / 'mlartifacts'}", *extra]
-    cmd = [str(Path(sys.executable).parent / "gamma"), "run"] + [a for s in sets for a in ("--set", s)]
+def gamma_run(budgets: list[float], work: Path, extra: dict) -> tuple[float, dict]:
+    sets = {"stage2.budgets": budgets, "uniform_bits": [], "output_dir": str(work / "runs"),
+            "tracking.uri": f"sqlite:///{work / 'mlflow.db'}", "tracking.artifacts": str(work / "mlartifacts"), **extra}
+    cmd = command_line("run", sets)
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
@@ -65,7 +66,8 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=0, help="zero-shot items per task per variant")
     ap.add_argument("--set", action="append", default=[], help="extra config override key=value")
     args = ap.parse_args()
-    extra = [f"evaluation.max_tokens={args.tokens}", f"evaluation.zero_shot_items={args.items}", *args.set]
+    extra = {"evaluation.max_tokens": args.tokens, "evaluation.zero_shot_items": args.items,
+             **parse_overrides(args.set)}
     more = [float(b) for b in args.more.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

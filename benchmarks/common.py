@@ -8,8 +8,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import yaml
-
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -27,14 +25,6 @@ def write_results(name: str, settings: dict, rows: list[dict]) -> Path:
     settings = {**settings, "commit": commit(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     path.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1, default=str) + "\n")
     return path
-
-
-def parse_sets(pairs: list[str]) -> dict:
-    """``--set key=value`` options as config overrides, each value read as YAML (``[2.5]`` a list)."""
-    bad = [p for p in pairs if "=" not in p]
-    if bad:
-        raise SystemExit(f"--set takes key=value, got {bad}")
-    return {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)}
 
 
 def quantizer_arguments(doc: str) -> argparse.ArgumentParser:

@@ -25,17 +25,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, commit, parse_sets, previous_rows, quantizer_arguments, write_results  # noqa: E402
+from common import RESULTS, commit, previous_rows, quantizer_arguments, write_results
 
-from gamma.allocators import BlockAssignment, allocator_from_config  # noqa: E402
-from gamma.allocators.column_blocks import block_account  # noqa: E402
-from gamma.assignment import account  # noqa: E402
-from gamma.config import load_config  # noqa: E402
-from gamma.plots import plot_pareto  # noqa: E402
-from gamma.progress import console  # noqa: E402
-from gamma.scores import ScoreTable  # noqa: E402
-from gamma.steps import allocation_problem, evaluate_model, stage1_key, stage1_settings  # noqa: E402
-from gamma.workspace import Workspace  # noqa: E402
+from gamma.allocators import BlockAssignment, allocator_from_config
+from gamma.allocators.column_blocks import block_account
+from gamma.config import load_config, parse_overrides
+from gamma.model.assignment import account
+from gamma.progress import console
+from gamma.run.plots import plot_pareto
+from gamma.run.tables import run_settings
+from gamma.run.variant import evaluate_model
+from gamma.run.workspace import Workspace
+from gamma.stage1.learn import stage1_key
+from gamma.stage2.scores import ScoreTable
 
 TABLES = Path(__file__).resolve().parents[1] / "runs" / "compare_allocators"
 LEARNED = ("gamma", "gamma-blocks")
@@ -43,10 +45,10 @@ LEARNED = ("gamma", "gamma-blocks")
 
 def table_files(ws: Workspace, name: str) -> list[Path]:
     """Where the score tables of a learned allocator with these settings are kept, one per training budget."""
-    settings = {**stage1_settings(ws), "allocator": name, "blocks": ws.cfg.allocation.gamma_blocks.model_dump()}
+    settings = {**run_settings(ws), "allocator": name, "blocks": ws.cfg.allocation.gamma_blocks.model_dump()}
     files = []
     for b in ws.cfg.stage1.training_budgets:  # each table's key holds its own training budget only
-        key = stage1_key(ws.model_hash, ws.text_hash, {**settings, "stage1": {**settings["stage1"], "budget": b}})
+        key = stage1_key(ws.provenance(), {**settings, "stage1": {**settings["stage1"], "budget": b}})
         files.append(TABLES / f"{name}-{b:g}-{key[:16]}.json")
     return files
 
@@ -58,7 +60,7 @@ def compare(qname: str, budgets: list[float], names: list[str], args, overrides:
                                       "quantizer.method": qname,
                                       "stage1.extra_budgets": [], **overrides})  # one table unless --set
     ws = Workspace(cfg)
-    problem = allocation_problem(ws)
+    problem = ws.problem()
     tok = ws.tokenizer
     rows: list[dict] = []
     for name in names:
@@ -122,7 +124,7 @@ def main() -> None:
                     "with other settings (--set) keeps its own rows beside the defaults', e.g. '+band'")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    overrides = parse_sets(args.set)
+    overrides = parse_overrides(args.set)
     rows, per_quantizer = previous_rows("compare_allocators")
     for qname in args.quantizers.split(","):
         names = args.allocators.split(",")

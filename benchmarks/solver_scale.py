@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import write_results
 
-from gamma.progress import console  # noqa: E402
-from gamma.projection import allocate_bits  # noqa: E402
+from gamma.config import Stage2Config
+from gamma.progress import console
+from gamma.stage2.projection import project
+from gamma.stage2.scores import Scores
 
 CANDIDATES = [2, 3, 4, 8]
 LLAMA_8B = {"hidden": 4096, "kv": 1024, "ffn": 14336, "blocks": 32}
@@ -72,7 +74,8 @@ def main() -> None:
         scores = synthetic_scores(sizes)
         modules = [f"m{i}" for i in range(len(sizes))]
         for budget in budgets:
-            a = allocate_bits(modules, sizes, scores, CANDIDATES, budget, window=0.02, time_limit=args.time_limit)
+            stage2 = Stage2Config(window=0.02, time_limit=args.time_limit)
+            a = project(Scores(modules, sizes, CANDIDATES, scores), budget, stage2)
             row = {"case": case, "items": len(sizes), "budget": budget, "solver": a.solver, "status": a.status,
                    "solve_seconds": a.solve_seconds, "gap": a.gap, "bits_used": a.bits_used, "slack": a.slack}
             rows.append(row)

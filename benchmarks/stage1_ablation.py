@@ -35,18 +35,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, parse_sets, write_results  # noqa: E402
+from common import RESULTS, write_results
 
-from gamma.assignment import account  # noqa: E402
-from gamma.candidates import apply_candidates, build_candidates  # noqa: E402
-from gamma.config import load_config  # noqa: E402
-from gamma.progress import console  # noqa: E402
-from gamma.projection import allocate_bits  # noqa: E402
-from gamma.proxy import costs_to_logits, fisher_costs  # noqa: E402
-from gamma.scores import ScoreTable  # noqa: E402
-from gamma.steps import evaluate_model, hessians_for, stage1_key, stage1_settings  # noqa: E402
-from gamma.teacher import capture_teacher  # noqa: E402
-from gamma.workspace import Workspace  # noqa: E402
+from gamma.config import command_line, load_config, parse_overrides
+from gamma.model.assignment import account
+from gamma.model.candidates import apply_candidates, build_candidates
+from gamma.progress import console
+from gamma.run.tables import SCORES_FILE, run_key
+from gamma.run.variant import evaluate_model
+from gamma.run.workspace import Workspace
+from gamma.stage1.proxy import costs_to_logits, fisher_costs
+from gamma.stage1.teacher import capture_teacher
+from gamma.stage2.projection import project
+from gamma.stage2.scores import Scores, ScoreTable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,15 +93,12 @@ def learned_table(name: str, budget: float, quantizer: str, candidates: list[int
     """The score table of one configuration, from the cache or from a fresh ``gamma learn`` process."""
     overrides = row_overrides(name, budget, quantizer, candidates)
     cfg = load_config(ROOT / "params.yaml", overrides)
-    ws = Workspace(cfg)
-    key = stage1_key(ws.model_hash, ws.text_hash, stage1_settings(ws))
+    key = run_key(Workspace(cfg))
     out = cache / key[:16]
-    path = out / "scores.json"
+    path = out / SCORES_FILE
     if not path.exists():
         console.print(f"[bold]Stage I: {name} at {budget:g} bits ({quantizer})")
-        sets = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] + [f"output_dir={out}"]
-        cmd = [str(Path(sys.executable).parent / "gamma"), "learn"] + [a for s in sets for a in ("--set", s)]
-        subprocess.run(cmd, cwd=ROOT, check=True)
+        subprocess.run(command_line("learn", {**overrides, "output_dir": str(out)}), cwd=ROOT, check=True)
     return ScoreTable.load(path)
 
 
@@ -116,7 +114,7 @@ class Evaluator:
         self.modules, self.sizes = self.ws.module_sizes(self.model)
         q = self.cfg.quantizer
         self.candidates = build_candidates(self.model, self.ws.quantizer(), candidates, q.group_size, q.symmetric,
-                                           hessians_for(self.ws, self.model))
+                                           self.ws.hessians(self.model))
         self.cache_file = cache / f"evaluations-{quantizer}-{args.tokens}-{args.items}.json"
         self.cache = json.loads(self.cache_file.read_text()) if self.cache_file.exists() else {}
 
@@ -125,9 +123,9 @@ class Evaluator:
         return fisher_costs(self.model, self.candidates, teacher.fisher)
 
     def solve(self, scores: np.ndarray, budget: float) -> dict[str, int]:
-        q, s2 = self.cfg.quantizer, self.cfg.stage2
-        return allocate_bits(self.modules, self.sizes, scores, self.cfg.candidates, budget, window=s2.window,
-                             group_size=q.group_size, symmetric=q.symmetric).assignment
+        q = self.cfg.quantizer
+        rows = Scores(self.modules, self.sizes, self.cfg.candidates, scores)
+        return project(rows, budget, self.cfg.stage2, group_size=q.group_size, symmetric=q.symmetric).assignment
 
     def evaluate(self, assignment: dict[str, int]) -> dict:
         key = hashlib.md5(json.dumps(assignment, sort_keys=True).encode()).hexdigest()
@@ -187,7 +185,7 @@ def main() -> None:
     ap.add_argument("--cache", default=str(ROOT / "runs" / "stage1_ablation"))
     ap.add_argument("--set", action="append", default=[], help="override for every row, key=value (YAML value)")
     args = ap.parse_args()
-    EXTRA.update(parse_sets(args.set))
+    EXTRA.update(parse_overrides(args.set))
     budgets = [float(b) for b in args.budgets.split(",")]
     bits = [int(b) for b in args.candidates.split(",")]
     names = [n for n in args.rows.split(",") if n]

@@ -22,13 +22,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import write_results
 
-from gamma.cli import _overrides  # noqa: E402
-from gamma.config import load_config  # noqa: E402
-from gamma.progress import console  # noqa: E402
-from gamma.scores import ScoreTable  # noqa: E402
-from gamma.steps import allocate  # noqa: E402
+from gamma.config import command_line, load_config, parse_overrides
+from gamma.progress import console
+from gamma.run.tables import SCORES_FILE, project_budget
+from gamma.stage2.scores import ScoreTable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,13 +40,13 @@ def device_name() -> str:
     return f"CPU ({os.cpu_count()} cores), no GPU"
 
 
-def learn(processes: int, out: Path, extra: list[str]) -> tuple[float, ScoreTable, list[dict]]:
-    sets = [f"stage1.processes={processes}", "stage1.extra_budgets=[]", f"output_dir={out}", *extra]  # one table
-    cmd = [str(Path(sys.executable).parent / "gamma"), "learn"] + [a for s in sets for a in ("--set", s)]
+def learn(processes: int, out: Path, extra: dict) -> tuple[float, ScoreTable, list[dict]]:
+    sets = {"stage1.processes": processes, "stage1.extra_budgets": [], "output_dir": str(out), **extra}  # one table
+    cmd = command_line("learn", sets)
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
     wall = time.perf_counter() - t0
-    table = ScoreTable.load(out / "scores.json")
+    table = ScoreTable.load(out / SCORES_FILE)
     ranks = [json.loads(p.read_text()) for p in sorted(out.glob("scores.json.rank*.json"))]
     if not ranks:  # one process: the table records its own figures
         ranks = [{"rank": 0, "world": 1, "device": "cpu", "stage1_seconds": table.wall_seconds,
@@ -61,12 +60,13 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra config override key=value")
     args = ap.parse_args()
     counts = [int(p) for p in args.processes.split(",")]
-    cfg = load_config(ROOT / "params.yaml", _overrides(args.set))
+    overrides = parse_overrides(args.set)
+    cfg = load_config(ROOT / "params.yaml", overrides)
     rows, tables = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in counts:
             console.rule(f"Stage I over {n} process(es)")
-            wall, table, ranks = learn(n, Path(tmp) / f"p{n}", args.set)
+            wall, table, ranks = learn(n, Path(tmp) / f"p{n}", overrides)
             tables[n] = table
             for r in ranks:
                 rows.append({"processes": n, "rank": r["rank"], "device": r["device"], "command_wall_seconds": wall,
@@ -74,7 +74,7 @@ def main() -> None:
     base = tables[counts[0]]
     agreement = {}
     for n, t in tables.items():
-        a_base, a_n = (allocate(x, [2.5], cfg)[2.5] for x in (base, t))
+        a_base, a_n = (project_budget([x], 2.5, cfg) for x in (base, t))
         agreement[n] = {"max_abs_score_difference": float(np.abs(np.asarray(t.scores) - np.asarray(base.scores)).max()),
                         "same_assignment_at_2.5": a_base.assignment == a_n.assignment}
     for r in rows:

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import write_results
 
-from gamma.config import load_config  # noqa: E402
-from gamma.progress import console  # noqa: E402
-from gamma.steps import evaluate_model, quantize_and_evaluate, reusable_hessians  # noqa: E402
-from gamma.workspace import Workspace  # noqa: E402
+from gamma.config import load_config
+from gamma.progress import console, print_table
+from gamma.run.variant import evaluate_model, quantize_and_evaluate
+from gamma.run.workspace import Workspace
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     for qname in ("rtn", "gptq"):
         ws = Workspace(load_config("params.yaml", {**base, "quantizer.method": qname}))
         t0 = time.perf_counter()
-        hessians = reusable_hessians(ws, model)
+        hessians = ws.reusable_hessians(model)
         hessian_seconds = time.perf_counter() - t0
         for b in bits:
             row = quantize_and_evaluate(ws, b, hessians)
@@ -51,9 +51,7 @@ def main() -> None:
                 "tokens": rows[0]["eval_tokens"], "zero_shot_items": args.items, "group_size": cfg.quantizer.group_size,
                 "calibration_sequences": cfg.text.calibration_sequences, "gptq": cfg.quantizer.gptq.model_dump()}
     path = write_results("uniform", settings, rows)
-    from gamma.cli import _table
-
-    _table([{**r, "method": f"{r.get('quantizer', '')}-{r['budget']:g}"} for r in rows], "uniform baselines")
+    print_table([{**r, "method": f"{r.get('quantizer', '')}-{r['budget']:g}"} for r in rows], "uniform baselines")
     console.print(f"wrote {path}")
 
 

@@ -18,16 +18,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import write_results
 
-from gamma.backends import BackendUnavailable, VllmBackend, evaluate_with_vllm  # noqa: E402
-from gamma.cli import _overrides  # noqa: E402
-from gamma.config import VllmConfig, load_config  # noqa: E402
-from gamma.export import load_checkpoint  # noqa: E402
-from gamma.progress import console  # noqa: E402
-from gamma.scores import ScoreTable  # noqa: E402
-from gamma.steps import allocate, evaluate_model, quantize_and_evaluate  # noqa: E402
-from gamma.workspace import Workspace  # noqa: E402
+from gamma.config import VllmConfig, load_config, parse_overrides
+from gamma.evaluation.backends import BackendUnavailable, VllmBackend, evaluate_with_vllm
+from gamma.model.export import load_checkpoint
+from gamma.progress import console
+from gamma.run.tables import project_budget
+from gamma.run.variant import evaluate_model, quantize_and_evaluate
+from gamma.run.workspace import Workspace
+from gamma.stage2.scores import ScoreTable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="config override key=value")
     args = ap.parse_args()
     overrides = {"quantizer.symmetric": True, "evaluation.max_tokens": args.tokens,
-                 "evaluation.zero_shot_items": args.items, **_overrides(args.set)}
+                 "evaluation.zero_shot_items": args.items, **parse_overrides(args.set)}
     cfg = load_config(ROOT / "params.yaml", overrides)
     ws = Workspace(cfg)
     e = cfg.evaluation
@@ -53,7 +53,7 @@ def main() -> None:
         for spec in args.variants.split(","):
             if spec.startswith("gamma:"):
                 budget = float(spec.split(":")[1])
-                assignment = allocate(ScoreTable.load(args.scores), [budget], cfg)[budget].assignment
+                assignment = project_budget([ScoreTable.load(args.scores)], budget, cfg).assignment
             else:
                 assignment = int(spec)
             console.rule(f"variant {spec}")

@@ -19,10 +19,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger, serve
 
 from gamma.config import load_config
-from gamma.export import load_checkpoint, verify_checkpoint
-from gamma.steps import evaluate_model
-from gamma.workspace import Workspace
-from tasks import registry
+from gamma.model.export import load_checkpoint, verify_checkpoint
+from gamma.run.variant import evaluate_model
+from gamma.run.workspace import Workspace
+from tasks import tracking
 
 PIPELINE_DEPLOYMENT = "scheduled-pipeline"
 REEVALUATE_DEPLOYMENT = "scheduled-reevaluation"
@@ -34,11 +34,11 @@ def reevaluate(params: str = "params.yaml", overrides: dict | None = None) -> li
     log = get_run_logger()
     cfg = load_config(params, overrides)
     ws = Workspace(cfg)
-    client, experiment = registry.client_for(cfg)
-    names = registry.names_for(cfg, ws.model_dir)
+    client, experiment = tracking.client_for(cfg)
+    names = tracking.names_for(cfg, ws.model_dir)
     rows = []
-    for budget in registry.registered_budgets(client, names):
-        version = registry.latest_version(client, names.variant(budget))
+    for budget in tracking.registered_budgets(client, names):
+        version = tracking.latest_version(client, names.variant(budget))
         checkpoint = version.tags.get("checkpoint")
         row = {"budget": budget, "model": version.name, "version": version.version}
         if not checkpoint or not Path(checkpoint).exists():
@@ -51,10 +51,10 @@ def reevaluate(params: str = "params.yaml", overrides: dict | None = None) -> li
             continue
         model, tokenizer = load_checkpoint(checkpoint)
         figures = evaluate_model(ws, model, tokenizer, checkpoint=checkpoint)
-        registered = registry.version_metrics(version).get("perplexity", float("nan"))
+        registered = tracking.version_metrics(version).get("perplexity", float("nan"))
         row.update({"perplexity": figures["perplexity"], "zero_shot": figures["zero_shot"],
                     "registered_perplexity": registered, "perplexity_drift": figures["perplexity"] / registered - 1})
-        with registry.child_run(client, experiment, None, f"reevaluate {version.name}", "reevaluation") as run_id:
+        with tracking.child_run(client, experiment, None, f"reevaluate {version.name}", "reevaluation") as run_id:
             for k in ("perplexity", "zero_shot", "perplexity_drift"):
                 if row[k] == row[k]:
                     client.log_metric(run_id, k, float(row[k]))

@@ -16,9 +16,16 @@ from prefect import flow  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from gamma.config import load_config  # noqa: E402
-from gamma.plots import plot_pareto  # noqa: E402
-from tasks import registry  # noqa: E402
-from tasks.steps import compared_variant, learn, prepare, uniform, variant  # noqa: E402
+from gamma.progress import markdown_table, print_table  # noqa: E402
+from gamma.run.plots import plot_pareto  # noqa: E402
+from gamma.run.variant import failed  # noqa: E402
+from tasks import tracking  # noqa: E402
+from tasks.prepare import prepare  # noqa: E402
+from tasks.stage1 import learn  # noqa: E402
+from tasks.variants import compared_variant, uniform, variant  # noqa: E402
+
+SUMMARY_COLUMNS = ["method", "budget", "avg_bits", "effective_bits", "total_bytes", "checkpoint_bytes", "perplexity",
+                   "zero_shot", "registered"]
 
 
 @flow(name="gamma-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -27,7 +34,7 @@ def gamma_pipeline(params: str = "params.yaml", overrides: dict | None = None, u
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     inputs = prepare(cfg, use_dvc)
-    client, experiment = registry.client_for(cfg)  # database and experiment exist before the fan-out
+    client, experiment = tracking.client_for(cfg)  # database and experiment exist before the fan-out
     parent = client.create_run(experiment, run_name="pipeline",
                                tags={"gamma.kind": "pipeline", "model_md5": inputs["model_md5"],
                                      "text_md5": inputs["text_md5"], "git_commit": inputs["git_commit"]})
@@ -52,7 +59,8 @@ def gamma_pipeline(params: str = "params.yaml", overrides: dict | None = None, u
         for key, future in jobs:
             result = future.result(raise_on_failure=False)
             # one failed budget is reported with its reason; the others stand
-            rows.append({**key, "error": f"{type(result).__name__}: {result}"} if isinstance(result, BaseException)
+            rows.append(failed(key["budget"], key["method"], f"{type(result).__name__}: {result}")
+                        if isinstance(result, BaseException)
                         else result)
         summarize(client, parent_id, out, inputs, scores, rows, tables)
         status = "FINISHED"
@@ -71,19 +79,11 @@ def summarize(client, run_id: str, out: Path, inputs: dict, scores: dict, rows: 
     pareto = plot_pareto(ok, out / "pareto.png") if ok else None
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "variants.md"
-        cols = ["method", "budget", "avg_bits", "effective_bits", "total_bytes", "checkpoint_bytes", "perplexity",
-                "zero_shot",
-                "registered"]
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
-                                    for c in cols) + " |" for r in ok]
-        table.write_text("\n".join(lines) + "\n")
+        table.write_text(markdown_table(ok, SUMMARY_COLUMNS))
         for f in (summary, pareto, table):
             if f is not None:
                 client.log_artifact(run_id, str(f), "summary")
-    from gamma.cli import _table
-
-    _table([{**r, "method": f"{r['method']}-{r['budget']:g}"} for r in ok], "variants")
+    print_table([{**r, "method": f"{r['method']}-{r['budget']:g}"} for r in ok], "variants")
     for r in rows:
         if "error" in r:
             print(f"budget {r['budget']}: FAILED: {r['error']}")

@@ -15,13 +15,17 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from gamma.assignment import unquantized_parameters
 from gamma.config import load_config
-from gamma.fleet import MB, load_fleet, needed_budget, plan_rollout, predicted_bytes
-from gamma.model import quantizable_modules
-from gamma.workspace import Workspace
-from tasks import registry
-from tasks.steps import prepare, registered_tables, variant
+from gamma.model.assignment import unquantized_parameters
+from gamma.model.loading import quantizable_modules
+from gamma.operations.fleet import MB, load_fleet, needed_budget, plan_rollout, predicted_bytes
+from gamma.run.workspace import Workspace
+from tasks import tracking
+from tasks.prepare import prepare
+from tasks.stage1 import registered_tables
+from tasks.variants import variant
+
+MANIFEST_FILE = "manifest.json"
 
 
 def _size_model(ws: Workspace):
@@ -38,12 +42,12 @@ def _size_model(ws: Workspace):
 def _registered_variants(client, names, alias: str) -> list[dict]:
     """The newest version and the alias holder of every registered budget, with what a manifest needs."""
     out = []
-    for budget in registry.registered_budgets(client, names):
+    for budget in tracking.registered_budgets(client, names):
         name = names.variant(budget)
-        holder = registry.alias_holder(client, name, alias)
-        newest = registry.latest_version(client, name)
+        holder = tracking.alias_holder(client, name, alias)
+        newest = tracking.latest_version(client, name)
         for v in {x.version: x for x in (holder, newest) if x is not None}.values():
-            m = registry.version_metrics(v)
+            m = tracking.version_metrics(v)
             out.append({"name": name, "version": v.version, "budget": budget,
                         "bytes": m.get("checkpoint_bytes", m.get("total_bytes", float("inf"))),
                         "perplexity": m.get("perplexity", float("inf")), "zero_shot": m.get("zero_shot"),
@@ -60,8 +64,8 @@ def fleet_rollout(fleet_file: str, params: str = "params.yaml", overrides: dict 
     fleet = load_fleet(fleet_file)
     ws = Workspace(cfg)
     inputs = prepare(cfg, use_dvc=False)
-    client, experiment = registry.client_for(cfg)
-    names = registry.names_for(cfg, inputs["model_dir"])
+    client, experiment = tracking.client_for(cfg)
+    names = tracking.names_for(cfg, inputs["model_dir"])
     tables = registered_tables(cfg, inputs)
     if not tables:
         raise ValueError(f"no registered score table {names.scores!r} for this model, text and Stage I settings: "
@@ -69,7 +73,7 @@ def fleet_rollout(fleet_file: str, params: str = "params.yaml", overrides: dict 
 
     size_of = _size_model(ws)
     needed = {c.name: needed_budget(c, cfg.candidates, fleet.budget_step, size_of) for c in fleet.classes}
-    missing = sorted({b for b in needed.values() if b is not None} - set(registry.registered_budgets(client, names)))
+    missing = sorted({b for b in needed.values() if b is not None} - set(tracking.registered_budgets(client, names)))
     parent = client.create_run(experiment, run_name="fleet rollout", tags={"gamma.kind": "rollout"}).info.run_id
     on_demand = []
     for budget in missing:
@@ -78,7 +82,7 @@ def fleet_rollout(fleet_file: str, params: str = "params.yaml", overrides: dict 
         t0 = time.perf_counter()
         row = variant(cfg, tables, budget, inputs, parent)
         seconds = time.perf_counter() - t0
-        gate = registry.promote(cfg, names, budget, fleet.alias) if "error" not in row else None
+        gate = tracking.promote(cfg, names, budget, fleet.alias) if "error" not in row else None
         on_demand.append({"budget": budget, "seconds": seconds, "registered": row.get("registered"),
                           "error": row.get("error"), "promoted": gate.promote if gate else False,
                           "gate": gate.reasons if gate else None})
@@ -89,7 +93,7 @@ def fleet_rollout(fleet_file: str, params: str = "params.yaml", overrides: dict 
     manifest = {"fleet": fleet.model_dump(), "scores": tables, "on_demand": on_demand, "classes": entries}
     out = Path(cfg.output_dir) / "rollout"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
     lines = ["| class | count | model MB | needed budget | variant | bytes MB | perplexity | alias | checksum |",
              "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
@@ -99,8 +103,8 @@ def fleet_rollout(fleet_file: str, params: str = "params.yaml", overrides: dict 
                      f"{v.get('name', '-')} v{v.get('version', '-')} | {v.get('bytes', 0) / MB:.2f} | "
                      f"{v.get('perplexity', float('nan')):.2f} | {e['note']} | {checksum} |")
     (out / "manifest.md").write_text("\n".join(lines) + "\n")
-    for f in ("manifest.json", "manifest.md"):
+    for f in (MANIFEST_FILE, "manifest.md"):
         client.log_artifact(parent, str(out / f), "rollout")
     client.set_terminated(parent)
-    log.info("rollout manifest: %s", out / "manifest.json")
+    log.info("rollout manifest: %s", out / MANIFEST_FILE)
     return manifest

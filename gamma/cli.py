@@ -23,11 +23,8 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-from rich.table import Table
-
-from gamma.config import ConfigError, GammaConfig, load_config
-from gamma.progress import console
+from gamma.config import ConfigError, GammaConfig, load_config, parse_overrides
+from gamma.progress import console, print_table
 
 
 def _parse_list(text: str, kind=float) -> list:
@@ -37,36 +34,14 @@ def _parse_list(text: str, kind=float) -> list:
         raise SystemExit(f"error: cannot read {text!r} as a comma-separated list of numbers") from None
 
 
-def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"error: --set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def _out(cfg: GammaConfig) -> Path:
     p = Path(cfg.output_dir)
     p.mkdir(parents=True, exist_ok=True)
     return p
 
 
-def _table(rows: list[dict], title: str) -> None:
-    t = Table(title=title)
-    cols = ["method", "avg_bits", "effective_bits", "total_bytes", "checkpoint_bytes", "perplexity", "perplexity_se",
-            "zero_shot",
-            "zero_shot_se", "quantize_seconds", "eval_seconds"]
-    for c in cols:
-        t.add_column(c, justify="right")
-    for r in rows:
-        t.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
-    console.print(t)
-
-
 def cmd_prepare(cfg: GammaConfig, args) -> None:
-    from gamma.workspace import Workspace
+    from gamma.run.workspace import Workspace
 
     ws = Workspace(cfg)
     ws.text = ws.prepare_text(reuse=False)  # the DVC stage: extract afresh, whatever is there
@@ -75,84 +50,87 @@ def cmd_prepare(cfg: GammaConfig, args) -> None:
 
 
 def cmd_uniform(cfg: GammaConfig, args) -> list[dict]:
-    from gamma.steps import evaluate_model, quantize_and_evaluate, reusable_hessians
-    from gamma.workspace import Workspace
+    from gamma.run.variant import evaluate_model, quantize_and_evaluate
+    from gamma.run.workspace import Workspace
 
     ws = Workspace(cfg)
     bits = _parse_list(args.bits, int) if getattr(args, "bits", None) else cfg.uniform_bits
     model, tok = ws.load()
     rows = [{"method": "unquantized", "avg_bits": 16.0, **evaluate_model(ws, model, tok)}]
-    hessians = reusable_hessians(ws, model)
+    hessians = ws.reusable_hessians(model)
     del model
     for b in bits:
         rows.append({"method": f"uniform-{b}", **quantize_and_evaluate(ws, b, hessians)})
-    _table(rows, f"uniform baselines ({cfg.quantizer.method})")
+    print_table(rows, f"uniform baselines ({cfg.quantizer.method})")
     (_out(cfg) / "uniform.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     return rows
 
 
 def cmd_learn(cfg: GammaConfig, args) -> Path:
-    from gamma.distributed import in_process_group, learn_in_process_group, learn_with_processes
-    from gamma.plots import plot_learning_curves
-    from gamma.steps import table_dir
-    from gamma.workspace import Workspace
+    from gamma.run.plots import plot_learning_curves
+    from gamma.run.tables import CURVES_FILE, SCORES_FILE, learn_in_process_group, learn_with_processes, table_dir
+    from gamma.run.workspace import Workspace
+    from gamma.stage1.data_parallel import in_process_group
+    from gamma.stage1.learn import CHECKPOINT_FILE
 
     ws = Workspace(cfg)
     out = _out(cfg)
     if in_process_group():  # one of the processes `accelerate launch` started
-        path = Path(args.out) if args.out else out / "scores.json"
-        learn_in_process_group(ws, out / "stage1.ckpt", path)
+        path = Path(args.out) if args.out else out / SCORES_FILE
+        learn_in_process_group(ws, path.parent / CHECKPOINT_FILE, path)  # each table its own checkpoint
         return path
     for budget in cfg.stage1.training_budgets:  # one table per training budget
         where = table_dir(cfg, budget)
         table = learn_with_processes(Workspace(cfg.for_training_budget(budget)), where)
-        path = where / "scores.json"
-        plot_learning_curves(table.history, where / "stage1_curves.png")
+        path = where / SCORES_FILE
+        plot_learning_curves(table.history, where / CURVES_FILE)
         console.print(f"score table: {path} ({len(table.modules)} modules x bits {table.bits}, learned at "
                       f"{budget:g} bits); E - B = {table.violation:+.4f} bits, lambda = {table.multiplier:.4g}, "
                       f"{table.wall_seconds:.0f}s, peak {table.peak_memory_mb:.0f} MB")
-    return out / "scores.json"
+    return out / SCORES_FILE
 
 
 def cmd_allocate(cfg: GammaConfig, args) -> dict:
-    from gamma.plots import plot_allocation
-    from gamma.scores import ScoreTable
-    from gamma.steps import allocate, table_dir
-    from gamma.workspace import Workspace
+    from gamma.run.plots import plot_allocation
+    from gamma.run.tables import SCORES_FILE, check_tables, project_budget, table_dir
+    from gamma.run.workspace import Workspace
+    from gamma.stage2.scores import ScoreTable
 
     out = _out(cfg)
+    budgets = _parse_list(args.budgets) if getattr(args, "budgets", None) else cfg.stage2.budgets
     if getattr(args, "allocator", "gamma") != "gamma":
-        return allocate_with(cfg, args.allocator, _parse_list(args.budgets) if args.budgets else cfg.stage2.budgets)
+        return allocate_with(cfg, args.allocator, budgets)
     if args.scores:
         tables = [ScoreTable.load(p) for p in args.scores]
     else:  # every training budget's table that exists; the main one at least
-        paths = [table_dir(cfg, b) / "scores.json" for b in cfg.stage1.training_budgets]
-        tables = [ScoreTable.load(p) for p in paths if p.exists()] or [ScoreTable.load(out / "scores.json")]
-    budgets = _parse_list(args.budgets) if getattr(args, "budgets", None) else cfg.stage2.budgets
+        paths = [table_dir(cfg, b) / SCORES_FILE for b in cfg.stage1.training_budgets]
+        tables = [ScoreTable.load(p) for p in paths if p.exists()] or [ScoreTable.load(out / SCORES_FILE)]
     ws = Workspace(cfg)
-    modules, sizes = ws.module_sizes(ws.load()[0])
-    results = allocate(tables, budgets, cfg, modules, sizes, ws.model_hash)  # a foreign table is refused
+    check_tables(tables, ws, ws.load()[0])  # a foreign table is refused
     (out / "assignments").mkdir(exist_ok=True)
-    t = Table(title="Stage II (from the saved score table; Stage I not rerun)")
-    for c in ("budget", "status", "bits used", "slack", "gap", "seconds", "note"):
-        t.add_column(c)
-    for b, res in results.items():
-        if isinstance(res, Exception):
-            t.add_row(str(b), "FAILED", "", "", "", "", str(res))
+    rows, results = [], {}
+    for b in budgets:
+        try:
+            res = project_budget(tables, b, cfg)
+        except ValueError as err:
+            rows.append({"budget": f"{b:g}", "status": "FAILED", "note": str(err)})
             continue
+        results[b] = res
         (out / "assignments" / f"{b:g}.json").write_text(json.dumps(res.as_dict(), indent=1) + "\n")
         plot_allocation(res.assignment, out / "assignments" / f"{b:g}.png", f"GAMMA allocation at {b:g} bits")
-        t.add_row(f"{b:g}", res.status, f"{res.bits_used:.4f}", f"{res.slack:.4f}", f"{res.gap:.1e}",
-                  f"{res.solve_seconds:.2f}", "; ".join(res.notes))
-    console.print(t)
+        rows.append({"budget": f"{b:g}", "status": res.status, "bits used": f"{res.bits_used:.4f}",
+                     "slack": f"{res.slack:.4f}", "gap": f"{res.gap:.1e}", "seconds": f"{res.solve_seconds:.2f}",
+                     "note": "; ".join(res.notes)})
+    print_table(rows, "Stage II (from the saved score table; Stage I not rerun)",
+                ["budget", "status", "bits used", "slack", "gap", "seconds", "note"])
     return results
 
 
 def allocate_with(cfg: GammaConfig, allocator: str, budgets: list[float]) -> dict:
     """Another allocator than GAMMA: allocate, quantize, export and evaluate each budget."""
     from gamma.allocators import ALLOCATORS, AllocatorError
-    from gamma.steps import allocate_and_evaluate
-    from gamma.workspace import Workspace
+    from gamma.run.variant import allocate_and_evaluate, failed
+    from gamma.run.workspace import Workspace
 
     if allocator not in ALLOCATORS:
         raise AllocatorError(f"unknown allocator {allocator!r}; choose one of {sorted(ALLOCATORS)}")
@@ -163,21 +141,21 @@ def allocate_with(cfg: GammaConfig, allocator: str, budgets: list[float]) -> dic
             row = allocate_and_evaluate(ws, allocator, b, save_to=out / "models" / f"{allocator}-{b:g}")
         except ValueError as err:
             console.print(f"[red]{allocator} at {b:g} bits: {err}")
-            rows[b] = err
+            rows[b] = failed(b, allocator, err)
             continue
         (out / "assignments" / f"{allocator}-{b:g}.json").write_text(row.pop("allocation"))
         if "score_table" in row:  # gamma-blocks: the block table it projected from
             table = row.pop("score_table")
             table.save(out / f"{allocator}-scores-{table.training_budget:g}.json")
         rows[b] = row
-    _table([{**r, "method": f"{allocator}-{b:g}"} for b, r in rows.items() if isinstance(r, dict)],
+    print_table([{**r, "method": f"{allocator}-{b:g}"} for b, r in rows.items() if "error" not in r],
            f"{allocator}: allocations in {out / 'assignments'}, models in {out / 'models'}")
     return rows
 
 
 def cmd_quantize(cfg: GammaConfig, args) -> dict:
-    from gamma.steps import quantize_and_evaluate
-    from gamma.workspace import Workspace
+    from gamma.run.variant import quantize_and_evaluate
+    from gamma.run.workspace import Workspace
 
     out = _out(cfg)
     path = Path(args.assignment) if args.assignment else out / "assignments" / f"{args.budget:g}.json"
@@ -188,24 +166,24 @@ def cmd_quantize(cfg: GammaConfig, args) -> dict:
     name = path.stem
     row = quantize_and_evaluate(Workspace(cfg), assignment, save_to=out / "models" / name)
     row["method"] = f"gamma-{name}"
-    _table([row], f"quantized model saved to {out / 'models' / name}")
+    print_table([row], f"quantized model saved to {out / 'models' / name}")
     return row
 
 
 def cmd_run(cfg: GammaConfig, args) -> None:
     from flows.pipeline import run_pipeline
 
-    run_pipeline(params=args.params, overrides=_overrides(args.set), use_dvc=not args.no_dvc)
+    run_pipeline(params=args.params, overrides=parse_overrides(args.set), use_dvc=not args.no_dvc)
 
 
 def cmd_promote(cfg: GammaConfig, args) -> None:
-    from gamma.workspace import Workspace
-    from tasks.registry import names_for, promote
+    from gamma.run.workspace import Workspace
+    from tasks.tracking import names_for, promote
 
     if args.budget is None:  # every registered budget, as the scheduled promotion flow does
         from flows.promotion import promotion_flow
 
-        decisions = promotion_flow(params=args.params, alias=args.alias, overrides=_overrides(args.set))
+        decisions = promotion_flow(params=args.params, alias=args.alias, overrides=parse_overrides(args.set))
     else:
         decision = promote(cfg, names_for(cfg, Workspace(cfg).model_dir), args.budget, args.alias, args.version)
         decisions = [{"budget": args.budget, **decision.as_dict()}]
@@ -219,8 +197,8 @@ def cmd_promote(cfg: GammaConfig, args) -> None:
 
 
 def cmd_rollback(cfg: GammaConfig, args) -> None:
-    from gamma.workspace import Workspace
-    from tasks.registry import names_for, rollback
+    from gamma.run.workspace import Workspace
+    from tasks.tracking import names_for, rollback
 
     names = names_for(cfg, Workspace(cfg).model_dir)
     previous = rollback(cfg, names, args.budget, args.alias)
@@ -233,18 +211,18 @@ def cmd_serve(cfg: GammaConfig, args) -> None:
 
     console.print(f"serving the pipeline ({cfg.schedule.pipeline_cron}) and the re-evaluation "
                   f"({cfg.schedule.reevaluate_cron}) against the Prefect server at PREFECT_API_URL")
-    serve_deployments(params=args.params, overrides=_overrides(args.set))
+    serve_deployments(params=args.params, overrides=parse_overrides(args.set))
 
 
 def cmd_rollout(cfg: GammaConfig, args) -> None:
-    from flows.rollout import fleet_rollout
+    from flows.rollout import MANIFEST_FILE, fleet_rollout
 
-    manifest = fleet_rollout(args.fleet, params=args.params, overrides=_overrides(args.set))
+    manifest = fleet_rollout(args.fleet, params=args.params, overrides=parse_overrides(args.set))
     for e in manifest["classes"]:
         v = e["variant"]
         console.print(f"{e['class']} (x{e['count']}, {e['model_budget_mb']} MB): "
                       + (f"{v['name']} v{v['version']} [{e['note']}]" if v else e["note"]))
-    console.print(f"manifest: {Path(cfg.output_dir) / 'rollout' / 'manifest.json'}")
+    console.print(f"manifest: {Path(cfg.output_dir) / 'rollout' / MANIFEST_FILE}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,7 +278,7 @@ COMMANDS = {"prepare": cmd_prepare, "uniform": cmd_uniform, "learn": cmd_learn, 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.params, _overrides(args.set))
+        cfg = load_config(args.params, parse_overrides(args.set))
         COMMANDS[args.command](cfg, args)
     except ConfigError as err:
         console.print(f"[red]error:[/red] {err}")

@@ -6,6 +6,8 @@ A bad value fails here, before any work starts, with the field's dotted name and
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -311,3 +313,26 @@ def load_config(path: str | Path = "params.yaml", overrides: dict | None = None)
             node = node.setdefault(p, {})
         node[leaf] = value
     return validate_config(data)
+
+
+def parse_overrides(pairs: list[str] | None) -> dict:
+    """``--set key=value`` options as ``load_config`` overrides, each value read as YAML (``[2.5]``
+    is a list, ``3`` a number); the one parser of the command line and the benchmarks."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {pair!r}: {value!r} is not a valid YAML value") from None
+    return out
+
+
+def command_line(command: str, overrides: dict | None = None, *arguments: str) -> list[str]:
+    """``gamma <command> <arguments> --set key=value ...`` for a subprocess, run by this interpreter:
+    the one builder of the launcher's and the benchmarks' command lines (values written as JSON,
+    which ``parse_overrides`` reads back as YAML)."""
+    sets = [a for key, value in (overrides or {}).items() for a in ("--set", f"{key}={json.dumps(value)}")]
+    return [sys.executable, "-m", "gamma.cli", command, *arguments, *sets]

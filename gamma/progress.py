@@ -1,4 +1,5 @@
-"""Progress display shared by long steps (rich on a terminal, quiet lines otherwise)."""
+"""Console output: progress of long steps (rich on a terminal, quiet lines otherwise) and the
+one formatter of result tables (printed, or as markdown for the tracking store)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,30 @@ def status(message: str) -> Iterator[None]:
         console.print(f"{message} ...")
         yield
     console.print(f"{message}: done in {time.perf_counter() - t0:.1f}s")
+
+
+RESULT_COLUMNS = ["method", "avg_bits", "effective_bits", "total_bytes", "checkpoint_bytes", "perplexity",
+                  "perplexity_se", "zero_shot", "zero_shot_se", "quantize_seconds", "eval_seconds"]
+
+
+def cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str("" if value is None else value)
+
+
+def print_table(rows: list[dict], title: str, columns: list[str] | None = None) -> None:
+    """Result rows as a table on the console (``columns``: default ``RESULT_COLUMNS``)."""
+    from rich.table import Table
+
+    columns = columns or RESULT_COLUMNS
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(*[cell(r.get(c)) for c in columns])
+    console.print(t)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

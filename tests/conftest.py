@@ -12,28 +12,28 @@ DATA = ROOT / "data"
 
 @pytest.fixture(scope="session")
 def model_dir():
-    from gamma.model import resolve_model_path
+    from gamma.model.loading import resolve_model_path
 
     return resolve_model_path("embedded", DATA)
 
 
 @pytest.fixture(scope="session")
 def text(model_dir):
-    from gamma.text import prepare_text
+    from gamma.model.text import prepare_text
 
     return prepare_text("embedded", DATA / "text")
 
 
 @pytest.fixture(scope="session")
 def model_and_tokenizer(model_dir):
-    from gamma.model import load_model
+    from gamma.model.loading import load_model
 
     return load_model(model_dir)
 
 
 @pytest.fixture(scope="session")
 def calibration(model_and_tokenizer, text):
-    from gamma.text import sample_sequences, tokenize_file
+    from gamma.model.text import sample_sequences, tokenize_file
 
     tokens = tokenize_file(text.calibration, model_and_tokenizer[1])
     return sample_sequences(tokens, 4, 128, seed=0)

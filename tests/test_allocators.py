@@ -15,8 +15,8 @@ def problem(model_and_tokenizer, calibration):
     import copy
 
     from gamma.allocators import AllocationProblem
-    from gamma.candidates import build_candidates
-    from gamma.quantizer import get_quantizer
+    from gamma.model.candidates import build_candidates
+    from gamma.quant import get_quantizer
 
     model = copy.deepcopy(model_and_tokenizer[0])
     rtn = get_quantizer("rtn")
@@ -25,7 +25,7 @@ def problem(model_and_tokenizer, calibration):
 
 @pytest.fixture(scope="module")
 def held_out(model_and_tokenizer, text):
-    from gamma.text import sample_sequences, tokenize_file
+    from gamma.model.text import sample_sequences, tokenize_file
 
     return sample_sequences(tokenize_file(text.evaluation, model_and_tokenizer[1]), 8, 128, seed=1)
 
@@ -90,15 +90,17 @@ def test_allocators_refuse_a_budget_outside_the_candidates(problem):
 
 def test_linearity_dp_is_exact(problem):
     """The DP over module sizes finds the same optimum as the MIP solver on the same costs."""
-    from gamma.allocators.linearity import knapsack_dp
-    from gamma.projection import allocate_bits
+    from gamma.allocators.higgs import knapsack_dp
+    from gamma.config import Stage2Config
+    from gamma.stage2.projection import project
+    from gamma.stage2.scores import Scores
 
     rng = np.random.default_rng(0)
     m = len(problem.modules)
     costs = np.sort(rng.random((m, len(BITS))), axis=1)[:, ::-1] * rng.random((m, 1))  # falling with bits
     picks = knapsack_dp(costs, problem.params, BITS, 2.75)
     dp_cost = costs[np.arange(len(picks)), picks].sum()
-    mip = allocate_bits(problem.modules, problem.sizes, -costs, BITS, 2.75, window=2.0)
+    mip = project(Scores(problem.modules, problem.sizes, BITS, -costs), 2.75, Stage2Config(window=2.0))
     mip_cost = sum(costs[i, BITS.index(mip.assignment[m])] for i, m in enumerate(problem.modules))
     assert np.isclose(dp_cost, mip_cost, rtol=1e-9)
     assert (problem.params * np.array(BITS)[picks]).sum() <= 2.75 * problem.params.sum()
@@ -131,7 +133,7 @@ def test_block_assignment_exports_a_loadable_fake_quantized_model(problem, tmp_p
 
     from gamma.allocators import get_allocator
     from gamma.allocators.column_blocks import block_account
-    from gamma.export import export_fake_quantized
+    from gamma.model.export import export_fake_quantized
 
     allocator = get_allocator("scalebits")
     result = allocator.allocate(problem, 3.0)
@@ -142,7 +144,7 @@ def test_block_assignment_exports_a_loadable_fake_quantized_model(problem, tmp_p
     ids = problem.calibration[:2]
     name = problem.modules[0]
     from gamma.allocators.base import next_token_loss
-    from gamma.model import quantizable_modules
+    from gamma.model.loading import quantizable_modules
 
     try:
         allocator.apply(problem, result.assignment)
@@ -164,10 +166,10 @@ def test_gptq_block_assignment_is_quantized_in_one_pass(model_and_tokenizer, cal
 
     from gamma.allocators import AllocationProblem, BlockAssignment
     from gamma.allocators.column_blocks import build_column_blocks
-    from gamma.assignment import collect_hessians
-    from gamma.candidates import build_candidates
-    from gamma.model import quantizable_modules
-    from gamma.quantizer import get_quantizer
+    from gamma.model.candidates import build_candidates
+    from gamma.model.loading import quantizable_modules
+    from gamma.quant import get_quantizer
+    from gamma.quant.hessians import collect_hessians
 
     names = ["model.layers.3.self_attn.o_proj", "model.layers.3.mlp.down_proj"]
     model = copy.deepcopy(model_and_tokenizer[0])
@@ -216,8 +218,8 @@ def test_block_stage1_mixes_exactly_the_weights_a_block_assignment_exports(probl
     weight that ``apply`` puts into the model for that block assignment: Stage I chooses among
     exactly what is exported, in the model's channel order."""
     from gamma.allocators import BlockAssignment
-    from gamma.mixed_linear import MixedLinear
-    from gamma.model import quantizable_modules
+    from gamma.model.loading import quantizable_modules
+    from gamma.stage1.relaxation import MixedLinear
 
     blocks = block_gamma.blocks
     layouts = blocks.layouts()
@@ -269,12 +271,69 @@ def test_block_gamma_table_is_per_block_and_serves_other_budgets(problem, block_
 def test_block_gamma_proxy_initialisation_is_the_block_proxy(problem, block_gamma):
     """Before any step, the block table's knapsack picks what minimising the blocks' Fisher costs
     picks (up to ties inside the window): learning starts from the block-wise proxy."""
-    from gamma.projection import allocate_bits
-    from gamma.proxy import costs_to_logits
+    from gamma.config import Stage2Config
+    from gamma.stage1.proxy import costs_to_logits
+    from gamma.stage2.projection import project
+    from gamma.stage2.scores import Scores
 
     blocks = block_gamma.blocks
     names, sizes = blocks.row_names, blocks.row_sizes
     init = costs_to_logits(blocks.errors, [int(n) for n in blocks.sizes], BITS, 2.75)
-    proxy = allocate_bits(names, sizes, -blocks.errors, BITS, 2.75).assignment
-    table = allocate_bits(names, sizes, torch.log_softmax(torch.tensor(init), -1).numpy(), BITS, 2.75).assignment
+    proxy = project(Scores(names, sizes, BITS, -blocks.errors), 2.75, Stage2Config()).assignment
+    learned = Scores(names, sizes, BITS, torch.log_softmax(torch.tensor(init), -1).numpy())
+    table = project(learned, 2.75, Stage2Config()).assignment
     assert sum(proxy[n] != table[n] for n in names) <= 0.05 * len(names)
+
+
+@pytest.mark.parametrize("name,settings", [
+    ("gamma", {"stage1": {"budget": 2.75, "steps": 2, "sequences_per_step": 2, "tokens_per_sequence": 32,
+                          "extra_budgets": []}}),
+    ("uniform", {}),
+    ("hawq", {}),
+    ("higgs", {"calibration_sequences": 1}),
+    ("evopress", {"generations": 2, "offspring": 2, "screen_tokens": 32, "select_sequences": 1}),
+])
+def test_min_bits_holds_for_every_module_allocator(name, settings, restricted):
+    """``stage2.min_bits`` from the configuration reaches every allocator through the problem the
+    workspace builds, and every allocator that assigns whole modules honours it."""
+    from gamma.allocators import get_allocator
+    from gamma.config import Stage1Config
+
+    cfg, problem = restricted
+    assert problem.stage2 == cfg.stage2 and problem.stage2.min_bits == {"down_proj": 3}
+    if "stage1" in settings:
+        settings = {**settings, "stage1": Stage1Config(**settings["stage1"])}
+    result = get_allocator(name, **settings).allocate(problem, 2.75)
+    low = {m: b for m, b in result.assignment.items() if "down_proj" in m and b < 3}
+    assert not low, f"{name} put {len(low)} down_proj modules below 3 bits"
+    assert result.avg_bits <= 2.75
+
+
+@pytest.fixture(scope="module")
+def restricted(model_dir, text):
+    from gamma.config import load_config
+    from gamma.run.workspace import Workspace
+
+    cfg = load_config("none.yaml", {"stage2.min_bits": {"down_proj": 3}, "text.calibration_sequences": 4,
+                                    "text.sequence_length": 128, "model.data_dir": str(model_dir.parents[1])})
+    return cfg, Workspace(cfg).problem()
+
+
+def test_an_allocator_that_ignores_min_bits_is_refused(problem):
+    """The interface checks every answer against ``stage2.min_bits``, so an allocator that ignored
+    it fails loudly instead of handing back a restricted module below its floor."""
+    import dataclasses
+
+    from gamma.allocators import AllocatorError
+    from gamma.allocators.base import Allocator
+    from gamma.config import Stage2Config
+
+    class Careless(Allocator):
+        name = "careless"
+
+        def _allocate(self, problem, budget):
+            return dict.fromkeys(problem.modules, 2), {}
+
+    restricted = dataclasses.replace(problem, stage2=Stage2Config(min_bits={"down_proj": 3}))
+    with pytest.raises(AllocatorError, match="below stage2.min_bits"):
+        Careless().allocate(restricted, 2.75)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import DATA, ROOT
 
-from gamma.backends import (
+from gamma.config import ConfigError, VllmConfig, load_config
+from gamma.evaluation.backends import (
     VLLM_PROFILES,
     WORKER,
     BackendUnavailable,
@@ -23,19 +24,18 @@ from gamma.backends import (
     evaluate_with_vllm,
     serving_problems,
 )
-from gamma.config import ConfigError, VllmConfig, load_config
-from gamma.evaluate import perplexity, zero_shot_suite
-from gamma.export import export_checkpoint, round_to_storage
-from gamma.model import load_model, quantizable_modules
-from gamma.quantizer import QuantSpec
-from gamma.rtn import RTN
-from gamma.steps import evaluate_model
-from gamma.workspace import Workspace
+from gamma.evaluation.metrics import perplexity, zero_shot_suite
+from gamma.model.export import export_checkpoint, round_to_storage
+from gamma.model.loading import load_model, quantizable_modules
+from gamma.quant.interface import QuantSpec
+from gamma.quant.rtn import RTN
+from gamma.run.variant import evaluate_model
+from gamma.run.workspace import Workspace
 
 FAKE_VLLM = '''
 import types
 import torch
-from gamma.export import load_checkpoint
+from gamma.model.export import load_checkpoint
 
 __version__ = "stand-in"
 
@@ -125,13 +125,13 @@ def _stand_in_python(tmp_path):
 
 def test_vllm_cpu_needs_avx512(tmp_path, monkeypatch):
     assert cpu_runs_vllm_int4("flags : fpu sse2 avx2 avx512f avx512bw") and not cpu_runs_vllm_int4("flags : avx2")
-    monkeypatch.setattr("gamma.backends.cpu_runs_vllm_int4", lambda: False)
+    monkeypatch.setattr("gamma.evaluation.backends.cpu_runs_vllm_int4", lambda: False)
     with pytest.raises(BackendUnavailable, match="AVX-512"):
         VllmBackend(VllmConfig(python=_stand_in_python(tmp_path), device="cpu")).check(tmp_path)
 
 
 def test_vllm_worker_protocol_matches_transformers(symmetric_4bit, tmp_path, calibration, monkeypatch):
-    monkeypatch.setattr("gamma.backends.cpu_runs_vllm_int4", lambda: True)  # the stand-in needs no kernel
+    monkeypatch.setattr("gamma.evaluation.backends.cpu_runs_vllm_int4", lambda: True)  # the stand-in needs no kernel
     model, tok, ckpt = symmetric_4bit
     assert set(checkpoint_schemes(ckpt).values()) == {(4, True)}
     backend = VllmBackend(VllmConfig(python=_stand_in_python(tmp_path), device="cpu"))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gamma import cli
-from gamma.scores import ScoreTable
+from gamma.stage2.scores import ScoreTable
 
 
 def test_help_lists_every_command(capsys):
@@ -22,17 +22,18 @@ def test_bad_config_value_fails_before_work(tmp_path, capsys):
 
 
 def test_allocate_reuses_scores_and_never_runs_stage1(tmp_path, monkeypatch, capsys, model_and_tokenizer):
-    import gamma.stage1
-    import gamma.steps
+    import gamma.run.tables
+    import gamma.stage1.learn
+    import gamma.stage1.loop
 
     def forbidden(*a, **k):
         raise AssertionError("Stage I must not run during allocation")
 
-    monkeypatch.setattr(gamma.stage1, "learn_preferences", forbidden)
-    monkeypatch.setattr(gamma.steps, "learn_preferences", forbidden)
-    monkeypatch.setattr(gamma.steps, "learn_score_table", forbidden)
+    monkeypatch.setattr(gamma.stage1.loop, "learn_preferences", forbidden)
+    monkeypatch.setattr(gamma.stage1.learn, "learn_preferences", forbidden)
+    monkeypatch.setattr(gamma.run.tables, "learn_score_table", forbidden)
     from gamma.config import load_config
-    from gamma.workspace import Workspace
+    from gamma.run.workspace import Workspace
 
     ws = Workspace(load_config(tmp_path / "none.yaml"))
     modules, sizes = ws.module_sizes(model_and_tokenizer[0])
@@ -69,9 +70,11 @@ def test_allocate_reuses_scores_and_never_runs_stage1(tmp_path, monkeypatch, cap
     learned_at = {b: json.loads((tmp_path / "assignments" / f"{b}.json").read_text())["training_budget"]
                   for b in ("3", "3.25", "3.5")}
     assert learned_at == {"3": 3.0, "3.25": 3.5, "3.5": 3.5}  # nearest; a tie goes to the higher table
-    from gamma.projection import allocate_bits
+    from gamma.config import Stage2Config
+    from gamma.stage2.projection import project
+    from gamma.stage2.scores import Scores
 
-    direct = allocate_bits(modules, sizes, np.asarray(other.scores), [2, 3, 4], 3.5)
+    direct = project(Scores(modules, sizes, [2, 3, 4], np.asarray(other.scores)), 3.5, Stage2Config())
     assert json.loads((tmp_path / "assignments" / "3.5.json").read_text())["assignment"] == direct.assignment
 
 
@@ -88,8 +91,8 @@ def test_allocate_with_another_allocator_quantizes_and_evaluates(tmp_path, capsy
     assert "1.5 bits is outside" in captured.out + captured.err  # fails alone
     data = json.loads((tmp_path / "assignments" / "hawq-3.json").read_text())
     assert data["allocator"] == "hawq" and data["avg_bits"] <= 3.0
-    from gamma.export import load_checkpoint
-    from gamma.model import quantizable_modules
+    from gamma.model.export import load_checkpoint
+    from gamma.model.loading import quantizable_modules
 
     model, _ = load_checkpoint(tmp_path / "models" / "hawq-3")  # a real compressed-tensors checkpoint
     widths = {m: len(w.weight.unique()) for m, w in quantizable_modules(model).items()}

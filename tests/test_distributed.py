@@ -7,10 +7,10 @@ import yaml
 from conftest import DATA
 
 from gamma.config import load_config
-from gamma.distributed import launch_command, launch_stage1
-from gamma.scores import ScoreTable
-from gamma.steps import allocate, learn_score_table
-from gamma.workspace import Workspace
+from gamma.run.tables import learn_table, project_budget
+from gamma.run.workspace import Workspace
+from gamma.stage1.data_parallel import launch_command, launch_stage1
+from gamma.stage2.scores import ScoreTable
 
 
 def _params(tmp_path, model_dir, **model):
@@ -36,11 +36,11 @@ def test_two_processes_learn_the_same_table_as_one(tmp_path, model_dir, monkeypa
     assert any("Stage I" in line for line in lines)  # the main process's progress reached us
 
     cfg = load_config(params)
-    one = learn_score_table(Workspace(cfg))
+    one = learn_table(Workspace(cfg))
     assert two.settings == one.settings and two.modules == one.modules
     # float summation order differs (2 x 2 sequences vs 4); Adam's normalisation amplifies it a little
     np.testing.assert_allclose(np.asarray(two.scores), np.asarray(one.scores), rtol=1e-3, atol=1e-3)
-    a1, a2 = (allocate(t, [2.5], cfg)[2.5] for t in (one, two))
+    a1, a2 = (project_budget([t], 2.5, cfg) for t in (one, two))
     assert a1.assignment == a2.assignment
 
 

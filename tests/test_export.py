@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from gamma.assignment import account, apply_assignment
-from gamma.export import (
+from gamma.model.assignment import account, apply_assignment
+from gamma.model.export import (
     WEIGHTS_FILE,
     CheckpointError,
     export_checkpoint,
@@ -14,9 +14,9 @@ from gamma.export import (
     round_to_storage,
     verify_checkpoint,
 )
-from gamma.model import load_model, quantizable_modules
-from gamma.quantizer import QuantSpec
-from gamma.rtn import RTN
+from gamma.model.loading import load_model, quantizable_modules
+from gamma.quant.interface import QuantSpec
+from gamma.quant.rtn import RTN
 
 MIXED_BITS = (2, 3, 4, 8)
 
@@ -86,7 +86,7 @@ def test_transformers_loads_a_symmetric_checkpoint_itself(model_dir, tmp_path, c
 
 
 def test_interrupted_export_leaves_no_checkpoint(model_and_tokenizer, tmp_path, monkeypatch):
-    import gamma.export as export
+    import gamma.model.export as export
 
     model, tokenizer = model_and_tokenizer
     name = next(iter(quantizable_modules(model)))

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from gamma.model import ModelInputError, quantizable_modules, resolve_model_path
-from gamma.text import TextInputError, prepare_text, sample_sequences, split_documents
+from gamma.model.loading import ModelInputError, quantizable_modules, resolve_model_path
+from gamma.model.text import TextInputError, prepare_text, sample_sequences, split_documents
 
 
 def test_embedded_model_converted_to_safetensors(model_dir, model_and_tokenizer):

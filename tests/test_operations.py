@@ -4,8 +4,17 @@ import pytest
 import yaml
 
 from gamma.config import load_config
-from gamma.fleet import MB, DeviceClass, Fleet, FleetError, load_fleet, needed_budget, plan_rollout, predicted_bytes
-from tasks import registry
+from gamma.operations.fleet import (
+    MB,
+    DeviceClass,
+    Fleet,
+    FleetError,
+    load_fleet,
+    needed_budget,
+    plan_rollout,
+    predicted_bytes,
+)
+from tasks import tracking
 
 
 @pytest.fixture()
@@ -13,11 +22,11 @@ def registry_cfg(tmp_path):
     cfg = load_config(tmp_path / "none.yaml", {
         "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.artifacts": str(tmp_path / "art"),
         "uniform_bits": [4]})
-    client, _ = registry.client_for(cfg)
-    names = registry.Names("m")
+    client, _ = tracking.client_for(cfg)
+    names = tracking.Names("m")
 
     def register(name, perplexity, total_bytes):
-        registry._ensure_registered(client, name, "test")
+        tracking._ensure_registered(client, name, "test")
         tags = {"metric.perplexity": repr(perplexity), "metric.total_bytes": repr(total_bytes)}
         return client.create_model_version(name, (tmp_path / name).as_uri(), tags=tags).version
 
@@ -28,26 +37,26 @@ def registry_cfg(tmp_path):
 def test_promotion_gates_history_and_rollback(registry_cfg):
     cfg, client, names, register = registry_cfg
     v1 = register(names.variant(3.0), 40.0, 150.0)
-    assert registry.promote(cfg, names, 3.0, "production").promote
+    assert tracking.promote(cfg, names, 3.0, "production").promote
     v2 = register(names.variant(3.0), 38.0, 150.0)
-    assert registry.promote(cfg, names, 3.0, "production").promote  # not worse than holder v1
+    assert tracking.promote(cfg, names, 3.0, "production").promote  # not worse than holder v1
     v3 = register(names.variant(3.0), 45.0, 150.0)
-    refused = registry.promote(cfg, names, 3.0, "production")
+    refused = tracking.promote(cfg, names, 3.0, "production")
     assert not refused.promote and "holder" in refused.reasons[-1]
     name = names.variant(3.0)
     assert client.get_model_version_by_alias(name, "production").version == v2
     assert client.get_model_version(name, v3).tags["promotion.production"].startswith("refused")
 
-    assert registry.rollback(cfg, names, 3.0, "production") == v1
+    assert tracking.rollback(cfg, names, 3.0, "production") == v1
     assert client.get_model_version_by_alias(name, "production").version == v1
-    assert registry.rollback(cfg, names, 3.0, "production") is None
-    assert registry.alias_holder(client, name, "production") is None
+    assert tracking.rollback(cfg, names, 3.0, "production") is None
+    assert tracking.alias_holder(client, name, "production") is None
     with pytest.raises(ValueError, match="no alias"):
-        registry.rollback(cfg, names, 3.0, "production")
+        tracking.rollback(cfg, names, 3.0, "production")
     runs = client.search_runs([client.get_experiment_by_name("gamma").experiment_id])
     kinds = sorted(r.data.tags["gamma.kind"] for r in runs)
     assert kinds == ["promotion"] * 3 + ["rollback"] * 2  # every decision recorded
-    assert registry.registered_budgets(client, names) == [3.0]
+    assert tracking.registered_budgets(client, names) == [3.0]
 
 
 def test_promotion_flow_gates_every_registered_budget(registry_cfg, tmp_path):

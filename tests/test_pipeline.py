@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gamma.export import verify_checkpoint
-from gamma.promotion import decide_promotion
+from gamma.model.export import verify_checkpoint
+from gamma.operations.promotion import decide_promotion
 
 DVC = str(Path(sys.executable).parent / "dvc")
 
@@ -67,7 +67,7 @@ def _versions(client, name):
 def test_pipeline_registers_lineage_caches_stage1_and_isolates_failures(project, prefect_api, monkeypatch):
     from flows.pipeline import gamma_pipeline
     from gamma.config import load_config
-    from tasks.registry import names_for, promote
+    from tasks.tracking import names_for, promote
 
     rows = gamma_pipeline(params="params.yaml")
     by = {(r["method"], r["budget"]): r for r in rows}
@@ -99,16 +99,16 @@ def test_pipeline_registers_lineage_caches_stage1_and_isolates_failures(project,
 
     # Same inputs: Stage I comes from the registry, only Stage II runs. The export of 2.5 bits
     # crashes: that budget registers nothing and leaves no checkpoint; 3.5 is unaffected.
-    import gamma.export
+    import gamma.model.export
 
-    real_checksum = gamma.export.checksum
+    real_checksum = gamma.model.export.checksum
 
     def crash_at_2_5(path):  # the export dies after the tensors are written, before the rename
         if "2.5bit" in str(path):
             raise OSError("simulated crash during export")
         return real_checksum(path)
 
-    monkeypatch.setattr(gamma.export, "checksum", crash_at_2_5)
+    monkeypatch.setattr(gamma.model.export, "checksum", crash_at_2_5)
     rows = gamma_pipeline(params="params.yaml", overrides={"stage2.budgets": [3.5, 2.5], "uniform_bits": [2]})
     assert "simulated crash" in next(r for r in rows if r["budget"] == 2.5)["error"]
     assert not client.search_registered_models(f"name = '{prefix}-2.5bit'")
@@ -139,8 +139,8 @@ def test_pipeline_registers_lineage_caches_stage1_and_isolates_failures(project,
     # Fleet rollout: three device classes; the smallest needs 2.75 bits, which is not registered
     # and is produced on demand from the registered scores (no Stage I), then every class gets a variant.
     from flows.rollout import _size_model, fleet_rollout
-    from gamma.fleet import MB
-    from gamma.workspace import Workspace
+    from gamma.operations.fleet import MB
+    from gamma.run.workspace import Workspace
 
     size_of = _size_model(Workspace(load_config("params.yaml")))
     classes = [{"name": n, "memory_mb": size_of(b) / MB + 0.5, "kv_cache_reserve_mb": 0.5, "count": c}
@@ -209,9 +209,9 @@ def test_stage1_task_fails_with_the_dead_workers_error_and_registers_nothing(tmp
     """stage1.processes=2 launches real processes; a worker that dies (here: an unreadable model)
     fails the Prefect task with that worker's own error, and nothing reaches the registry."""
     from gamma.config import load_config
-    from gamma.distributed import Stage1LaunchError
-    from tasks import registry
-    from tasks.steps import learn
+    from gamma.stage1.data_parallel import Stage1LaunchError
+    from tasks import tracking
+    from tasks.stage1 import learn
 
     broken = tmp_path / "broken-model"
     broken.mkdir()
@@ -219,7 +219,7 @@ def test_stage1_task_fails_with_the_dead_workers_error_and_registers_nothing(tmp
     cfg = load_config(tmp_path / "none.yaml", {
         "model.path": str(broken), "stage1.processes": 2, "output_dir": str(tmp_path / "runs"),
         "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.artifacts": str(tmp_path / "art")})
-    client, experiment = registry.client_for(cfg)
+    client, experiment = tracking.client_for(cfg)
     parent = client.create_run(experiment, run_name="pipeline").info.run_id
     inputs = {"model_dir": str(broken), "model_md5": "0" * 32, "text_md5": "1" * 32, "git_commit": "abc1234"}
     with pytest.raises(Stage1LaunchError, match="cannot load a causal LM"):

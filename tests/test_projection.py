@@ -3,7 +3,9 @@ import itertools
 import numpy as np
 import pytest
 
-from gamma.projection import BudgetError, allocate_bits
+from gamma.config import Stage2Config
+from gamma.stage2.projection import BudgetError, project
+from gamma.stage2.scores import Scores
 
 BITS = [2, 3, 4]
 
@@ -29,7 +31,7 @@ def test_equals_brute_force_on_small_random_instances():
     for _ in range(30):
         sizes, scores = instance(rng, int(rng.integers(2, 7)))
         budget = float(rng.uniform(2, 4))
-        a = allocate_bits([f"m{i}" for i in range(len(sizes))], sizes, scores, BITS, budget, window=0)
+        a = project(Scores([f"m{i}" for i in range(len(sizes))], sizes, BITS, scores), budget, Stage2Config(window=0))
         assert a.status == "OPTIMAL"
         assert a.objective == pytest.approx(brute_force(sizes, scores, BITS, budget), abs=1e-9)
 
@@ -39,7 +41,7 @@ def test_never_exceeds_budget_on_200_random_instances():
     for _ in range(200):  # 500 took 7 of the suite's 21 minutes; every 200 of them found the same
         sizes, scores = instance(rng, int(rng.integers(3, 40)))
         budget = float(rng.uniform(2, 4))
-        a = allocate_bits([f"m{i}" for i in range(len(sizes))], sizes, scores, BITS, budget)
+        a = project(Scores([f"m{i}" for i in range(len(sizes))], sizes, BITS, scores), budget, Stage2Config())
         n = np.array([r * c for r, c in sizes])
         used = (n * np.array([a.assignment[f"m{i}"] for i in range(len(sizes))])).sum()
         assert used <= budget * n.sum() + 1e-9
@@ -50,7 +52,7 @@ def test_spends_the_budget_within_window():
     rng = np.random.default_rng(2)
     sizes, _ = instance(rng, 60)
     scores = np.tile([0.0, -1.0, -2.0], (60, 1))  # scores that prefer fewer bits
-    a = allocate_bits([f"m{i}" for i in range(60)], sizes, scores, BITS, 3.0, window=0.05)
+    a = project(Scores([f"m{i}" for i in range(60)], sizes, BITS, scores), 3.0, Stage2Config(window=0.05))
     assert 2.95 <= a.bits_used <= 3.0
 
 
@@ -59,23 +61,23 @@ def test_min_bits_restrictions_are_honoured():
     names = [f"model.layers.{i}.mlp.down_proj" if i % 2 else f"model.layers.{i}.mlp.up_proj" for i in range(10)]
     sizes, scores = instance(rng, 10)
     scores[:, 0] += 5  # everyone would love 2 bits
-    a = allocate_bits(names, sizes, scores, BITS, 2.6, window=0, min_bits={"down_proj": 3})
+    a = project(Scores(names, sizes, BITS, scores), 2.6, Stage2Config(window=0, min_bits={"down_proj": 3}))
     assert all(b >= 3 for n, b in a.assignment.items() if "down_proj" in n)
     with pytest.raises(BudgetError, match="matches no module"):
-        allocate_bits(names, sizes, scores, BITS, 3, min_bits={"k_proj": 3})
+        project(Scores(names, sizes, BITS, scores), 3, Stage2Config(min_bits={"k_proj": 3}))
 
 
 @pytest.mark.parametrize("budget", [1.5, 4.5])
 def test_budget_outside_candidate_range_is_a_clear_error(budget):
     with pytest.raises(BudgetError, match=f"budget {budget}"):
-        allocate_bits(["a", "b"], [(8, 8), (8, 8)], np.zeros((2, 3)), BITS, budget)
+        project(Scores(["a", "b"], [(8, 8), (8, 8)], BITS, np.zeros((2, 3))), budget, Stage2Config())
 
 
 def test_solver_scale_560_modules_is_proven_optimal_quickly():
     rng = np.random.default_rng(4)
     m = 560
     scores = np.log(rng.dirichlet([1, 1, 1, 1], size=m))
-    a = allocate_bits([f"m{i}" for i in range(m)], [(4096, 4096)] * m, scores, [2, 3, 4, 8], 3.3)
+    a = project(Scores([f"m{i}" for i in range(m)], [(4096, 4096)] * m, [2, 3, 4, 8], scores), 3.3, Stage2Config())
     assert a.status == "OPTIMAL" and a.gap < 1e-9
 
 
@@ -85,7 +87,8 @@ def test_hull_solver_is_feasible_and_within_its_proven_bound():
         m = int(rng.integers(2, 7))
         sizes, scores = instance(rng, m)
         budget = float(rng.uniform(2, 4))
-        a = allocate_bits([f"m{i}" for i in range(m)], sizes, scores, BITS, budget, window=0, solver="hull")
+        rows = Scores([f"m{i}" for i in range(m)], sizes, BITS, scores)
+        a = project(rows, budget, Stage2Config(window=0, solver="hull"))
         n = np.array([r * c for r, c in sizes])
         used = (n * np.array([a.assignment[f"m{i}"] for i in range(m)])).sum()
         assert used <= budget * n.sum() + 1e-9
@@ -100,8 +103,8 @@ def test_hull_solver_gap_vanishes_on_many_items():
     sizes = [(int(rng.integers(1, 9)) * 16, 64) for _ in range(3000)]
     scores = -np.abs(rng.normal(size=(3000, 1))) * 4.0 ** -np.array(BITS)[None, :]
     names = [f"m{i}" for i in range(3000)]
-    hull = allocate_bits(names, sizes, scores, BITS, 2.7, solver="hull")
-    exact = allocate_bits(names, sizes, scores, BITS, 2.7, solver="cbc")
+    hull = project(Scores(names, sizes, BITS, scores), 2.7, Stage2Config(solver="hull"))
+    exact = project(Scores(names, sizes, BITS, scores), 2.7, Stage2Config(solver="cbc"))
     assert exact.status == "OPTIMAL" and hull.gap < 1e-4
     assert exact.objective - 1e-9 <= hull.best_bound and hull.objective <= exact.objective + 1e-9
 
@@ -116,7 +119,8 @@ def test_hull_solver_spends_the_window_when_scores_fall_with_bits():
         sizes, _ = instance(rng, m)
         scores = -np.sort(rng.random((m, len(BITS))), axis=1) * 0.1 - np.array(BITS)[None, :] * 0.05  # falling
         budget, window = float(rng.uniform(2.6, 3.6)), 0.5
-        a = allocate_bits([f"m{i}" for i in range(m)], sizes, scores, BITS, budget, window=window, solver="hull")
+        rows = Scores([f"m{i}" for i in range(m)], sizes, BITS, scores)
+        a = project(rows, budget, Stage2Config(window=window, solver="hull"))
         n = np.array([r * c for r, c in sizes])
         picks = np.array([a.assignment[f"m{i}"] for i in range(m)])
         best = None
@@ -134,5 +138,6 @@ def test_hull_solver_spends_the_window_when_scores_fall_with_bits():
         assert any("below the window" in note for note in a.notes)  # never silently
     sizes = [(64, 64)] * 2000  # many small items: the window is always reached
     scores = -np.array(BITS, dtype=float)[None, :] * (1 + np.random.default_rng(8).random((2000, 1)))
-    a = allocate_bits([f"b{i}" for i in range(2000)], sizes, scores, BITS, 3.5, window=0.005, solver="hull")
+    rows = Scores([f"b{i}" for i in range(2000)], sizes, BITS, scores)
+    a = project(rows, 3.5, Stage2Config(window=0.005, solver="hull"))
     assert 3.495 <= a.bits_used <= 3.5 and a.gap < 1e-3

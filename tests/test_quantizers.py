@@ -1,12 +1,13 @@
 import pytest
 import torch
 
-from gamma.assignment import account, apply_assignment, collect_hessians, uniform_assignment
-from gamma.model import quantizable_modules
-from gamma.quantizer import (
+from gamma.model.assignment import account, apply_assignment, uniform_assignment
+from gamma.model.loading import quantizable_modules
+from gamma.quant import get_quantizer
+from gamma.quant.hessians import collect_hessians
+from gamma.quant.interface import (
     QuantizationError,
     QuantSpec,
-    get_quantizer,
     group_params,
     quantize_with,
     search_group_params,

@@ -2,14 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from gamma.candidates import build_candidates
-from gamma.config import Stage1Config
-from gamma.projection import allocate_bits
-from gamma.proxy import costs_to_logits, fisher_costs
-from gamma.quantizer import get_quantizer
-from gamma.scores import ScoreTable, ScoreTableError
-from gamma.stage1 import learn_preferences, temperature_at
-from gamma.teacher import capture_teacher
+from gamma.config import Stage1Config, Stage2Config
+from gamma.model.candidates import build_candidates
+from gamma.quant import get_quantizer
+from gamma.stage1.checkpoint import Checkpoint
+from gamma.stage1.loop import learn_preferences, temperature_at
+from gamma.stage1.proxy import costs_to_logits, fisher_costs
+from gamma.stage1.rows import LogitRows
+from gamma.stage1.teacher import capture_teacher
+from gamma.stage2.projection import project
+from gamma.stage2.scores import Scores, ScoreTable, ScoreTableError
 
 BITS = [2, 3, 4]
 
@@ -41,7 +43,7 @@ def test_stage1_meets_training_budget_and_weights_never_change(setup):
     model, teacher, cands, _, _ = setup
     before = {n: p.clone() for n, p in model.named_parameters()}
     c = cfg()
-    r = learn_preferences(model, teacher, cands, BITS, c, init_for(setup, c))
+    r = learn_preferences(model, teacher, LogitRows(model, cands, BITS), c, init_for(setup, c))
     assert abs(r.expected_bits - c.budget) < 0.01
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert len(r.history["loss"]) == c.steps and np.isfinite(r.history["loss"]).all()
@@ -53,8 +55,9 @@ def test_proxy_initialisation_reproduces_proxy_assignment_before_any_step(setup)
     c = cfg()
     init = init_for(setup, c)
     names = list(cands)
-    proxy = allocate_bits(names, sizes, -costs, BITS, c.budget)
-    table = allocate_bits(names, sizes, torch.log_softmax(torch.tensor(init), -1).numpy(), BITS, c.budget)
+    proxy = project(Scores(names, sizes, BITS, -costs), c.budget, Stage2Config())
+    learned = Scores(names, sizes, BITS, torch.log_softmax(torch.tensor(init), -1).numpy())
+    table = project(learned, c.budget, Stage2Config())
     differ = sum(proxy.assignment[n] != table.assignment[n] for n in names)
     assert differ <= 0.05 * len(names)  # the price term shifts only ties inside the window
 
@@ -63,17 +66,18 @@ def test_resumed_run_equals_uninterrupted(setup, tmp_path):
     model, teacher, cands, _, _ = setup
     c = cfg(relaxation="hard", steps=4)
     init = init_for(setup, c)
-    full = learn_preferences(model, teacher, cands, BITS, c, init)
+    rows = LogitRows(model, cands, BITS)
+    full = learn_preferences(model, teacher, rows, c, init)
     ckpt = tmp_path / "stage1.ckpt"
-    learn_preferences(model, teacher, cands, BITS, c, init, checkpoint=ckpt, stop_after=2)  # "killed" after 2
-    resumed = learn_preferences(model, teacher, cands, BITS, c, init, checkpoint=ckpt)
+    learn_preferences(model, teacher, rows, c, init, checkpoint=Checkpoint(ckpt, stop_after=2))  # "killed" after 2
+    resumed = learn_preferences(model, teacher, rows, c, init, checkpoint=Checkpoint(ckpt))
     assert resumed.resumed_from == 2
     np.testing.assert_allclose(resumed.scores, full.scores, rtol=0, atol=1e-6)
     assert resumed.history["loss"] == pytest.approx(full.history["loss"])
 
     # A finished checkpoint of another run (other text, say) must not pass for this run's result.
     with pytest.warns(UserWarning, match="another Stage I run"):
-        other = learn_preferences(model, teacher, cands, BITS, c, init, checkpoint=ckpt, checkpoint_key="other")
+        other = learn_preferences(model, teacher, rows, c, init, checkpoint=Checkpoint(ckpt, "other"))
     assert other.resumed_from == 0 and len(other.history["loss"]) == c.steps
 
 
@@ -98,7 +102,7 @@ def test_foreign_score_table_is_refused(setup, tmp_path):
 
 
 def test_antithetic_draws_come_in_mirrored_pairs():
-    from gamma.mixed_linear import PreferenceLogits
+    from gamma.stage1.relaxation import PreferenceLogits
 
     logits = PreferenceLogits([f"m{i}" for i in range(400)], [2, 4], [1] * 400)  # equal logits: a coin per module
     draws = logits.straight_through_samples(1.0, torch.Generator().manual_seed(0), 4, antithetic=True)
@@ -120,7 +124,8 @@ def test_sampling_options_need_the_hard_relaxation():
 
 
 def test_channel_fisher_averages_every_calibration_token_across_shards():
-    from gamma.stage1 import channel_fisher
+    from gamma.stage1.loss import channel_fisher
+    from gamma.stage1.shard import Shard
 
     grads = [torch.randn(6, 10, 8) for _ in range(3)]
     whole = channel_fisher(grads, 6)
@@ -135,7 +140,7 @@ def test_channel_fisher_averages_every_calibration_token_across_shards():
         b = next(per_block)
         return partial[0][b] + partial[1][b]
 
-    sharded = channel_fisher(parts[0], 6, all_reduce)
+    sharded = channel_fisher(parts[0], 6, Shard(0, 2, all_reduce))
     for a, b in zip(sharded, whole):
         torch.testing.assert_close(a, b)
 
@@ -146,8 +151,8 @@ def test_stage1_options_change_the_optimisation_and_keep_the_budget(setup, optio
     model, teacher, cands, _, _ = setup
     base = cfg(steps=3, relaxation=options.get("relaxation", "soft"))
     c = cfg(steps=3, **options)
-    plain = learn_preferences(model, teacher, cands, BITS, base, init_for(setup, base))
-    varied = learn_preferences(model, teacher, cands, BITS, c, init_for(setup, c))
+    plain = learn_preferences(model, teacher, LogitRows(model, cands, BITS), base, init_for(setup, base))
+    varied = learn_preferences(model, teacher, LogitRows(model, cands, BITS), c, init_for(setup, c))
     assert abs(varied.expected_bits - c.budget) < 0.01
     assert varied.history["loss"] != pytest.approx(plain.history["loss"])
     assert not np.allclose(varied.scores, plain.scores)
@@ -159,11 +164,12 @@ def test_unclipped_proxy_initialisation_ranks_like_the_proxy_with_8_bit_candidat
     cands = build_candidates(model, get_quantizer("rtn"), bits)
     costs = fisher_costs(model, cands, teacher.fisher)
     names, n = list(cands), [r * k for r, k in sizes]
-    proxy = allocate_bits(names, sizes, -costs, bits, 3.0).assignment
+    proxy = project(Scores(names, sizes, bits, -costs), 3.0, Stage2Config()).assignment
 
     def differing(clip):
         init = costs_to_logits(costs, n, bits, 3.0, clip=clip)
-        table = allocate_bits(names, sizes, torch.log_softmax(torch.tensor(init), -1).numpy(), bits, 3.0).assignment
+        learned = Scores(names, sizes, bits, torch.log_softmax(torch.tensor(init), -1).numpy())
+        table = project(learned, 3.0, Stage2Config()).assignment
         return sum(proxy[m] != table[m] for m in names)
 
     assert differing(0.0) <= 0.05 * len(names)  # the same ranking up to ties in the window
@@ -175,7 +181,7 @@ def test_zero_steps_return_the_proxy_initialised_table(setup):
     model, teacher, cands, _, _ = setup
     c = cfg(steps=0)
     init = init_for(setup, c)
-    r = learn_preferences(model, teacher, cands, BITS, c, init)
+    r = learn_preferences(model, teacher, LogitRows(model, cands, BITS), c, init)
     np.testing.assert_allclose(r.scores, torch.log_softmax(torch.tensor(init, dtype=torch.float32), -1).numpy(),
                                atol=1e-5)
     assert abs(r.expected_bits - c.budget) < 0.01 and r.history["loss"] == []

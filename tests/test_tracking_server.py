@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gamma.distributed import free_port
+from gamma.stage1.data_parallel import free_port
 
 BIN = Path(sys.executable).parent
 PG_USER = "postgres"

@@ -1,30 +1,26 @@
-"""Bit allocators behind one interface (``Allocator``): GAMMA and the alternatives users ask about.
-
-Each lives in its own file: ``learned`` (GAMMA, per module and per column block), ``uniform``,
-``sensitivity`` (HAWQ-style), ``linearity`` (HIGGS-style), ``blockwise`` (ScaleBITS-style),
-``rl_controller`` (WINDQuant-style), ``evolution`` (EvoPress-style).
+"""Bit allocators behind one interface (``base.Allocator``): GAMMA and the alternatives users ask
+about, one file each, named as its configuration value: ``gamma``, ``gamma_blocks``, ``uniform``,
+``hawq`` (sensitivity proxy), ``higgs`` (linearity model + DP), ``scalebits`` (block-wise greedy),
+``windquant`` (RL controller), ``evopress`` (evolutionary search); ``column_blocks`` holds what
+the block-level ones share.
 """
 
 from __future__ import annotations
 
-from gamma.allocators.base import (
-    Allocated,
-    AllocationProblem,
-    Allocator,
-    AllocatorError,
-    BlockAssignment,
-)
-from gamma.allocators.blockwise import BlockwiseAllocator
-from gamma.allocators.evolution import EvolutionAllocator
-from gamma.allocators.learned import BlockGammaAllocator, GammaAllocator
-from gamma.allocators.linearity import LinearityAllocator
-from gamma.allocators.rl_controller import RLControllerAllocator
-from gamma.allocators.sensitivity import SensitivityAllocator
+from gamma.allocators.base import Allocated, Allocator, BlockAssignment
+from gamma.allocators.evopress import EvopressAllocator
+from gamma.allocators.gamma import GammaAllocator
+from gamma.allocators.gamma_blocks import BlockGammaAllocator
+from gamma.allocators.hawq import HawqAllocator
+from gamma.allocators.higgs import HiggsAllocator
+from gamma.allocators.scalebits import ScalebitsAllocator
 from gamma.allocators.uniform import UniformAllocator
+from gamma.allocators.windquant import WindquantAllocator
+from gamma.problem import AllocationProblem, AllocatorError
 
 ALLOCATORS: dict[str, type[Allocator]] = {
-    cls.name: cls for cls in (GammaAllocator, BlockGammaAllocator, UniformAllocator, SensitivityAllocator,
-                              LinearityAllocator, BlockwiseAllocator, RLControllerAllocator, EvolutionAllocator)
+    cls.name: cls for cls in (GammaAllocator, BlockGammaAllocator, UniformAllocator, HawqAllocator,
+                              HiggsAllocator, ScalebitsAllocator, WindquantAllocator, EvopressAllocator)
 }
 
 
@@ -38,14 +34,13 @@ def get_allocator(name: str, **settings) -> Allocator:
 def allocator_from_config(cfg, name: str, tables=None) -> Allocator:
     """The allocator ``name`` with its settings from a ``GammaConfig`` (``tables``: GAMMA's score
     tables learned before, per module for ``gamma``, per block for ``gamma-blocks``, so that they
-    are not relearned here)."""
+    are not relearned here). The knapsack's settings travel with the problem (``stage2``)."""
     a = cfg.allocation
     settings = {
-        "gamma": lambda: {"stage1": cfg.stage1, "window": cfg.stage2.window, "tables": tables},
-        "gamma-blocks": lambda: {"stage1": cfg.stage1, "window": cfg.stage2.window, "solver": cfg.stage2.solver,
-                                 "tables": tables, **a.gamma_blocks.model_dump()},
+        "gamma": lambda: {"stage1": cfg.stage1, "tables": tables},
+        "gamma-blocks": lambda: {"stage1": cfg.stage1, "tables": tables, **a.gamma_blocks.model_dump()},
         "uniform": dict,
-        "hawq": lambda: {"window": cfg.stage2.window},
+        "hawq": dict,
         "higgs": lambda: a.higgs.model_dump(),
         "scalebits": lambda: a.scalebits.model_dump(),
         "windquant": lambda: a.windquant.model_dump(),

@@ -19,76 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gamma.candidates import apply_candidates
-from gamma.model import quantizable_modules
-from gamma.quantizer import QuantizedWeight
-from gamma.teacher import TeacherData, capture_teacher
-
-
-class AllocatorError(ValueError):
-    """An allocator cannot serve this budget or these settings; the message names the value."""
-
-
-@dataclass
-class AllocationProblem:
-    """Everything an allocator may look at. ``candidates[m][k]`` is module ``m`` quantized at
-    ``bits[k]``: every allocator chooses among the very same quantized weights."""
-
-    model: nn.Module  # full precision; allocators that apply candidates restore it
-    calibration: torch.Tensor  # [N, T] token ids, never the evaluation text
-    candidates: dict[str, list[QuantizedWeight]]
-    bits: list[int]
-    group_size: int = 64
-    symmetric: bool = False
-    seed: int = 0
-    quantizer: object = None  # re-quantizes permuted weights (sub-module allocators)
-    hessians: dict[str, torch.Tensor] | None = None  # GPTQ's, exactly when the candidates used them
-    _fisher: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    _original: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        layers = quantizable_modules(self.model)
-        missing = sorted(set(self.candidates) - set(layers))[:3]
-        if missing:
-            raise AllocatorError(f"candidates name modules the model does not have: {missing}")
-        self._original = {n: layers[n].weight.detach().clone() for n in self.candidates}
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Full-precision weights back into the model (after an allocator or ``apply`` changed them)."""
-        layers = quantizable_modules(self.model)
-        for name, w in self._original.items():
-            layers[name].weight.copy_(w)
-
-    def full_precision(self, name: str) -> torch.Tensor:
-        """Module ``name``'s original weight (whatever the model holds now)."""
-        return self._original[name]
-
-    @property
-    def modules(self) -> list[str]:
-        return list(self.candidates)
-
-    @property
-    def sizes(self) -> list[tuple[int, int]]:
-        return [tuple(self.candidates[m][0].codes.shape) for m in self.modules]
-
-    @property
-    def params(self) -> np.ndarray:
-        return np.array([r * c for r, c in self.sizes], dtype=np.int64)
-
-    def fisher(self, teacher: TeacherData | None = None) -> dict[str, torch.Tensor]:
-        """Empirical Fisher diagonal of every module (one backward per calibration sequence), once;
-        from ``teacher`` when it carries one (a capture of these calibration sequences)."""
-        if self._fisher is None:
-            if teacher is None or teacher.fisher is None:
-                teacher = capture_teacher(self.model, self.calibration, with_grads=True)
-            self._fisher = teacher.fisher
-        return self._fisher
-
-    def check_budget(self, budget: float) -> None:
-        lo, hi = min(self.bits), max(self.bits)
-        if not lo <= budget <= hi:
-            raise AllocatorError(f"budget {budget:g} bits is outside the candidates' range [{lo}, {hi}]")
+from gamma.model.candidates import apply_candidates
+from gamma.problem import AllocationProblem, AllocatorError
 
 
 @dataclass
@@ -167,6 +99,7 @@ class Allocator(ABC):
         t0 = time.perf_counter()
         assignment, notes = self._allocate(problem, budget)
         seconds = time.perf_counter() - t0
+        problem.check_restrictions(assignment.bits if isinstance(assignment, BlockAssignment) else assignment)
         used = average_bits(problem, assignment)
         if used > budget + 1e-9:
             raise AllocatorError(f"{self.name}: assignment spends {used:.4f} bits, over the budget {budget:g}")

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from gamma.allocators.base import AllocationProblem, Allocator, AllocatorError, BlockAssignment
-from gamma.assignment import module_cost_bits
-from gamma.mixed_linear import ColumnLayout, block_rows
-from gamma.model import quantizable_modules
+from gamma.model.assignment import module_cost_bits
+from gamma.model.loading import quantizable_modules
 from gamma.progress import track
-from gamma.quantizer import QuantizedWeight, QuantSpec
+from gamma.quant.interface import QuantizedWeight, QuantSpec
+from gamma.stage1.rows import ColumnLayout, block_rows
 
 
 @dataclass

@@ -8,8 +8,8 @@ wins: the strongest allocation that uses no per-module sensitivity at all.
 
 from __future__ import annotations
 
-from gamma.allocators.base import AllocationProblem, Allocator, CalibrationLoss
-from gamma.model import block_index
+from gamma.allocators.base import AllocationProblem, Allocator, AllocatorError, CalibrationLoss
+from gamma.model.loading import block_index
 
 SPLIT_ORDERS = {
     "deepest first": lambda n: -block_index(n),
@@ -19,18 +19,22 @@ SPLIT_ORDERS = {
 }
 
 
-def two_level_split(modules: list[str], params: list[int], bits: list[int], budget: float, order) -> dict[str, int]:
-    """The lower candidate everywhere, then the upper one module by module in ``order`` while it fits."""
+def two_level_split(modules: list[str], params: list[int], bits: list[int], budget: float, order,
+                    lowest: dict[str, int] | None = None) -> dict[str, int]:
+    """The lower candidate everywhere (or a module's ``lowest`` allowed, if higher), then the upper
+    one module by module in ``order`` while it fits."""
     lower = max(b for b in bits if b <= budget)
     upper = min((b for b in bits if b > budget), default=None)
     n = dict(zip(modules, params))
-    room = (budget - lower) * sum(n.values())
-    assignment = dict.fromkeys(modules, lower)
+    assignment = {m: max(lower, (lowest or {}).get(m, lower)) for m in modules}
+    room = budget * sum(n.values()) - sum(n[m] * b for m, b in assignment.items())
+    if room < 0:
+        raise AllocatorError(f"budget {budget:g}: the modules held up by stage2.min_bits alone spend more")
     if upper is None:
         return assignment
     for m in sorted(modules, key=order):
-        extra = n[m] * (upper - lower)
-        if extra <= room:
+        extra = n[m] * (upper - assignment[m])
+        if assignment[m] < upper and extra <= room:
             assignment[m], room = upper, room - extra
     return assignment
 
@@ -44,12 +48,13 @@ class UniformAllocator(Allocator):
 
     def _allocate(self, problem: AllocationProblem, budget: float):
         modules, params = problem.modules, [int(p) for p in problem.params]
-        if budget in problem.bits:
+        lowest = problem.lowest_bits()
+        if budget in problem.bits and max(lowest.values()) <= budget:
             return dict.fromkeys(modules, int(budget)), {"split_order": None}
         loss = CalibrationLoss(problem)
         sequences = problem.calibration[: self.calibration_sequences]
         try:
-            tried = {name: two_level_split(modules, params, problem.bits, budget, order)
+            tried = {name: two_level_split(modules, params, problem.bits, budget, order, lowest)
                      for name, order in SPLIT_ORDERS.items()}
             scored = {name: loss(a, sequences) for name, a in tried.items()}
         finally:

@@ -1,0 +1,88 @@
+"""The one block-by-block walk that GPTQ, Stage I's teacher forcing, the Fisher proxy and
+evaluation share (GPTQ's ``llama.py`` pattern, written once).
+
+Hidden states enter block 0 after the embedding; each block is called alone with the model's
+rotary position embeddings, which reproduces the model's own hidden states exactly and stays
+causal. Only one block needs to sit on the compute device at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from gamma.model.loading import decoder_blocks
+
+
+class BlockRunner:
+    """Runs pieces of a decoder: embedding, one block, the head."""
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu"):
+        self.model = model
+        self.blocks = decoder_blocks(model)
+        self.device = torch.device(device)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.embed_tokens(input_ids.to(self.device))
+
+    def _positions(self, hidden: torch.Tensor):
+        pos = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
+        return self.model.model.rotary_emb(hidden, pos)
+
+    def run_block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.blocks[index](hidden, attention_mask=None, position_embeddings=self._positions(hidden))
+        return out[0] if isinstance(out, tuple) else out
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm(hidden))
+
+    @torch.no_grad()
+    def embed_all(self, input_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        return torch.cat([self.embed(b).cpu() for b in input_ids.split(batch_size)])
+
+    @torch.no_grad()
+    def run_block_all(self, index: int, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        return torch.cat([self.run_block(index, h.to(self.device)).cpu() for h in hidden.split(batch_size)])
+
+
+def walk_blocks(
+    runner: BlockRunner, input_ids: torch.Tensor, batch_size: int = 8
+) -> Iterator[tuple[int, nn.Module, torch.Tensor]]:
+    """Yield ``(index, block, inputs)`` for every block, in depth order.
+
+    After the caller's loop body returns, the block is run on its inputs *as it is then* to make
+    the next block's inputs: a caller that quantizes the block in between gets the sequential
+    (quantized-prefix) inputs GPTQ uses; one that leaves it alone gets the full-precision ones.
+    """
+    hidden = runner.embed_all(input_ids, batch_size)
+    for index, block in enumerate(runner.blocks):
+        yield index, block, hidden
+        hidden = runner.run_block_all(index, hidden, batch_size)
+
+
+def linear_inputs(block: nn.Module, prefix: str):
+    """Context manager-like helper: forward hooks that hand every nn.Linear's input to a callback."""
+    return _LinearHooks(block, prefix)
+
+
+class _LinearHooks:
+    def __init__(self, block: nn.Module, prefix: str):
+        self.block = block
+        self.prefix = prefix
+        self.handles: list = []
+
+    def attach(self, callback) -> _LinearHooks:
+        for name, m in self.block.named_modules():
+            if isinstance(m, nn.Linear):
+                full = f"{self.prefix}.{name}"
+                self.handles.append(m.register_forward_hook(lambda _m, inp, _out, n=full: callback(n, inp[0])))
+        return self
+
+    def __enter__(self) -> _LinearHooks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()

@@ -1,0 +1,42 @@
+"""Candidate quantized weights: every module quantized at every candidate bit width, once."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gamma.model.loading import quantizable_modules
+from gamma.progress import track
+from gamma.quant.interface import QuantizedWeight, QuantSpec
+
+
+def build_candidates(
+    model: nn.Module,
+    quantizer,
+    bits: list[int],
+    group_size: int = 64,
+    symmetric: bool = False,
+    hessians: dict[str, torch.Tensor] | None = None,
+    modules: list[str] | None = None,
+) -> dict[str, list[QuantizedWeight]]:
+    """``{module: [Q_b(W) for b in bits]}`` (codes, not dense weights: 1 byte per weight per bit width)."""
+    found = quantizable_modules(model)
+    names = modules or list(found)
+    out = {}
+    for name in track(names, f"candidates ({quantizer.name}, bits {bits})"):
+        h = hessians.get(name) if hessians else None
+        out[name] = [quantizer.quantize(found[name].weight, QuantSpec(b, group_size, symmetric), h) for b in bits]
+    return out
+
+
+@torch.no_grad()
+def apply_candidates(
+    model: nn.Module, candidates: dict[str, list[QuantizedWeight]], bits: list[int], assignment: dict[str, int]
+) -> None:
+    """Set each assigned module's weight to its precomputed candidate at the assigned width: any
+    assignment in milliseconds, the same quantized weights Stage I chose among."""
+    modules = quantizable_modules(model)
+    for name, b in assignment.items():
+        if b not in bits:
+            raise ValueError(f"{name}: {b} bits is not among the candidates {bits}")
+        modules[name].weight.copy_(candidates[name][bits.index(b)].dequantize().to(modules[name].weight.dtype))

@@ -1,0 +1,270 @@
+"""A quantized variant as a packed compressed-tensors checkpoint (the format vLLM loads), and back.
+
+The checkpoint is an ordinary Hugging Face directory whose ``config.json`` carries a
+``quantization_config`` (``quant_method: compressed-tensors``, ``format: pack-quantized``) with one
+config group per (bits, symmetric) pair and the explicit module names as its ``targets``. Each
+quantized linear stores ``weight_packed`` (int32, codes packed densely by compressed-tensors' own
+``pack_to_int32``), ``weight_scale`` (float16), ``weight_shape`` and, when asymmetric,
+``weight_zero_point`` (packed along the output dimension, as compressed-tensors does).
+Everything else (embeddings, norms, head) is stored at float16, unchanged otherwise.
+
+Codes here are unsigned (``[0, 2**bits - 1]``, symmetric zero-point ``2**(bits-1)``);
+compressed-tensors stores signed values, so both codes and zero-points move by ``2**(bits-1)``,
+and ``(q - z) * s`` is the same number on either side. Reloading dequantizes in float32 exactly
+as ``QuantizedWeight.dequantize`` does, so a reloaded model computes bit-identical logits to the
+in-memory one once that model's unquantized tensors are rounded to storage precision
+(``round_to_storage``), which is what the pipeline evaluates.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gamma.quant.interface import QuantizedWeight, QuantSpec
+
+STORAGE_DTYPE = torch.float16
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "pack-quantized"
+MANIFEST = "gamma_checksums.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read; the message names the file or module."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    weights_bytes: int  # the safetensors file(s): what the budget predicts
+    total_bytes: int  # everything in the directory (tokenizer and config included)
+    sha256: str  # over the manifest of every file's digest
+
+    def as_dict(self) -> dict:
+        return {"path": str(self.path), "weights_bytes": self.weights_bytes, "total_bytes": self.total_bytes,
+                "sha256": self.sha256}
+
+
+def _signed(values: torch.Tensor, bits: int) -> torch.Tensor:
+    return (values.to(torch.int32) - 2 ** (bits - 1)).to(torch.int8)
+
+
+def _unsigned(values: torch.Tensor, bits: int) -> torch.Tensor:
+    return values.to(torch.int32) + 2 ** (bits - 1)
+
+
+def quantization_config(records: dict[str, QuantizedWeight], ignore: list[str]) -> dict:
+    """compressed-tensors' ``QuantizationConfig``, one group per (bits, symmetric), explicit targets."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    by_kind: dict[tuple[int, bool, int], list[str]] = {}
+    for name, rec in records.items():
+        by_kind.setdefault((rec.spec.bits, rec.spec.symmetric, rec.spec.group_size), []).append(name)
+    groups = {}
+    for i, ((bits, symmetric, group_size), targets) in enumerate(sorted(by_kind.items())):
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                                strategy="group" if group_size > 0 else "channel",
+                                group_size=group_size if group_size > 0 else None)
+        groups[f"group_{i}"] = QuantizationScheme(targets=sorted(targets), weights=args, format=FORMAT)
+    config = QuantizationConfig(config_groups=groups, format=FORMAT, quantization_status="compressed",
+                                ignore=ignore)
+    return config.model_dump(exclude_none=True)
+
+
+def round_to_storage(model: nn.Module, quantized: set[str]) -> None:
+    """Round every tensor the checkpoint stores at ``STORAGE_DTYPE`` to that precision, in place,
+    so the model that is evaluated is exactly the model that is exported."""
+    skip = {f"{name}.weight" for name in quantized}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in skip and p.is_floating_point():
+                p.copy_(p.to(STORAGE_DTYPE).to(p.dtype))
+
+
+def _state_dict(model: nn.Module, records: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    quantized = {f"{name}.weight" for name in records}
+    for key, tensor in model.state_dict().items():
+        if key in quantized:
+            continue
+        if tensor.data_ptr() in seen:  # tied embeddings: stored once, tied again on load
+            continue
+        seen.add(tensor.data_ptr())
+        out[key] = tensor.detach().to(STORAGE_DTYPE if tensor.is_floating_point() else tensor.dtype).contiguous()
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    for name, rec in records.items():
+        bits = rec.spec.bits
+        out[f"{name}.weight_packed"] = pack_to_int32(_signed(rec.codes, bits), bits)
+        out[f"{name}.weight_scale"] = rec.scales.to(STORAGE_DTYPE).contiguous()
+        out[f"{name}.weight_shape"] = torch.tensor(list(rec.codes.shape), dtype=torch.int64)
+        if not rec.spec.symmetric:
+            out[f"{name}.weight_zero_point"] = pack_to_int32(_signed(rec.zeros, bits), bits, packed_dim=0).contiguous()
+    return out
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checksum(path: str | Path) -> tuple[str, dict[str, str]]:
+    """sha256 over the sorted (file, sha256) list of a checkpoint directory, manifest excluded."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {str(p.relative_to(path)): _digest(p) for p in files}
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(), manifest
+
+
+def export_checkpoint(model: nn.Module, tokenizer, records: dict[str, QuantizedWeight], path: str | Path,
+                      extra_files: dict[str, str] | None = None) -> Checkpoint:
+    """Write ``records`` (plus the model's other tensors) as a compressed-tensors checkpoint at
+    ``path``, atomically: everything goes to ``<path>.partial`` and is renamed only when complete,
+    so a crash never leaves a half checkpoint where a finished one is expected."""
+    from safetensors.torch import save_file
+
+    if not records:
+        raise CheckpointError("nothing to export: the assignment quantized no module")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = _state_dict(model, records)
+    save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+    config = model.config.to_dict()
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in records]
+    config["quantization_config"] = quantization_config(records, ignore)
+    config["torch_dtype"] = config["dtype"] = str(STORAGE_DTYPE).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    return _finish(tmp, path)
+
+
+def _finish(tmp: Path, path: Path) -> Checkpoint:
+    """Manifest, fsync, then the rename that makes a finished checkpoint visible at ``path``."""
+    digest, manifest = checksum(tmp)
+    (tmp / MANIFEST).write_text(json.dumps({"sha256": digest, "files": manifest}, indent=1) + "\n")
+    for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return Checkpoint(path=path, weights_bytes=weights, total_bytes=total, sha256=digest)
+
+
+def export_fake_quantized(model: nn.Module, tokenizer, path: str | Path,
+                          extra_files: dict[str, str] | None = None) -> Checkpoint:
+    """A sub-module (block-wise) assignment as a plain Hugging Face checkpoint whose linear weights
+    are the dequantized blocks at float16 (fake quantization: no serving kernel packs mixed bits
+    inside one matrix); the per-block bits and permutations go in ``extra_files``. Atomic, with
+    the same checksum manifest as ``export_checkpoint``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    copy.deepcopy(model).to(STORAGE_DTYPE).save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    return _finish(tmp, path)
+
+
+def verify_checkpoint(path: str | Path) -> str:
+    """The checkpoint's sha256, after checking every file against its manifest."""
+    path = Path(path)
+    manifest_file = path / MANIFEST
+    if not manifest_file.exists():
+        raise CheckpointError(f"{path} has no {MANIFEST}: not a finished gamma checkpoint")
+    recorded = json.loads(manifest_file.read_text())
+    digest, files = checksum(path)
+    bad = sorted(k for k in set(files) | set(recorded["files"]) if files.get(k) != recorded["files"].get(k))
+    if bad or digest != recorded["sha256"]:
+        raise CheckpointError(f"{path}: files differ from the recorded checksums: {bad[:5]}")
+    return digest
+
+
+def read_quantized(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, dict]]:
+    """The config, the stored tensors and, per quantized module, its weight arguments."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file, weights_file = path / "config.json", path / WEIGHTS_FILE
+    for f in (config_file, weights_file):
+        if not f.exists():
+            raise CheckpointError(f"{path} is not a checkpoint: {f.name} is missing")
+    config = json.loads(config_file.read_text())
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: expected a compressed-tensors {FORMAT} checkpoint, "
+                              f"found quant_method={qc.get('quant_method')!r} format={qc.get('format')!r}")
+    args = {}
+    for group in qc["config_groups"].values():
+        for target in group["targets"]:
+            args[target] = group["weights"]
+    return config, load_file(weights_file), args
+
+
+def dequantized_state_dict(tensors: dict[str, torch.Tensor], args: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Unpack each quantized module with compressed-tensors' ``unpack_from_int32`` and dequantize it
+    with ``QuantizedWeight.dequantize`` (float32, as in memory); other tensors pass through."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    out = {k: v for k, v in tensors.items() if not k.rsplit(".", 1)[-1].startswith("weight_")}
+    for name, a in args.items():
+        try:
+            packed, scales, shape = (tensors[f"{name}.{k}"] for k in ("weight_packed", "weight_scale", "weight_shape"))
+        except KeyError as err:
+            raise CheckpointError(f"module {name} is listed in the config but {err} is not stored") from None
+        bits, shape = a["num_bits"], tuple(int(s) for s in shape)
+        spec = QuantSpec(bits, a.get("group_size") or -1, a.get("symmetric", True))
+        codes = _unsigned(unpack_from_int32(packed, bits, torch.Size(shape)), bits)
+        if spec.symmetric:
+            zeros = torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.int32)
+        else:
+            zeros = _unsigned(unpack_from_int32(tensors[f"{name}.weight_zero_point"], bits, scales.shape,
+                                                packed_dim=0), bits)
+        out[f"{name}.weight"] = QuantizedWeight(codes, scales.to(torch.float32), zeros, spec).dequantize()
+    return out
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """A compressed-tensors checkpoint (ours or any pack-quantized one) as a plain transformers model
+    with dequantized weights, and its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from gamma.model.loading import _LOAD_LOCK
+
+    path = Path(path)
+    _, tensors, args = read_quantized(path)
+    state = dequantized_state_dict(tensors, args)
+    with _LOAD_LOCK:
+        config = AutoConfig.from_pretrained(path)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"{path}: tensors missing {sorted(set(missing) - tied)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+    model.tie_weights()
+    model.to(dtype).eval().requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,119 @@
+"""The allocation problem: what every allocator, GAMMA's Stage I included, looks at.
+
+The full-precision model, the calibration sequences, each module quantized at every candidate
+width (every allocator chooses among the very same quantized weights), the knapsack's settings
+(``stage2``: window, ``min_bits`` restrictions, solver, time limit) and where it all came from
+(``provenance``: model and text content hashes, quantizer settings), which a score table records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from gamma.config import Stage2Config
+from gamma.model.loading import quantizable_modules
+from gamma.quant.interface import QuantizedWeight
+from gamma.stage1.teacher import TeacherData, capture_teacher
+from gamma.stage2.projection import allowed_mask
+
+
+class AllocatorError(ValueError):
+    """An allocator cannot serve this budget or these settings; the message names the value."""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a score table learned on this problem records, so that it can be checked and reproduced."""
+
+    model_hash: str = ""
+    text_hash: str = ""
+    quantizer: dict = field(default_factory=dict)  # name, group size, symmetry and the quantizer's settings
+    text: dict = field(default_factory=dict)  # the text settings that drew the calibration sequences
+
+
+@dataclass
+class AllocationProblem:
+    """Everything an allocator may look at. ``candidates[m][k]`` is module ``m`` quantized at
+    ``bits[k]``: every allocator chooses among the very same quantized weights."""
+
+    model: nn.Module  # full precision; allocators that apply candidates restore it
+    calibration: torch.Tensor  # [N, T] token ids, never the evaluation text
+    candidates: dict[str, list[QuantizedWeight]]
+    bits: list[int]
+    group_size: int = 64
+    symmetric: bool = False
+    seed: int = 0
+    quantizer: object = None  # re-quantizes permuted weights (sub-module allocators)
+    hessians: dict[str, torch.Tensor] | None = None  # GPTQ's, exactly when the candidates used them
+    stage2: Stage2Config = field(default_factory=Stage2Config)  # the knapsack's window, restrictions, solver
+    provenance: Provenance = field(default_factory=lambda: Provenance())
+    _fisher: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _original: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        layers = quantizable_modules(self.model)
+        missing = sorted(set(self.candidates) - set(layers))[:3]
+        if missing:
+            raise AllocatorError(f"candidates name modules the model does not have: {missing}")
+        self._original = {n: layers[n].weight.detach().clone() for n in self.candidates}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Full-precision weights back into the model (after an allocator or ``apply`` changed them)."""
+        layers = quantizable_modules(self.model)
+        for name, w in self._original.items():
+            layers[name].weight.copy_(w)
+
+    def full_precision(self, name: str) -> torch.Tensor:
+        """Module ``name``'s original weight (whatever the model holds now)."""
+        return self._original[name]
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.candidates)
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        return [tuple(self.candidates[m][0].codes.shape) for m in self.modules]
+
+    @property
+    def params(self) -> np.ndarray:
+        return np.array([r * c for r, c in self.sizes], dtype=np.int64)
+
+    def fisher(self, teacher: TeacherData | None = None) -> dict[str, torch.Tensor]:
+        """Empirical Fisher diagonal of every module (one backward per calibration sequence), once;
+        from ``teacher`` when it carries one (a capture of these calibration sequences)."""
+        if self._fisher is None:
+            if teacher is None or teacher.fisher is None:
+                teacher = capture_teacher(self.model, self.calibration, with_grads=True)
+            self._fisher = teacher.fisher
+        return self._fisher
+
+    def check_budget(self, budget: float) -> None:
+        lo, hi = min(self.bits), max(self.bits)
+        if not lo <= budget <= hi:
+            raise AllocatorError(f"budget {budget:g} bits is outside the candidates' range [{lo}, {hi}]")
+
+    @property
+    def allowed(self) -> np.ndarray:
+        """[M, K] True where module m may take candidate k (``stage2.min_bits``)."""
+        return allowed_mask(self.modules, self.bits, self.stage2.min_bits)
+
+    def lowest_bits(self) -> dict[str, int]:
+        """The lowest candidate each module may take."""
+        allowed = self.allowed
+        return {m: self.bits[int(np.argmax(allowed[i]))] for i, m in enumerate(self.modules)}
+
+    def check_restrictions(self, bits: dict[str, int | list[int]]) -> None:
+        """Refuse an assignment (bits per module, or per column block of each module) that puts a
+        module below its ``stage2.min_bits``: an allocator never ignores a restriction silently."""
+        lowest = self.lowest_bits()
+        low = {m: b for m, b in bits.items() if min(b if isinstance(b, list) else [b]) < lowest[m]}
+        if low:
+            first = next(iter(low))
+            raise AllocatorError(f"{len(low)} module(s) below stage2.min_bits {self.stage2.min_bits}, e.g. {first} "
+                                 f"at {low[first]} bits (lowest allowed {lowest[first]})")

@@ -1,0 +1,120 @@
+"""The quantizer interface: settings in, integer codes + scales + zero-points out.
+
+Every quantizer (RTN, GPTQ, ...) returns a ``QuantizedWeight``; dequantizing it gives the weight
+the model computes with. Codes are stored unsigned in ``[0, 2**bits - 1]``; a symmetric
+quantizer fixes the zero-point at ``2**(bits-1)``. Scales are kept at float16 precision because
+that is what a checkpoint stores, so the in-memory model equals the exported one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+SCALE_BITS = 16
+
+
+class QuantizationError(ValueError):
+    """Settings that cannot quantize the given weight; the message names the value."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    group_size: int = 64  # -1: one group per output row
+    symmetric: bool = False
+
+    @property
+    def max_code(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, in_features: int) -> int:
+        """Number of groups per row; the group size must divide the input width."""
+        if self.group_size == -1:
+            return 1
+        if in_features % self.group_size:
+            raise QuantizationError(
+                f"group_size={self.group_size} does not divide the input width {in_features}; "
+                "pick a divisor (e.g. 64 for SmolLM2's 576 and 1536) or -1 for one group per row"
+            )
+        return in_features // self.group_size
+
+    def group_width(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def metadata_bits_per_weight(self) -> float:
+        """Scale (+ zero-point when asymmetric) bits amortised over a group."""
+        if self.group_size == -1:
+            return 0.0  # per-row overhead; counted exactly in `accounting`
+        zero_bits = 0 if self.symmetric else self.bits
+        return (SCALE_BITS + zero_bits) / self.group_size
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor  # uint8 [out, in]
+    scales: torch.Tensor  # float32 (float16-exact) [out, groups]
+    zeros: torch.Tensor  # int32 [out, groups]
+    spec: QuantSpec
+
+    def dequantize(self) -> torch.Tensor:
+        width = self.spec.group_width(self.codes.shape[1])
+        scales = self.scales.repeat_interleave(width, dim=1)
+        zeros = self.zeros.repeat_interleave(width, dim=1).to(torch.float32)
+        return (self.codes.to(torch.float32) - zeros) * scales
+
+
+class Quantizer(Protocol):
+    name: str
+    needs_hessians: bool  # quantize() reads the Hessian of the module's inputs (collect_hessians)
+    sequential: bool  # those Hessians come from the already-quantized prefix, block by block
+
+    def quantize(self, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+        ...
+
+
+def group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max scale and zero-point for each row of ``w`` (one group): shapes [rows]."""
+    w = w.to(torch.float32)
+    if spec.symmetric:
+        absmax = w.abs().amax(dim=1).clamp_min(1e-8)
+        scale = (2 * absmax / spec.max_code).to(torch.float16).to(torch.float32).clamp_min(6e-8)
+        zero = torch.full_like(scale, 2 ** (spec.bits - 1), dtype=torch.int32)
+        return scale, zero
+    lo = w.amin(dim=1).clamp_max(0)
+    hi = w.amax(dim=1).clamp_min(0)
+    scale = ((hi - lo).clamp_min(1e-8) / spec.max_code).to(torch.float16).to(torch.float32).clamp_min(6e-8)
+    zero = torch.round(-lo / scale).clamp(0, spec.max_code).to(torch.int32)
+    return scale, zero
+
+
+def search_group_params(
+    w: torch.Tensor, spec: QuantSpec, grid: int = 40, max_shrink: float = 0.75, norm: float = 2.4,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like ``group_params`` but shrinks each row's range (``max_shrink`` of it at most, in
+    ``grid`` steps) to the clip that minimises ``sum weights * |w - q(w)|^norm``. At 2-3 bits the
+    min/max range wastes most levels on a few outliers; clipping them trades a large error on
+    those few weights for a smaller one on all others (GPTQ's ``mse`` grid, optionally weighted
+    by the Hessian diagonal)."""
+    w = w.to(torch.float32)
+    best_scale, best_zero = group_params(w, spec)
+    best_err = torch.full((w.shape[0],), float("inf"))
+    weights = torch.ones(w.shape[1]) if weights is None else weights.to(torch.float32)
+    for step in range(int(max_shrink * grid) + 1):
+        shrink = 1 - step / grid
+        scale, zero = group_params(w * shrink, spec)
+        q = quantize_with(w, scale, zero, spec.max_code)
+        err = (((q - zero[:, None]) * scale[:, None] - w).abs().pow(norm) * weights).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_code: int) -> torch.Tensor:
+    """Codes of ``w`` [rows, k] under per-row ``scale``/``zero`` [rows]."""
+    return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, max_code)

@@ -1,0 +1,98 @@
+"""The score tables of a run: where each training budget's table lives, Stage I over a workspace
+(in this process or over launched processes, through the one Stage I entry), and Stage II of a
+run's budgets from its tables (through the one Stage II call)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from gamma.config import GammaConfig
+from gamma.run.workspace import Workspace
+from gamma.stage1.checkpoint import Checkpoint
+from gamma.stage1.data_parallel import launch_stage1, process_group_shard, write_params
+from gamma.stage1.learn import CHECKPOINT_FILE, learn_score_table, stage1_key, stage1_settings
+from gamma.stage2.projection import Projection, project
+from gamma.stage2.scores import ScoreTable, nearest_table
+
+SCORES_FILE = "scores.json"
+CURVES_FILE = "stage1_curves.png"
+
+
+def table_dir(cfg: GammaConfig, budget: float) -> Path:
+    """Where the score table of one training budget lives: ``output_dir`` for ``stage1.budget``,
+    ``output_dir/stage1-<B>`` for each of ``stage1.extra_budgets``."""
+    out = Path(cfg.output_dir)
+    return out if budget == cfg.stage1.budget else out / f"stage1-{budget:g}"
+
+
+def run_settings(ws: Workspace) -> dict:
+    """What determines the run's score table besides model and text content."""
+    return stage1_settings(ws.cfg.stage1, ws.cfg.candidates, ws.provenance())
+
+
+def run_key(ws: Workspace) -> str:
+    """The run's Stage I key (checkpoints and the registry's cache)."""
+    return stage1_key(ws.provenance(), run_settings(ws))
+
+
+def learn_table(ws: Workspace, checkpoint: str | Path | Checkpoint | None = None, shard=None,
+                device: str = "cpu") -> ScoreTable:
+    """Stage I of ``ws.cfg.stage1`` on the workspace's problem."""
+    return learn_score_table(ws.problem(), ws.cfg.stage1, shard=shard, checkpoint=checkpoint, device=device)
+
+
+def learn_with_processes(ws: Workspace, out_dir: str | Path, on_line=None) -> ScoreTable:
+    """Stage I as configured: in this process, or over ``stage1.processes`` launched processes.
+    The score table is saved at ``<out_dir>/scores.json`` and returned."""
+    out_dir = Path(out_dir)
+    path = out_dir / SCORES_FILE
+    n = ws.cfg.stage1.processes
+    if n > 1:
+        launch_stage1(write_params(ws.cfg, out_dir / "stage1_params.yaml"), path, n, on_line)
+        return ScoreTable.load(path)
+    table = learn_table(ws, checkpoint=out_dir / CHECKPOINT_FILE)
+    table.save(path)
+    return table
+
+
+def learn_in_process_group(ws: Workspace, checkpoint: str | Path | Checkpoint | None, out: str | Path):
+    """Run inside each launched process: Stage I on this process's share, the table written once.
+
+    Returns the score table on the main process, None elsewhere. Every process also writes
+    ``<out>.rank<r>.json`` with its wall time and peak memory."""
+    shard, acc = process_group_shard()
+    t0 = time.perf_counter()
+    table = learn_table(ws, checkpoint=checkpoint, shard=shard, device=str(acc.device))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.rank{shard.rank}.json").write_text(json.dumps({
+        "rank": shard.rank, "world": shard.world, "device": str(acc.device),
+        "distributed_type": str(acc.distributed_type), "wall_seconds": time.perf_counter() - t0,
+        "stage1_seconds": table.wall_seconds, "peak_memory_mb": table.peak_memory_mb}) + "\n")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        table.save(out)
+        return table
+    return None
+
+
+def check_tables(tables: list[ScoreTable], ws: Workspace, model) -> None:
+    """Refuse a table learned on another model or module set than the workspace's."""
+    modules, sizes = ws.module_sizes(model)
+    for table in tables:
+        table.check_matches(modules, sizes, ws.model_hash)
+
+
+def project_budget(tables: list[ScoreTable], budget: float, cfg: GammaConfig) -> Projection:
+    """Stage II for one budget from saved score tables (never runs Stage I), from the table
+    learned nearest to it, under the ``stage2`` settings; raises ``BudgetError`` naming the
+    budget when it cannot be met."""
+    table = nearest_table(tables, budget)
+    q = cfg.quantizer
+    result = project(table, budget, cfg.stage2, group_size=q.group_size, symmetric=q.symmetric)
+    result.notes.append(f"table learned at {table.training_budget:g} bits "
+                        f"(distance {budget - table.training_budget:+.2f})")
+    result.training_budget = table.training_budget
+    return result

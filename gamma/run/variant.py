@@ -1,0 +1,127 @@
+"""One variant of a run: quantize an assignment (or allocate one with any allocator first),
+export it, evaluate it with the configured backend. Each returns a plain row that can be saved
+and registered; a budget that cannot be served raises a ``ValueError`` naming it, and a loop over
+budgets records it with ``failed``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from gamma.allocators import AllocationProblem, Allocator, BlockAssignment, allocator_from_config
+from gamma.allocators.column_blocks import block_account
+from gamma.evaluation.backends import BackendUnavailable, VllmBackend, evaluate_with_vllm
+from gamma.evaluation.metrics import figures, perplexity, zero_shot_suite
+from gamma.model.assignment import UNQUANTIZED_BITS, apply_assignment, uniform_assignment, unquantized_parameters
+from gamma.model.export import export_checkpoint, export_fake_quantized, round_to_storage
+from gamma.progress import console
+from gamma.run.workspace import Workspace
+from gamma.stage2.scores import nearest_table
+
+ASSIGNMENT_FILE = "gamma_assignment.json"
+SUMMARY_FILE = "gamma_summary.json"
+
+
+def failed(budget: float, method: str, err: BaseException | str) -> dict:
+    """The one record of a budget that could not be served: the others stand."""
+    return {"budget": budget, "method": method, "error": str(err)}
+
+
+def evaluate_model(ws: Workspace, model, tokenizer, zero_shot_items: int | None = None,
+                   checkpoint: str | Path | None = None) -> dict:
+    """Perplexity and zero-shot figures from the configured backend. vLLM evaluates the exported
+    ``checkpoint``; when it cannot (not installed, no checkpoint, a variant its kernels do not
+    serve) the run falls back to transformers or fails, as ``evaluation.vllm.fallback`` says."""
+    e = ws.cfg.evaluation
+    items = e.zero_shot_items if zero_shot_items is None else zero_shot_items
+    fallback_reason = None
+    if e.backend == "vllm":
+        try:
+            if checkpoint is None:
+                raise BackendUnavailable("vLLM evaluates an exported checkpoint and this step saved none")
+            return evaluate_with_vllm(VllmBackend(e.vllm, e.context_length + 1), checkpoint, ws.evaluation,
+                                      tokenizer, e.zero_shot_tasks, items, e.context_length)
+        except BackendUnavailable as err:
+            if e.vllm.fallback == "fail":
+                raise
+            fallback_reason = str(err)
+            console.log(f"[yellow]vLLM backend unavailable, evaluating with transformers: {err}")
+    t0 = time.perf_counter()
+    ppl = perplexity(model, ws.evaluation, batch_size=max(1, e.batch_size // 2))
+    zs = zero_shot_suite(model, tokenizer, e.zero_shot_tasks, items, e.context_length, e.batch_size) if items else None
+    return figures(ppl, zs, time.perf_counter() - t0,
+                   "transformers" + (f" (vLLM fallback: {fallback_reason})" if fallback_reason else ""))
+
+
+def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessians=None,
+                          save_to: str | Path | None = None, loaded=None) -> dict:
+    """Apply an assignment (or one uniform bit width) to a fresh model (``loaded``: a full-precision
+    ``(model, tokenizer)`` this call may consume), export it as a compressed-tensors checkpoint when
+    ``save_to`` is given, and evaluate it."""
+    model, tokenizer = loaded or ws.load()
+    if isinstance(assignment, int):
+        assignment = uniform_assignment(model, assignment)
+    q = ws.cfg.quantizer
+    t0 = time.perf_counter()
+    quantizer = ws.quantizer()
+    if quantizer.sequential:
+        hessians = None  # taken block by block from the quantized prefix instead
+    elif quantizer.needs_hessians and hessians is None:
+        hessians = ws.hessians(model)
+    records, acct = apply_assignment(model, assignment, quantizer, q.group_size, q.symmetric, hessians,
+                                     calibration=ws.calibration if quantizer.sequential else None)
+    round_to_storage(model, set(records))  # evaluate exactly what the checkpoint stores
+    row = {"quantizer": q.method, "quantize_seconds": time.perf_counter() - t0, **acct.as_dict()}
+    row["avg_bits"] = acct.nominal_bits
+    if save_to:
+        ckpt = export_checkpoint(model, tokenizer, records, save_to, {
+            ASSIGNMENT_FILE: json.dumps(assignment, indent=1) + "\n",
+            SUMMARY_FILE: json.dumps(row, indent=1, default=str) + "\n"})
+        row.update({"checkpoint_bytes": ckpt.weights_bytes, "checkpoint_total_bytes": ckpt.total_bytes,
+                    "checkpoint_sha256": ckpt.sha256,
+                    "checkpoint_over_predicted": ckpt.weights_bytes / acct.total_bytes})
+    row.update(evaluate_model(ws, model, tokenizer, checkpoint=save_to))
+    return row
+
+
+def prepared_allocator(ws: Workspace, name: str, tables=None) -> tuple[Allocator, AllocationProblem]:
+    """The allocator ``name`` and the problem, built once per workspace and shared by its budgets."""
+    if "problem" not in ws.allocators:
+        ws.allocators["problem"] = ws.problem()
+    if name not in ws.allocators:
+        ws.allocators[name] = allocator_from_config(ws.cfg, name, tables)
+    return ws.allocators[name], ws.allocators["problem"]
+
+
+def allocate_and_evaluate(ws: Workspace, name: str, budget: float, save_to: str | Path | None = None,
+                          tables=None) -> dict:
+    """One budget with one allocator: allocate, quantize (a compressed-tensors checkpoint for a
+    module assignment, a fake-quantized one for a block assignment), evaluate. A learned
+    allocator's row carries the ``score_table`` it projected from."""
+    allocator, problem = prepared_allocator(ws, name, tables)
+    result = allocator.allocate(problem, budget)
+    notes = {k: v for k, v in result.notes.items() if isinstance(v, (int, float, str))}
+    row = {"budget": budget, "method": name, "allocate_seconds": result.seconds,
+           "prepare_seconds": result.prepare_seconds, "metadata_bits": result.metadata_bits, **notes}
+    record = json.dumps(result.as_dict(), indent=1, default=str) + "\n"
+    learned = getattr(allocator, "tables", None)  # GAMMA's: the table this budget was projected from
+    if learned:
+        row["score_table"] = nearest_table(learned, budget)
+    if not isinstance(result.assignment, BlockAssignment):
+        row.update(quantize_and_evaluate(ws, result.assignment, save_to=save_to))
+        return {**row, "allocation": record}
+    try:
+        allocator.apply(problem, result.assignment)
+        acct = block_account(problem, result.assignment)
+        other = sum(p.numel() for p in unquantized_parameters(problem.model, problem.modules))
+        row.update({"quantizer": ws.cfg.quantizer.method, "avg_bits": acct["nominal_bits"], **acct,
+                     "total_bytes": acct["quantized_bytes"] + other * UNQUANTIZED_BITS / 8})
+        if save_to:
+            ckpt = export_fake_quantized(problem.model, ws.tokenizer, save_to, {"gamma_blocks.json": record})
+            row.update({"checkpoint_bytes": ckpt.weights_bytes, "checkpoint_sha256": ckpt.sha256,
+                        "checkpoint_format": "fake-quantized float16"})
+        row.update(evaluate_model(ws, problem.model, ws.tokenizer))
+    finally:
+        problem.restore()
+    return {**row, "allocation": record}

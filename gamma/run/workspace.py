@@ -1,0 +1,130 @@
+"""The inputs of a run, resolved once from the configuration: model directory, prepared text,
+token sequences and their content hashes. Pure library code (no orchestrator imports)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from gamma.config import GammaConfig
+from gamma.hashing import content_md5
+from gamma.model.candidates import build_candidates
+from gamma.model.loading import load_model, quantizable_modules, resolve_model_path
+from gamma.model.text import PreparedText, evaluation_windows, prepare_text, sample_sequences, tokenize_file
+from gamma.problem import AllocationProblem, Provenance
+from gamma.quant import get_quantizer
+from gamma.quant.hessians import collect_hessians
+
+_SHARED: dict[tuple[str, str, str], Workspace] = {}
+_SHARED_MAX = 4
+_SHARED_LOCK = threading.Lock()
+
+
+@dataclass
+class Workspace:
+    cfg: GammaConfig
+    # prepared allocators and their problem, shared by every budget this workspace serves
+    allocators: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @cached_property
+    def model_dir(self) -> Path:
+        return resolve_model_path(self.cfg.model.path, self.cfg.model.data_dir)
+
+    @cached_property
+    def text(self) -> PreparedText:
+        return self.prepare_text(reuse=True)
+
+    def prepare_text(self, reuse: bool) -> PreparedText:
+        t = self.cfg.text
+        return prepare_text(t.source, Path(self.cfg.model.data_dir) / "text", t.eval_fraction, t.split_seed, reuse)
+
+    @cached_property
+    def model_hash(self) -> str:
+        return content_md5(self.model_dir)
+
+    @cached_property
+    def text_hash(self) -> str:
+        return content_md5(self.text.calibration)
+
+    @classmethod
+    def shared(cls, cfg: GammaConfig, model_hash: str, text_hash: str) -> Workspace:
+        """One workspace per configuration and input content in this process, so that the tasks of
+        a run (every budget of a fan-out) load the text and tokenize it once. Keyed on the content
+        hashes the run recorded: new data never meets a stale workspace in a long-lived process."""
+        key = (cfg.model_dump_json(), model_hash, text_hash)
+        with _SHARED_LOCK:
+            if key not in _SHARED:
+                while len(_SHARED) >= _SHARED_MAX:
+                    _SHARED.pop(next(iter(_SHARED)))
+                ws = cls(cfg)
+                ws.__dict__.update(model_hash=model_hash, text_hash=text_hash)
+                _SHARED[key] = ws
+            return _SHARED[key]
+
+    def load(self):
+        """A fresh copy of the full-precision model and its tokenizer."""
+        return load_model(self.model_dir)
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_dir)
+
+    @cached_property
+    def calibration(self) -> torch.Tensor:
+        t = self.cfg.text
+        tokens = tokenize_file(self.text.calibration, self.tokenizer)
+        return sample_sequences(tokens, t.calibration_sequences, t.sequence_length, t.seed)
+
+    @cached_property
+    def evaluation(self) -> torch.Tensor:
+        e = self.cfg.evaluation
+        return evaluation_windows(tokenize_file(self.text.evaluation, self.tokenizer), e.context_length, e.max_tokens)
+
+    def quantizer(self):
+        q = self.cfg.quantizer
+        return get_quantizer("gptq", **q.gptq.model_dump()) if q.method == "gptq" else get_quantizer("rtn")
+
+    def quantizer_record(self) -> dict:
+        q = self.cfg.quantizer
+        rec = {"name": q.method, "group_size": q.group_size, "symmetric": q.symmetric}
+        if q.method == "gptq":
+            rec.update(q.gptq.model_dump())
+        return rec
+
+    def provenance(self) -> Provenance:
+        return Provenance(self.model_hash, self.text_hash, self.quantizer_record(),
+                          self.cfg.text.model_dump(exclude={"source"}))
+
+    def hessians(self, model) -> dict[str, torch.Tensor] | None:
+        """Full-precision Hessians of every module when the quantizer reads them, else None."""
+        quantizer, g = self.quantizer(), self.cfg.quantizer.gptq
+        if not quantizer.needs_hessians:
+            return None
+        return collect_hessians(model, self.calibration, token_clip=g.token_clip, sink_weight=g.sink_weight)
+
+    def reusable_hessians(self, model) -> dict[str, torch.Tensor] | None:
+        """Full-precision Hessians to share across several assignments, or None when there is nothing
+        to share (RTN, or sequential GPTQ, whose Hessians depend on each assignment's quantized prefix)."""
+        return None if self.quantizer().sequential else self.hessians(model)
+
+    def problem(self) -> AllocationProblem:
+        """The shared input of every allocator and of Stage I: a fresh full-precision model, the
+        calibration sequences and each module quantized at every candidate width (GPTQ with
+        full-precision Hessians), with the run's knapsack settings and provenance."""
+        cfg, q = self.cfg, self.cfg.quantizer
+        model, _ = self.load()
+        hessians = self.hessians(model)
+        candidates = build_candidates(model, self.quantizer(), cfg.candidates, q.group_size, q.symmetric, hessians)
+        return AllocationProblem(model, self.calibration, candidates, cfg.candidates, q.group_size, q.symmetric,
+                                 cfg.stage1.seed, self.quantizer(), hessians, cfg.stage2, self.provenance())
+
+    @staticmethod
+    def module_sizes(model) -> tuple[list[str], list[tuple[int, int]]]:
+        mods = quantizable_modules(model)
+        return list(mods), [tuple(m.weight.shape) for m in mods.values()]

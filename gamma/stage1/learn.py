@@ -1,0 +1,74 @@
+"""Stage I end to end, the one entry every caller uses (the command line, the pipeline, the
+data-parallel launcher, the learned allocators): teacher capture, proxy warm start, the training
+loop, and the score table with everything that reproduces it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gamma.config import Stage1Config
+from gamma.hashing import settings_hash
+from gamma.problem import AllocationProblem, Provenance
+from gamma.stage1.checkpoint import Checkpoint
+from gamma.stage1.loop import learn_preferences
+from gamma.stage1.proxy import costs_to_logits, fisher_costs
+from gamma.stage1.rows import LogitRows
+from gamma.stage1.shard import Shard
+from gamma.stage1.teacher import TeacherData, capture_teacher
+from gamma.stage2.scores import ScoreTable
+
+CHECKPOINT_FILE = "stage1.ckpt"
+
+
+def learn_score_table(problem: AllocationProblem, stage1: Stage1Config, *, teacher: TeacherData | None = None,
+                      blocks=None, shard: Shard | None = None, checkpoint: str | Path | None = None,
+                      device: str = "cpu") -> ScoreTable:
+    """Learn one score table at ``stage1.budget`` on ``problem``'s candidates.
+
+    ``teacher``: a capture of the problem's calibration sequences to share (a band of tables
+    learns on one); ``blocks``: column blocks (``allocators.column_blocks.ColumnBlocks``), one row
+    of logits per block, named ``module#j``; ``shard``: this process's part of data-parallel
+    Stage I; ``checkpoint``: a file to resume from and save to (a ``Checkpoint`` or a path)."""
+    n = problem.calibration.shape[0]
+    shard = (shard or Shard()).over(n)
+    if teacher is None:
+        needs_grads = stage1.loss == "fisher" or stage1.init == "proxy"
+        teacher = capture_teacher(problem.model, problem.calibration[shard.held()], with_grads=needs_grads)
+        if shard.world > 1 and teacher.fisher is not None:  # per-process means -> the mean over all sequences
+            teacher.fisher = {m: shard.sum(f * len(shard.held())) / n for m, f in teacher.fisher.items()}
+    if blocks is None:
+        rows = LogitRows(problem.model, problem.candidates, problem.bits)
+        names, sizes = problem.modules, problem.sizes
+    else:
+        rows = LogitRows(problem.model, blocks.candidates, problem.bits, blocks.layouts())
+        names, sizes = blocks.row_names, blocks.row_sizes
+    init = None
+    if stage1.init == "proxy":
+        costs = fisher_costs(problem.model, problem.candidates, teacher.fisher) if blocks is None else blocks.errors
+        init = costs_to_logits(costs, [r * c for r, c in sizes], problem.bits, stage1.budget, stage1.proxy_scale,
+                               stage1.proxy_clip)
+    settings = stage1_settings(stage1, problem.bits, problem.provenance)
+    if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+        checkpoint = Checkpoint(Path(checkpoint), stage1_key(problem.provenance, settings))
+    result = learn_preferences(problem.model, teacher, rows, stage1, init, shard=shard, checkpoint=checkpoint,
+                               device=device)
+    p = problem.provenance
+    return ScoreTable(
+        modules=names, sizes=sizes, bits=problem.bits, scores=result.scores.tolist(), model_hash=p.model_hash,
+        text_hash=p.text_hash, quantizer=p.quantizer, training_budget=stage1.budget, settings=settings,
+        seed=stage1.seed, multiplier=result.multiplier, penalty=result.penalty, violation=result.violation,
+        history=result.history, wall_seconds=result.wall_seconds, peak_memory_mb=result.peak_memory_mb,
+    )
+
+
+def stage1_settings(stage1: Stage1Config, bits: list[int], provenance: Provenance) -> dict:
+    """Everything that determines a score table besides model and text content."""
+    # the process count changes only float summation order, not the result; every table has its
+    # own training budget, whatever other tables a run learns beside it: neither is part of the key
+    return {"stage1": stage1.model_dump(exclude={"processes", "extra_budgets"}), "candidates": list(bits),
+            "quantizer": provenance.quantizer, "text": provenance.text}
+
+
+def stage1_key(provenance: Provenance, settings: dict) -> str:
+    """Identifies one Stage I result: resumable checkpoints and the registry's cache both use it."""
+    return settings_hash({"model": provenance.model_hash, "text": provenance.text_hash, "settings": settings})

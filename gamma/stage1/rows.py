@@ -1,0 +1,84 @@
+"""The logit-row layout of Stage I: which rows of the preference logits each module owns (one
+row per module, or one per column block of its input channels), the rows' names and sizes, and
+each block's candidate weights made dense on the compute device when its turn comes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gamma.model.loading import block_index
+from gamma.quant.interface import QuantizedWeight
+
+
+def block_rows(module: str, n_blocks: int) -> list[str]:
+    """The logit-row names of a module's column blocks, ``module#j``."""
+    return [f"{module}#{j}" for j in range(n_blocks)]
+
+
+@dataclass
+class ColumnLayout:
+    """A module cut into column blocks: its candidates hold input channel ``order[p]`` in column
+    ``p`` (None: the natural order), and input channel ``c`` belongs to block ``columns[c]``."""
+
+    order: torch.Tensor | None
+    columns: torch.Tensor  # [in], long
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.columns.max()) + 1
+
+    def block_sizes(self, rows: int) -> list[int]:
+        return (torch.bincount(self.columns, minlength=self.n_blocks) * rows).tolist()
+
+    def to_model_order(self, dense: torch.Tensor) -> torch.Tensor:
+        """Candidate weights [..., out, in] in the model's own channel order."""
+        return dense if self.order is None else dense[..., torch.argsort(self.order)]
+
+
+class LogitRows:
+    """Rows of logits for ``candidates`` (module -> [Q_b(W) for b in bits]); with ``layouts``, one
+    row per column block of each module (named ``module#j``), in module order."""
+
+    def __init__(self, model: nn.Module, candidates: dict[str, list[QuantizedWeight]], bits: list[int],
+                 layouts: dict[str, ColumnLayout] | None = None, cache_limit_bytes: float = 4e9):
+        self.candidates, self.bits, self.layouts = candidates, list(bits), layouts
+        self.modules = list(candidates)
+        self.of_module: list[int | slice] = []  # the row (or slice of rows) of each module
+        self.names: list[str] = []
+        self.sizes: list[int] = []
+        weights = dict(model.named_modules())
+        for i, name in enumerate(self.modules):
+            shape = weights[name].weight.shape
+            if layouts is None:
+                self.of_module.append(i)
+                self.names.append(name)
+                self.sizes.append(shape.numel())
+            else:
+                n = layouts[name].n_blocks
+                self.of_module.append(slice(len(self.names), len(self.names) + n))
+                self.names += block_rows(name, n)
+                self.sizes += layouts[name].block_sizes(shape[0])
+        self.by_block: dict[int, list[int]] = {}
+        for i, name in enumerate(self.modules):
+            self.by_block.setdefault(block_index(name), []).append(i)
+        total = sum(q.codes.numel() * 4 for qs in candidates.values() for q in qs)
+        self.cache: dict[str, torch.Tensor] | None = {} if total <= cache_limit_bytes else None
+
+    def dense(self, name: str, device: torch.device) -> torch.Tensor:
+        """Module ``name``'s candidates [K, out, in], dequantized, in the model's channel order
+        (cached while all of them fit in ``cache_limit_bytes``)."""
+        if self.cache is not None and name in self.cache:
+            return self.cache[name]
+        t = torch.stack([q.dequantize() for q in self.candidates[name]])
+        if self.layouts is not None and name in self.layouts:
+            t = self.layouts[name].to_model_order(t)
+        t = t.to(device)
+        if self.cache is not None:
+            self.cache[name] = t
+        return t
+
+    def columns(self, name: str, device: torch.device) -> torch.Tensor | None:
+        return None if self.layouts is None else self.layouts[name].columns.to(device)

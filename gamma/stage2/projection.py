@@ -1,0 +1,164 @@
+"""Stage II: project learned scores onto one budget, exactly (``project``, the one Stage II call).
+
+A multiple-choice knapsack: one candidate per module, maximise the summed scores, spend between
+``B - delta`` and ``B`` average bits. Solved to proven optimality by a MIP solver from OR-Tools
+(CBC, zero relative gap). The budget is never exceeded: the returned assignment is re-checked in
+exact integer arithmetic and, if the solver's feasibility tolerance let it slip over, re-solved
+with the capacity tightened by the excess.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from gamma.config import Stage2Config
+from gamma.model.assignment import module_cost_bits
+from gamma.quant.interface import QuantSpec
+from gamma.stage2.knapsack import solve_mckp, solve_mckp_hull_window
+
+BudgetUnit = Literal["nominal", "effective", "bytes"]
+MIP_MAX_ITEMS = 5000  # above this CBC's model building and branching take minutes; the hull greedy seconds
+
+
+class BudgetError(ValueError):
+    """The budget cannot be met with the candidates and restrictions; the message names it."""
+
+
+@dataclass
+class Projection:
+    assignment: dict[str, int]
+    budget: float
+    unit: str
+    objective: float
+    best_bound: float
+    gap: float
+    status: str
+    solver: str
+    solve_seconds: float
+    bits_used: float  # average nominal bits of the assignment
+    used: float  # in the budget's unit
+    slack: float  # budget - used, in the budget's unit
+    lower_bound_relaxed: bool = False
+    notes: list[str] = field(default_factory=list)
+    training_budget: float | None = None  # of the score table projected
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def allowed_mask(modules: list[str], candidates: list[int], min_bits: dict[str, int] | None) -> np.ndarray:
+    """[M, K] True where module m may use candidate k (``min_bits``: name substring -> lowest bits)."""
+    mask = np.ones((len(modules), len(candidates)), dtype=bool)
+    for pattern, lowest in (min_bits or {}).items():
+        hits = [i for i, name in enumerate(modules) if pattern in name]
+        if not hits:
+            raise BudgetError(f"min_bits pattern {pattern!r} matches no module")
+        for i in hits:
+            mask[i] &= np.array([b >= lowest for b in candidates])
+    return mask
+
+
+def unit_costs(
+    sizes: list[tuple[int, int]], candidates: list[int], unit: BudgetUnit, group_size: int, symmetric: bool
+) -> tuple[np.ndarray, float]:
+    """Integer-valued cost of every (module, candidate) and the scale that turns a budget into a capacity.
+
+    nominal: weights x bits, capacity = B x total weights; effective: storage bits incl. scales and
+    zero-points, capacity = B x total weights; bytes: storage bits, capacity = 8 x B.
+    """
+    n = np.array([r * c for r, c in sizes], dtype=np.int64)
+    if unit == "nominal":
+        costs = n[:, None] * np.array(candidates, dtype=np.int64)[None, :]
+        return costs, float(n.sum())
+    costs = np.array(
+        [[module_cost_bits(r, c, QuantSpec(b, group_size, symmetric)) for b in candidates] for r, c in sizes],
+        dtype=np.int64,
+    )
+    return costs, float(n.sum()) if unit == "effective" else 8.0
+
+
+def _solve_exact(scores, costs, capacity, lower, allowed, s2: Stage2Config, budget, notes):
+    """CBC with the window's lower end dropped if nothing reaches it, and the capacity tightened
+    if the solver's feasibility tolerance let the answer slip over the budget."""
+    relaxed = False
+    limit = capacity
+    for _attempt in range(5):
+        choice, status, _, bound = solve_mckp(scores, costs, capacity, lower, allowed, s2.time_limit)
+        # CBC's presolve sometimes reports an infeasible narrow window as NOT_SOLVED rather than INFEASIBLE
+        if status not in ("OPTIMAL", "FEASIBLE") and lower > 0:
+            warnings.warn(f"no assignment spends at least {budget - s2.window} at budget {budget}: lower bound dropped",
+                          stacklevel=3)
+            notes.append("lower bound relaxed: no assignment in the window")
+            lower, relaxed = 0, True
+            continue
+        if status not in ("OPTIMAL", "FEASIBLE"):
+            raise BudgetError(f"the solver found no assignment for budget {budget} ({status})")
+        used_cost = int(costs[np.arange(len(choice)), choice].sum())
+        if used_cost <= limit:
+            return choice, status, bound, used_cost, relaxed
+        capacity -= used_cost - limit
+        notes.append("capacity tightened after a tolerance overshoot")
+    raise BudgetError(f"could not find an assignment within budget {budget} after 5 attempts")
+
+
+def project(table, budget: float, stage2: Stage2Config | None = None, *, group_size: int = 64,
+            symmetric: bool = False, unit: BudgetUnit = "nominal") -> Projection:
+    """Stage II: pick one candidate per row of ``table`` (anything with ``modules``, ``sizes``,
+    ``bits`` and ``scores`` [M, K], a ``ScoreTable`` or costs turned into scores) maximising the
+    summed scores within ``budget``, under the ``stage2`` settings taken whole: window,
+    ``min_bits`` restrictions, solver (``cbc``: exact MIP, proven optimal; ``hull``: LP greedy with
+    a proven bound, for block tables of 10^5 rows; ``auto``: cbc up to ``MIP_MAX_ITEMS`` rows) and
+    time limit. ``group_size``/``symmetric`` price the effective and byte units."""
+    s2 = stage2 or Stage2Config()
+    modules, sizes, bits = list(table.modules), [tuple(s) for s in table.sizes], list(table.bits)
+    scores = np.asarray(table.scores, dtype=np.float64)
+    if scores.shape != (len(modules), len(bits)):
+        raise BudgetError(f"scores have shape {scores.shape}, expected {(len(modules), len(bits))}")
+    if not np.isfinite(scores).all():
+        raise BudgetError("scores contain NaN or infinite values")
+    allowed = allowed_mask(modules, bits, s2.min_bits)
+    costs, per_unit = unit_costs(sizes, bits, unit, group_size, symmetric)
+    check_reachable(costs, per_unit, allowed, budget, (unit, bits, s2.min_bits))
+    capacity = int(np.floor(budget * per_unit + 1e-6))
+    lower = max(0, int(np.ceil((budget - s2.window) * per_unit))) if s2.window > 0 else 0
+    solver = s2.solver if s2.solver != "auto" else "cbc" if len(modules) <= MIP_MAX_ITEMS else "hull"
+    notes: list[str] = []
+    relaxed = False
+    t0 = time.perf_counter()
+    if solver == "hull":
+        choice, status, bound = solve_mckp_hull_window(scores, costs, capacity, lower, allowed)
+        if status == "INFEASIBLE":
+            raise BudgetError(f"no assignment fits budget {budget} ({unit})")
+        used_cost = int(costs[np.arange(len(modules)), choice].sum())
+        if used_cost < lower:
+            notes.append(f"spends {used_cost / per_unit:.4f}, below the window's lower end {budget - s2.window}")
+    else:
+        choice, status, bound, used_cost, relaxed = _solve_exact(scores, costs, capacity, lower, allowed, s2,
+                                                                 budget, notes)
+    seconds = time.perf_counter() - t0
+    objective = float(scores[np.arange(len(modules)), choice].sum())  # exact float objective
+    gap = abs(bound - objective) / max(1e-12, abs(objective)) if np.isfinite(bound) else float("nan")
+    n = np.array([r * c for r, c in sizes], dtype=np.float64)
+    chosen = np.array(bits)[choice]
+    return Projection(
+        assignment={m: int(b) for m, b in zip(modules, chosen)}, budget=budget, unit=unit, objective=objective,
+        best_bound=float(bound), gap=float(gap), status=status, solver=solver, solve_seconds=seconds,
+        bits_used=float((n * chosen).sum() / n.sum()), used=used_cost / per_unit, slack=budget - used_cost / per_unit,
+        lower_bound_relaxed=relaxed, notes=notes,
+    )
+
+
+def check_reachable(costs: np.ndarray, per_unit: float, allowed: np.ndarray, budget: float, named: tuple) -> None:
+    """Refuse a budget outside what the allowed candidates can spend, naming the range (``named``:
+    the unit, the candidates and the restrictions, for the message)."""
+    unit, bits, min_bits = named
+    lo = int(np.where(allowed, costs, np.iinfo(np.int64).max).min(axis=1).sum()) / per_unit
+    hi = int(np.where(allowed, costs, -1).max(axis=1).sum()) / per_unit
+    if not lo - 1e-9 <= budget <= hi + 1e-9:
+        raise BudgetError(f"budget {budget} ({unit}) is outside the reachable range [{lo:.4f}, {hi:.4f}] "
+                          f"for candidates {bits}" + (f" with min_bits {min_bits}" if min_bits else ""))
