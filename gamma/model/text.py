@@ -9,7 +9,6 @@ blank-line-separated paragraph block).
 from __future__ import annotations
 
 import bz2
-import importlib.util
 import json
 import random
 import xml.etree.ElementTree as ET
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from gamma.config import EMBEDDED
+from gamma.packaged import package_dir
 from gamma.progress import status
 
 CALIBRATION_FILE = "calibration.txt"
@@ -40,10 +40,7 @@ class PreparedText:
 
 
 def _gensim_wiki_dump() -> Path:
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise TextInputError("the embedded text needs the 'gensim' package: pip install --no-deps gensim==4.4.0")
-    data = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data"
+    data = package_dir("gensim", "gensim==4.4.0", TextInputError) / "test" / "test_data"
     dumps = sorted(p for p in data.glob("enwiki*.bz2"))
     if not dumps:
         raise TextInputError(f"no enwiki*.bz2 file in {data}")

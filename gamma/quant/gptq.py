@@ -60,15 +60,8 @@ class GPTQ:
         if hessian is None:
             raise QuantizationError("GPTQ needs the Hessian of the module's calibration inputs")
         rows, cols = weight.shape
-        n_groups = spec.groups(cols)
-        width = spec.group_width(cols)
-        if group_bits is None:
-            specs = [spec] * n_groups
-        elif len(group_bits) != n_groups:
-            raise QuantizationError(f"group_bits has {len(group_bits)} widths for {n_groups} groups of {width} columns")
-        else:
-            specs = [QuantSpec(int(b), spec.group_size, spec.symmetric) for b in group_bits]
-            spec = QuantSpec(max(int(b) for b in group_bits), spec.group_size, spec.symmetric)
+        n_groups, width = spec.groups(cols), spec.group_width(cols)
+        spec, specs = _group_specs(spec, group_bits, n_groups, width)
         W = weight.detach().to(torch.float32).clone()
         H = hessian.to(torch.float32).clone()
 
@@ -115,3 +108,14 @@ class GPTQ:
                 Err1[:, i] = err
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         return QuantizedWeight(codes=codes.to(torch.uint8), scales=scales, zeros=zeros, spec=spec)
+
+
+def _group_specs(spec: QuantSpec, group_bits: list[int] | None, n_groups: int,
+                 width: int) -> tuple[QuantSpec, list[QuantSpec]]:
+    """The result's spec (the widest group) and one spec per group."""
+    if group_bits is None:
+        return spec, [spec] * n_groups
+    if len(group_bits) != n_groups:
+        raise QuantizationError(f"group_bits has {len(group_bits)} widths for {n_groups} groups of {width} columns")
+    specs = [QuantSpec(int(b), spec.group_size, spec.symmetric) for b in group_bits]
+    return QuantSpec(max(int(b) for b in group_bits), spec.group_size, spec.symmetric), specs
