@@ -44,7 +44,7 @@ from gamma.progress import console
 from gamma.run.tables import SCORES_FILE, run_key
 from gamma.run.variant import evaluate_model
 from gamma.run.workspace import Workspace
-from gamma.stage1.proxy import costs_to_logits, fisher_costs
+from gamma.stage1.proxy import FisherCosts, costs_to_logits
 from gamma.stage1.teacher import capture_teacher
 from gamma.stage2.projection import project
 from gamma.stage2.scores import Scores, ScoreTable
@@ -119,8 +119,9 @@ class Evaluator:
         self.cache = json.loads(self.cache_file.read_text()) if self.cache_file.exists() else {}
 
     def proxy_costs(self) -> np.ndarray:
-        teacher = capture_teacher(self.model, self.ws.calibration, with_grads=True)
-        return fisher_costs(self.model, self.candidates, teacher.fisher)
+        proxy = FisherCosts(self.model, self.candidates)
+        capture_teacher(self.model, self.ws.calibration, device=self.ws.device, on_fisher=proxy)
+        return proxy.table
 
     def solve(self, scores: np.ndarray, budget: float) -> dict[str, int]:
         q = self.cfg.quantizer

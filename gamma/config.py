@@ -7,6 +7,7 @@ A bad value fails here, before any work starts, with the field's dotted name and
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,17 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     path: str = Field(EMBEDDED, description="'embedded' (SmolLM2-135M) or a local HF model directory")
     data_dir: str = Field("data", description="where converted models and prepared text live")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the weights are held in on the host; auto: the checkpoint's torch_dtype")
+    device: str = Field("auto", description="where each phase computes, one block at a time: auto (CUDA when "
+                                            "present, else CPU), cpu, cuda, cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"{v!r} is not a device: use auto, cpu, cuda or cuda:N")
+        return v
 
 
 class TextConfig(_Section):

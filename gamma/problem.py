@@ -17,6 +17,7 @@ from torch import nn
 from gamma.config import Stage2Config
 from gamma.model.loading import quantizable_modules
 from gamma.quant.interface import QuantizedWeight
+from gamma.stage1.proxy import FisherCosts, KeepFisher
 from gamma.stage1.teacher import TeacherData, capture_teacher
 from gamma.stage2.projection import allowed_mask
 
@@ -51,7 +52,9 @@ class AllocationProblem:
     hessians: dict[str, torch.Tensor] | None = None  # GPTQ's, exactly when the candidates used them
     stage2: Stage2Config = field(default_factory=Stage2Config)  # the knapsack's window, restrictions, solver
     provenance: Provenance = field(default_factory=lambda: Provenance())
+    device: str = "cpu"  # where each phase computes, one block at a time
     _fisher: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _proxy_costs: np.ndarray | None = field(default=None, repr=False)
     _original: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,14 +87,42 @@ class AllocationProblem:
     def params(self) -> np.ndarray:
         return np.array([r * c for r, c in self.sizes], dtype=np.int64)
 
-    def fisher(self, teacher: TeacherData | None = None) -> dict[str, torch.Tensor]:
-        """Empirical Fisher diagonal of every module (one backward per calibration sequence), once;
-        from ``teacher`` when it carries one (a capture of these calibration sequences)."""
+    def capture(self, with_grads: bool = True, *, proxy: bool = False, keep_fisher: bool = False,
+                sequences: torch.Tensor | None = None, device: str | None = None) -> TeacherData:
+        """One teacher capture of the calibration sequences (or ``sequences``, a shard of them), block
+        by block on ``device``. ``proxy``: with the Fisher proxy's [M, K] cost table
+        (``proxy_costs``); ``keep_fisher``: every module's Fisher diagonal kept for ``fisher()``."""
+        consumers = ([FisherCosts(self.model, self.candidates)] if proxy else []) + \
+                    ([KeepFisher()] if keep_fisher else [])
+
+        def consume(index: int, fisher: dict[str, torch.Tensor]) -> None:
+            for consumer in consumers:
+                consumer(index, fisher)
+
+        teacher = capture_teacher(self.model, self.calibration if sequences is None else sequences,
+                                  with_grads or bool(consumers), device=device or self.device,
+                                  on_fisher=consume if consumers else None)
+        for consumer in consumers:
+            if isinstance(consumer, FisherCosts):
+                teacher.proxy_costs = consumer.table
+                if sequences is None:
+                    self._proxy_costs = teacher.proxy_costs
+            elif sequences is None:
+                self._fisher = consumer.fisher
+        return teacher
+
+    def fisher(self) -> dict[str, torch.Tensor]:
+        """Empirical Fisher diagonal of every module, as large as the model (for the sub-module
+        allocators), from one capture with gradients; taken once."""
         if self._fisher is None:
-            if teacher is None or teacher.fisher is None:
-                teacher = capture_teacher(self.model, self.calibration, with_grads=True)
-            self._fisher = teacher.fisher
+            self.capture(keep_fisher=True)
         return self._fisher
+
+    def proxy_costs(self) -> np.ndarray:
+        """The Fisher proxy's [M, K] costs of the candidates, from one streamed capture; taken once."""
+        if self._proxy_costs is None:
+            self._proxy_costs = self.capture(proxy=True).proxy_costs
+        return self._proxy_costs
 
     def check_budget(self, budget: float) -> None:
         lo, hi = min(self.bits), max(self.bits)

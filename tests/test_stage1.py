@@ -7,7 +7,7 @@ from gamma.model.candidates import build_candidates
 from gamma.quant import get_quantizer
 from gamma.stage1.checkpoint import Checkpoint
 from gamma.stage1.loop import learn_preferences, temperature_at
-from gamma.stage1.proxy import costs_to_logits, fisher_costs
+from gamma.stage1.proxy import FisherCosts, KeepFisher, costs_to_logits
 from gamma.stage1.rows import LogitRows
 from gamma.stage1.teacher import capture_teacher
 from gamma.stage2.projection import project
@@ -19,12 +19,13 @@ BITS = [2, 3, 4]
 @pytest.fixture(scope="module")
 def setup(model_and_tokenizer, calibration):
     model = model_and_tokenizer[0]
-    teacher = capture_teacher(model, calibration[:, :64])
     cands = build_candidates(model, get_quantizer("rtn"), BITS)
-    costs = fisher_costs(model, cands, teacher.fisher)
+    proxy, kept = FisherCosts(model, cands), KeepFisher()
+    teacher = capture_teacher(model, calibration[:, :64], on_fisher=lambda b, f: (proxy(b, f), kept(b, f)))
+    teacher.fisher = kept.fisher
     linear = dict(model.named_modules())
     sizes = [tuple(linear[n].weight.shape) for n in cands]
-    return model, teacher, cands, costs, sizes
+    return model, teacher, cands, proxy.table, sizes
 
 
 def cfg(**kw):
@@ -162,7 +163,9 @@ def test_unclipped_proxy_initialisation_ranks_like_the_proxy_with_8_bit_candidat
     model, teacher, _, _, sizes = setup
     bits = [2, 3, 4, 8]
     cands = build_candidates(model, get_quantizer("rtn"), bits)
-    costs = fisher_costs(model, cands, teacher.fisher)
+    proxy = FisherCosts(model, cands)
+    proxy(0, teacher.fisher)
+    costs = proxy.table
     names, n = list(cands), [r * k for r, k in sizes]
     proxy = project(Scores(names, sizes, bits, -costs), 3.0, Stage2Config()).assignment
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from gamma.allocators.base import AllocationProblem, Allocator
 from gamma.config import Stage1Config
 from gamma.stage1.learn import learn_score_table
-from gamma.stage1.teacher import capture_teacher
 from gamma.stage2.projection import project
 from gamma.stage2.scores import ScoreTable, nearest_table
 
@@ -21,8 +20,7 @@ def one_table_per_budget(stage1: Stage1Config) -> list[Stage1Config]:
 def learn_band(problem: AllocationProblem, stage1: Stage1Config, blocks=None, teacher=None) -> list[ScoreTable]:
     """One table per training budget, all learned on one teacher capture."""
     if teacher is None:
-        teacher = capture_teacher(problem.model, problem.calibration,
-                                  with_grads=stage1.loss == "fisher" or stage1.init == "proxy")
+        teacher = problem.capture(stage1.loss == "fisher", proxy=stage1.init == "proxy" and blocks is None)
     return [learn_score_table(problem, cfg, teacher=teacher, blocks=blocks) for cfg in one_table_per_budget(stage1)]
 
 

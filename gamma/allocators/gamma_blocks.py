@@ -15,7 +15,6 @@ from gamma.allocators.base import AllocationProblem
 from gamma.allocators.column_blocks import BlockAllocator, build_column_blocks, fisher_channel_order
 from gamma.allocators.gamma import learn_band
 from gamma.config import Stage1Config
-from gamma.stage1.teacher import capture_teacher
 from gamma.stage2.projection import project
 from gamma.stage2.scores import ScoreTable, nearest_table
 
@@ -35,8 +34,8 @@ class BlockGammaAllocator(BlockAllocator):
 
     def _prepare(self, problem: AllocationProblem) -> None:
         # one teacher pass with gradients serves the Fisher ordering, the block costs and Stage I
-        teacher = None if self.tables else capture_teacher(problem.model, problem.calibration, with_grads=True)
-        fisher = problem.fisher(teacher)
+        teacher = None if self.tables else problem.capture(keep_fisher=True)
+        fisher = problem.fisher()
         self.blocks = build_column_blocks(problem, self.width, fisher_channel_order(problem, self.reorder), fisher,
                                           "GAMMA blocks")
         if self.tables:

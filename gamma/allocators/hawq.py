@@ -5,7 +5,6 @@ also Stage I's warm start, so it is the baseline GAMMA's learning has to beat.""
 from __future__ import annotations
 
 from gamma.allocators.base import AllocationProblem, Allocator
-from gamma.stage1.proxy import fisher_costs
 from gamma.stage2.projection import project
 from gamma.stage2.scores import Scores
 
@@ -18,7 +17,7 @@ class HawqAllocator(Allocator):
         self.costs = None
 
     def _prepare(self, problem: AllocationProblem) -> None:
-        self.costs = fisher_costs(problem.model, problem.candidates, problem.fisher())
+        self.costs = problem.proxy_costs()
 
     def _allocate(self, problem: AllocationProblem, budget: float):
         rows = Scores(problem.modules, problem.sizes, problem.bits, -self.costs)

@@ -50,8 +50,9 @@ def noise_coefficients(problem: AllocationProblem, level: float, sequences: int,
         hidden = inputs[index]
         for i in range(index, len(runner.blocks)):
             hidden = runner.run_block_all(i, hidden)
-        logits = runner.head(hidden)[:, :-1].float()
-        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), data[:, 1:].reshape(-1)))
+        logits = runner.head(runner.to_device(hidden))[:, :-1]
+        labels = data[:, 1:].to(runner.device)
+        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)))
 
     base = loss_from(len(runner.blocks))
     gen = torch.Generator().manual_seed(problem.seed)

@@ -3,7 +3,9 @@ evaluation share (GPTQ's ``llama.py`` pattern, written once).
 
 Hidden states enter block 0 after the embedding; each block is called alone with the model's
 rotary position embeddings, which reproduces the model's own hidden states exactly and stays
-causal. Only one block needs to sit on the compute device at a time.
+causal. The model stays on the host in its own dtype; each piece (embedding, block, head) computes
+on the runner's device in float32 while it runs (``gamma.model.device.on_device``), and the
+hidden states a walk keeps on the host are stored in the model's dtype.
 """
 
 from __future__ import annotations
@@ -13,38 +15,57 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from gamma.model.device import COMPUTE_DTYPE, on_device
 from gamma.model.loading import decoder_blocks
 
 
 class BlockRunner:
-    """Runs pieces of a decoder: embedding, one block, the head."""
+    """Runs pieces of a decoder on ``device``: embedding, one block, the head. The ``*_all``
+    methods take and return hidden states on the host in ``store_dtype`` (the model's dtype)."""
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu"):
         self.model = model
         self.blocks = decoder_blocks(model)
         self.device = torch.device(device)
+        self.store_dtype = model.model.embed_tokens.weight.dtype
+
+    def resident(self, module: nn.Module):
+        """``module`` on the compute device in float32 while the context lasts."""
+        return on_device(module, self.device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.model.embed_tokens(input_ids.to(self.device))
+        with self.resident(self.model.model.embed_tokens) as embed:
+            return embed(input_ids.to(self.device))
 
     def _positions(self, hidden: torch.Tensor):
         pos = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
-        return self.model.model.rotary_emb(hidden, pos)
+        with self.resident(self.model.model.rotary_emb) as rotary:
+            return rotary(hidden, pos)
 
     def run_block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.blocks[index](hidden, attention_mask=None, position_embeddings=self._positions(hidden))
+        """Block ``index`` on ``hidden`` (on the device, float32); the block moves there if it is not."""
+        with self.resident(self.blocks[index]) as block:
+            out = block(hidden, attention_mask=None, position_embeddings=self._positions(hidden))
         return out[0] if isinstance(out, tuple) else out
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(hidden))
+        with self.resident(self.model.model.norm) as norm, self.resident(self.model.lm_head) as lm_head:
+            return lm_head(norm(hidden))
+
+    def to_device(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.to(self.device, COMPUTE_DTYPE)
+
+    def to_host(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.detach().to("cpu", self.store_dtype)
 
     @torch.no_grad()
     def embed_all(self, input_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        return torch.cat([self.embed(b).cpu() for b in input_ids.split(batch_size)])
+        return torch.cat([self.to_host(self.embed(b)) for b in input_ids.split(batch_size)])
 
     @torch.no_grad()
     def run_block_all(self, index: int, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        return torch.cat([self.run_block(index, h.to(self.device)).cpu() for h in hidden.split(batch_size)])
+        with self.resident(self.blocks[index]):
+            return torch.cat([self.to_host(self.run_block(index, self.to_device(h))) for h in hidden.split(batch_size)])
 
 
 def walk_blocks(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gamma.config import EMBEDDED
+from gamma.model.device import checkpoint_dtype
 from gamma.packaged import package_dir
 from gamma.progress import status
 
@@ -81,13 +82,15 @@ def resolve_model_path(path: str, data_dir: str | Path) -> Path:
 _LOAD_LOCK = threading.Lock()
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, object]:
-    """Load a causal LM in float32 for inference, with its tokenizer; weights frozen."""
+def load_model(path: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
+    """Load a causal LM on the host for inference, with its tokenizer; weights frozen. ``dtype``:
+    None keeps the checkpoint's own (``model.dtype: auto``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _LOAD_LOCK, status(f"loading model from {path}"):
+    dtype = dtype or checkpoint_dtype(path)
+    with _LOAD_LOCK, status(f"loading model from {path} ({str(dtype).removeprefix('torch.')})"):
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError, KeyError) as err:
             raise ModelInputError(f"cannot load a causal LM from {path}: {err}") from None

@@ -37,15 +37,16 @@ class HessianAccumulator:
             norms = x.norm(dim=1)
             cap = self.token_clip * norms.median()
             x = x * (cap / norms.clamp_min(1e-12)).clamp(max=1.0)[:, None]
+        self.hessian = self.hessian.to(x.device)  # accumulates where the inputs are
         self.hessian *= self.tokens / (self.tokens + n)
         self.tokens += n
         # float32 products (fast), float64 running sum (no drift over many batches)
-        self.hessian += (x.T @ x).cpu().to(torch.float64) * (2.0 / self.tokens)
+        self.hessian += (x.T @ x).to(torch.float64) * (2.0 / self.tokens)
 
     def result(self) -> torch.Tensor:
         if self.tokens == 0:
             raise QuantizationError("GPTQ needs calibration inputs, but the module saw no tokens")
-        return self.hessian.to(torch.float32)
+        return self.hessian.to("cpu", torch.float32)
 
 
 @torch.no_grad()
@@ -57,13 +58,15 @@ def collect_hessians(
     token_clip: float = 0.0,
     sink_weight: float = 1.0,
     on_block=None,
+    device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Hessians of every quantizable module's full-precision inputs on the calibration sequences.
 
     ``on_block(index, hessians)`` runs after each block's Hessians are taken and before the block
     makes the next block's inputs: quantizing the block there gives GPTQ's sequential Hessians
-    (each block sees the inputs the quantized prefix really produces)."""
-    runner = BlockRunner(model)
+    (each block sees the inputs the quantized prefix really produces). Each block runs on
+    ``device``; the Hessians are accumulated there and handed back on the host."""
+    runner = BlockRunner(model, device)
     wanted = modules or set(quantizable_modules(model))
     deepest = max(block_index(n) for n in wanted)
     hessians: dict[str, torch.Tensor] = {}

@@ -13,6 +13,7 @@ import torch
 from gamma.config import GammaConfig
 from gamma.hashing import content_md5
 from gamma.model.candidates import build_candidates
+from gamma.model.device import resolve_device, resolve_dtype
 from gamma.model.loading import load_model, quantizable_modules, resolve_model_path
 from gamma.model.text import PreparedText, evaluation_windows, prepare_text, sample_sequences, tokenize_file
 from gamma.problem import AllocationProblem, Provenance
@@ -66,8 +67,16 @@ class Workspace:
             return _SHARED[key]
 
     def load(self):
-        """A fresh copy of the full-precision model and its tokenizer."""
-        return load_model(self.model_dir)
+        """A fresh copy of the full-precision model (on the host, in ``model.dtype``) and its tokenizer."""
+        return load_model(self.model_dir, self.dtype)
+
+    @cached_property
+    def dtype(self) -> torch.dtype:
+        return resolve_dtype(self.cfg.model.dtype, self.model_dir)
+
+    @cached_property
+    def device(self) -> torch.device:
+        return resolve_device(self.cfg.model.device)
 
     @cached_property
     def tokenizer(self):
@@ -106,7 +115,8 @@ class Workspace:
         quantizer, g = self.quantizer(), self.cfg.quantizer.gptq
         if not quantizer.needs_hessians:
             return None
-        return collect_hessians(model, self.calibration, token_clip=g.token_clip, sink_weight=g.sink_weight)
+        return collect_hessians(model, self.calibration, token_clip=g.token_clip, sink_weight=g.sink_weight,
+                               device=self.device)
 
     def reusable_hessians(self, model) -> dict[str, torch.Tensor] | None:
         """Full-precision Hessians to share across several assignments, or None when there is nothing
@@ -122,7 +132,8 @@ class Workspace:
         hessians = self.hessians(model)
         candidates = build_candidates(model, self.quantizer(), cfg.candidates, q.group_size, q.symmetric, hessians)
         return AllocationProblem(model, self.calibration, candidates, cfg.candidates, q.group_size, q.symmetric,
-                                 cfg.stage1.seed, self.quantizer(), hessians, cfg.stage2, self.provenance())
+                                 cfg.stage1.seed, self.quantizer(), hessians, cfg.stage2, self.provenance(),
+                                 str(self.device))
 
     @staticmethod
     def module_sizes(model) -> tuple[list[str], list[tuple[int, int]]]:

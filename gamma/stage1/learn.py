@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from gamma.config import Stage1Config
 from gamma.hashing import settings_hash
 from gamma.problem import AllocationProblem, Provenance
 from gamma.stage1.checkpoint import Checkpoint
 from gamma.stage1.loop import learn_preferences
-from gamma.stage1.proxy import costs_to_logits, fisher_costs
+from gamma.stage1.proxy import costs_to_logits
 from gamma.stage1.rows import LogitRows
 from gamma.stage1.shard import Shard
-from gamma.stage1.teacher import TeacherData, capture_teacher
+from gamma.stage1.teacher import TeacherData
 from gamma.stage2.scores import ScoreTable
 
 CHECKPOINT_FILE = "stage1.ckpt"
@@ -22,7 +24,7 @@ CHECKPOINT_FILE = "stage1.ckpt"
 
 def learn_score_table(problem: AllocationProblem, stage1: Stage1Config, *, teacher: TeacherData | None = None,
                       blocks=None, shard: Shard | None = None, checkpoint: str | Path | None = None,
-                      device: str = "cpu") -> ScoreTable:
+                      device: str | None = None) -> ScoreTable:
     """Learn one score table at ``stage1.budget`` on ``problem``'s candidates.
 
     ``teacher``: a capture of the problem's calibration sequences to share (a band of tables
@@ -32,10 +34,11 @@ def learn_score_table(problem: AllocationProblem, stage1: Stage1Config, *, teach
     n = problem.calibration.shape[0]
     shard = (shard or Shard()).over(n)
     if teacher is None:
-        needs_grads = stage1.loss == "fisher" or stage1.init == "proxy"
-        teacher = capture_teacher(problem.model, problem.calibration[shard.held()], with_grads=needs_grads)
-        if shard.world > 1 and teacher.fisher is not None:  # per-process means -> the mean over all sequences
-            teacher.fisher = {m: shard.sum(f * len(shard.held())) / n for m, f in teacher.fisher.items()}
+        held = len(shard.held())
+        teacher = problem.capture(stage1.loss == "fisher", proxy=stage1.init == "proxy" and blocks is None,
+                                  sequences=problem.calibration[shard.held()], device=device)
+        if shard.world > 1 and teacher.proxy_costs is not None:  # per-process means -> the mean over all
+            teacher.proxy_costs = shard.sum(torch.from_numpy(teacher.proxy_costs * held)).numpy() / n
     if blocks is None:
         rows = LogitRows(problem.model, problem.candidates, problem.bits)
         names, sizes = problem.modules, problem.sizes
@@ -44,14 +47,14 @@ def learn_score_table(problem: AllocationProblem, stage1: Stage1Config, *, teach
         names, sizes = blocks.row_names, blocks.row_sizes
     init = None
     if stage1.init == "proxy":
-        costs = fisher_costs(problem.model, problem.candidates, teacher.fisher) if blocks is None else blocks.errors
+        costs = teacher.proxy_costs if blocks is None else blocks.errors
         init = costs_to_logits(costs, [r * c for r, c in sizes], problem.bits, stage1.budget, stage1.proxy_scale,
                                stage1.proxy_clip)
     settings = stage1_settings(stage1, problem.bits, problem.provenance)
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint(Path(checkpoint), stage1_key(problem.provenance, settings))
     result = learn_preferences(problem.model, teacher, rows, stage1, init, shard=shard, checkpoint=checkpoint,
-                               device=device)
+                               device=device or problem.device)
     p = problem.provenance
     return ScoreTable(
         modules=names, sizes=sizes, bits=problem.bits, scores=result.scores.tolist(), model_hash=p.model_hash,

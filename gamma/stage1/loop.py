@@ -138,25 +138,27 @@ class TeacherForcing:
     def block(self, b: int, idx: list[int], mine: torch.Tensor, batch_size: int, mixes, mix_grads) -> float:
         rows, dev, prefix = self.rows, self.runner.device, f"model.layers.{b}."
         names = {i: rows.modules[i][len(prefix):] for i in idx}
-        mixed = {names[i]: MixedLinear(rows.dense(rows.modules[i], dev), self.linear[rows.modules[i]].bias,
-                                       rows.columns(rows.modules[i], dev)) for i in idx}
-        x = self.teacher.hidden[b][mine, :self.tokens].to(dev)
-        y = self.teacher.hidden[b + 1][mine, :self.tokens].to(dev)
+        runner = self.runner
+        x = runner.to_device(self.teacher.hidden[b][mine, :self.tokens])
+        y = runner.to_device(self.teacher.hidden[b + 1][mine, :self.tokens])
         g2 = None
         if self.cfg.loss == "fisher":
             g2 = self.per_channel[b].to(dev) if self.per_channel is not None else \
-                self.teacher.grads[b][mine, :self.tokens].to(dev).float().pow(2)
+                runner.to_device(self.teacher.grads[b][mine, :self.tokens]).pow(2)
         loss = 0.0
-        for mix, mix_grad in zip(mixes, mix_grads):
-            for i in idx:
-                mixed[names[i]].set_mix(mix[rows.of_module[i]])
-            with swapped(self.runner.blocks[b], mixed), torch.enable_grad():
-                err = block_error(self.cfg.loss, self.runner.run_block(b, x), x, y, g2, self.full_length) \
-                    * len(mine) / batch_size / len(mixes)
-                err.backward()
-            for i in idx:
-                mix_grad[rows.of_module[i]] = mixed[names[i]].mix_grad()
-            loss += float(err.detach())
+        with runner.resident(runner.blocks[b]):
+            mixed = {names[i]: MixedLinear(rows.dense(rows.modules[i], dev), self.linear[rows.modules[i]].bias,
+                                           rows.columns(rows.modules[i], dev)) for i in idx}
+            for mix, mix_grad in zip(mixes, mix_grads):
+                for i in idx:
+                    mixed[names[i]].set_mix(mix[rows.of_module[i]])
+                with swapped(runner.blocks[b], mixed), torch.enable_grad():
+                    err = block_error(self.cfg.loss, runner.run_block(b, x), x, y, g2, self.full_length) \
+                        * len(mine) / batch_size / len(mixes)
+                    err.backward()
+                for i in idx:
+                    mix_grad[rows.of_module[i]] = mixed[names[i]].mix_grad()
+                loss += float(err.detach())
         return loss
 
 

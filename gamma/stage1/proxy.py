@@ -1,7 +1,7 @@
 """Sensitivity proxies: cheap per-(module, candidate) costs that Stage II can minimise directly.
 
-- ``fisher_costs`` (HAWQ-style, and Stage I's warm start): ``sum(F_m * (W_m - Q_b(W_m))^2)`` with
-  ``F_m`` the empirical Fisher diagonal from ``capture_teacher``.
+- ``FisherCosts`` (HAWQ-style, and Stage I's warm start): ``sum(F_m * (W_m - Q_b(W_m))^2)`` with
+  ``F_m`` the empirical Fisher diagonal, consumed block by block from ``capture_teacher``.
 - ``relative_error_costs``: the module's relative quantization error weighted by its size.
 """
 
@@ -16,15 +16,39 @@ from gamma.quant.interface import QuantizedWeight
 from gamma.stage1.lagrangian import price_shift
 
 
-def fisher_costs(
-    model: nn.Module, candidates: dict[str, list[QuantizedWeight]], fisher: dict[str, torch.Tensor]
-) -> np.ndarray:
-    modules = quantizable_modules(model)
-    rows = []
-    for name, cands in candidates.items():
-        w = modules[name].weight.detach()
-        rows.append([float((fisher[name] * (w - q.dequantize()) ** 2).sum()) for q in cands])
-    return np.array(rows)
+class FisherCosts:
+    """``on_fisher`` consumer of ``capture_teacher``: each block's Fisher diagonals turned at once
+    into its modules' rows of ``sum(F_m * (W_m - Q_b(W_m))^2)``, on the device the Fisher is on."""
+
+    def __init__(self, model: nn.Module, candidates: dict[str, list[QuantizedWeight]]):
+        self.weights = quantizable_modules(model)
+        self.candidates = candidates
+        self.rows: dict[str, list[float]] = {}
+
+    @torch.no_grad()
+    def __call__(self, _block: int, fisher: dict[str, torch.Tensor]) -> None:
+        for name, f in fisher.items():
+            if name not in self.candidates:
+                continue
+            w = self.weights[name].weight.to(f.device, torch.float32)
+            self.rows[name] = [float((f * (w - q.dequantize().to(f.device)) ** 2).sum())
+                               for q in self.candidates[name]]
+
+    @property
+    def table(self) -> np.ndarray:
+        """[M, K] in the candidates' module order."""
+        return np.array([self.rows[name] for name in self.candidates])
+
+
+class KeepFisher:
+    """``on_fisher`` consumer that keeps every module's Fisher diagonal on the host (float32): as
+    large as the model, for the sub-module allocators that order and cut columns by it."""
+
+    def __init__(self):
+        self.fisher: dict[str, torch.Tensor] = {}
+
+    def __call__(self, _block: int, fisher: dict[str, torch.Tensor]) -> None:
+        self.fisher.update({name: f.cpu() for name, f in fisher.items()})
 
 
 def relative_error_costs(model: nn.Module, candidates: dict[str, list[QuantizedWeight]]) -> np.ndarray:

@@ -1,94 +1,115 @@
-"""Teacher forcing: record what the full-precision model does on the calibration sequences.
+"""Teacher forcing: record what the full-precision model does on the calibration sequences,
+streamed block by block so that one block is resident on the compute device at a time.
 
-One forward (and, for the ``fisher`` loss and the Fisher proxy, one backward) of the full model
-per sequence records:
-- ``hidden[l]``: the input of block ``l`` (``hidden[l + 1]`` is its output), so that during
-  Stage I every block sees full-precision inputs and must reproduce full-precision outputs;
-- ``grads[l]``: ``dLoss/d hidden[l + 1]``, the final next-token loss's gradient at each block's
-  output (the ``fisher`` weighting);
-- ``fisher[m]``: the empirical Fisher diagonal of each module's weight, the mean over
-  sequences of ``(dLoss/dW_m)^2`` (the sensitivity proxy).
-Everything lives on the CPU; Stage I moves one block's slice to the compute device at a time.
+Forward, block by block: ``hidden[l]``, the input of block ``l`` (``hidden[l + 1]`` is its
+output), kept on the host in the model's dtype, so that during Stage I every block sees
+full-precision inputs and must reproduce full-precision outputs. With gradients, the next-token
+loss at the head, then backward block by block in reverse, each block recomputed on the device
+from its stored input (one sequence at a time, as the per-sequence Fisher needs):
+- ``grads[l]``: ``dLoss/d hidden[l + 1]``, the loss's gradient at each block's output (the
+  ``fisher`` weighting), on the host;
+- each module's empirical Fisher diagonal, the mean over sequences of ``(dLoss/dW_m)^2``, handed
+  block by block to ``on_fisher(block, {module: fisher})`` and freed: nothing model-sized is kept
+  unless the callback keeps it (``proxy.FisherCosts`` turns it into a modules x candidates table).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from gamma.model.loading import decoder_blocks, quantizable_modules
+from gamma.model.blocks import BlockRunner
+from gamma.model.loading import quantizable_modules
 from gamma.progress import track
+
+FisherConsumer = Callable[[int, dict[str, torch.Tensor]], None]
 
 
 @dataclass
 class TeacherData:
-    hidden: list[torch.Tensor]  # L + 1 tensors [N, T, H]
-    grads: list[torch.Tensor] | None  # L tensors [N, T, H]
-    fisher: dict[str, torch.Tensor] | None  # module -> [out, in]
+    hidden: list[torch.Tensor]  # L + 1 tensors [N, T, H], host, the model's dtype
+    grads: list[torch.Tensor] | None  # L tensors [N, T, H], host
     losses: torch.Tensor  # [N] next-token loss of each sequence
+    proxy_costs: np.ndarray | None = None  # [M, K] Fisher proxy costs of the capture's candidates, when taken
 
     @property
     def n_blocks(self) -> int:
         return len(self.hidden) - 1
 
 
-def capture_teacher(model: nn.Module, sequences: torch.Tensor, with_grads: bool = True) -> TeacherData:
-    blocks = decoder_blocks(model)
-    modules = quantizable_modules(model)
-    N = sequences.shape[0]
-    hidden: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
-    grads: list[list[torch.Tensor]] = [[] for _ in range(len(blocks))]
-    fisher = {name: torch.zeros_like(m.weight) for name, m in modules.items()} if with_grads else None
-    outputs: list[torch.Tensor] = []
+def capture_teacher(model, sequences: torch.Tensor, with_grads: bool = True, *, device: str | torch.device = "cpu",
+                    on_fisher: FisherConsumer | None = None, batch_size: int = 8) -> TeacherData:
+    runner = BlockRunner(model, device)
+    hidden = [runner.embed_all(sequences, batch_size)]
+    for index in track(range(len(runner.blocks)), "teacher capture (forward)"):
+        hidden.append(runner.run_block_all(index, hidden[-1], batch_size))
+    grad_out, losses = _head(runner, hidden[-1], sequences, with_grads)
+    if not with_grads:
+        return TeacherData(hidden=hidden, grads=None, losses=losses)
+    grads: list[torch.Tensor] = [grad_out] * len(runner.blocks)
+    for index in track(range(len(runner.blocks) - 1, -1, -1), "teacher capture (backward)", total=len(grads)):
+        grads[index] = grad_out
+        grad_out = _block_backward(runner, index, hidden[index], grad_out, on_fisher, needs_input_grad=index > 0)
+    return TeacherData(hidden=hidden, grads=grads, losses=losses)
 
-    def keep_input(index):
-        def hook(_mod, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            if index == 0:
-                hidden[0].append(x.detach().cpu())
 
-        return hook
+def _grad_dtype(runner: BlockRunner) -> torch.dtype:
+    # float16 would flush the loss's small per-token gradients to zero; bfloat16 keeps float32's range
+    return torch.float32 if runner.store_dtype == torch.float32 else torch.bfloat16
 
-    def keep_output(_mod, _args, out):
-        y = out[0] if isinstance(out, tuple) else out
-        if with_grads:
-            y.retain_grad()
-        outputs.append(y)
 
-    handles = [b.register_forward_pre_hook(keep_input(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    handles += [b.register_forward_hook(keep_output) for b in blocks]
-    for m in modules.values():
-        m.weight.requires_grad_(with_grads)
-    losses = []
-    try:
-        for seq in track(sequences.split(1), "teacher capture" + (" + gradients" if with_grads else ""), total=N):
-            outputs.clear()
+def _head(runner: BlockRunner, last: torch.Tensor, sequences: torch.Tensor, with_grads: bool):
+    """Each sequence's next-token loss and, with gradients, ``dLoss/d last`` on the host."""
+    losses, grads = [], []
+    with runner.resident(runner.model.model.norm), runner.resident(runner.model.lm_head):
+        for n in range(sequences.shape[0]):
+            h = runner.to_device(last[n : n + 1]).requires_grad_(with_grads)
             with torch.set_grad_enabled(with_grads):
-                logits = model(input_ids=seq).logits
-                loss = F.cross_entropy(logits[0, :-1].float(), seq[0, 1:])
-                if with_grads:
-                    loss.backward()
-            losses.append(loss.detach())
-            for i, y in enumerate(outputs):
-                hidden[i + 1].append(y.detach().cpu())
-                if with_grads:
-                    grads[i].append(y.grad.detach().cpu())
+                logits = runner.head(h)
+                loss = F.cross_entropy(logits[0, :-1], sequences[n, 1:].to(runner.device))
             if with_grads:
-                for name, m in modules.items():
-                    fisher[name] += m.weight.grad.pow(2) / N
+                loss.backward()
+                grads.append(h.grad.to("cpu", _grad_dtype(runner)))
+            losses.append(loss.detach().cpu())
+    return (torch.cat(grads) if with_grads else None), torch.stack(losses)
+
+
+def _block_backward(runner: BlockRunner, index: int, inputs: torch.Tensor, grad_out: torch.Tensor,
+                    on_fisher: FisherConsumer | None, needs_input_grad: bool) -> torch.Tensor | None:
+    """Recompute block ``index`` on each stored input and backpropagate ``grad_out`` through it:
+    the gradient at its input (the previous block's output) and, to ``on_fisher``, its modules'
+    Fisher diagonals."""
+    block = runner.blocks[index]
+    prefix = f"model.layers.{index}."
+    linear = {name: m for name, m in quantizable_modules(runner.model).items() if name.startswith(prefix)}
+    n = inputs.shape[0]
+    grad_in = []
+    with runner.resident(block):
+        fisher = {name: torch.zeros_like(m.weight) for name, m in linear.items()} if on_fisher else {}
+        for m in linear.values():
+            m.weight.requires_grad_(on_fisher is not None)
+        try:
+            for s in range(n):
+                x = runner.to_device(inputs[s : s + 1]).requires_grad_(needs_input_grad)
+                with torch.enable_grad():
+                    y = runner.run_block(index, x)
+                    if not y.requires_grad:
+                        break  # nothing to differentiate: no input gradient wanted, no Fisher
+                    y.backward(runner.to_device(grad_out[s : s + 1]))
+                for name, m in linear.items():
+                    if on_fisher:
+                        fisher[name] += m.weight.grad.pow(2) / n
                     m.weight.grad = None
-    finally:
-        for h in handles:
-            h.remove()
-        for m in modules.values():
-            m.weight.requires_grad_(False)
-            m.weight.grad = None
-    return TeacherData(
-        hidden=[torch.cat(h) for h in hidden],
-        grads=[torch.cat(g) for g in grads] if with_grads else None,
-        fisher=fisher,
-        losses=torch.stack(losses),
-    )
+                if needs_input_grad:
+                    grad_in.append(x.grad.to("cpu", _grad_dtype(runner)))
+        finally:
+            for m in linear.values():
+                m.weight.requires_grad_(False)
+                m.weight.grad = None
+        if on_fisher:
+            on_fisher(index, fisher)
+    return torch.cat(grad_in) if needs_input_grad else None

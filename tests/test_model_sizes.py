@@ -1,0 +1,128 @@
+"""Real model sizes: weights stay on the host in the checkpoint's dtype, every phase streams one
+block at a time through the compute device, and the streamed teacher capture equals the whole
+model's own forward and backward (tiny random-weight models built from configs)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gamma.config import ConfigError, load_config
+from gamma.model.candidates import build_candidates
+from gamma.model.device import DeviceError, on_device, resolve_device, resolve_dtype
+from gamma.model.loading import load_model, quantizable_modules
+from gamma.problem import AllocationProblem
+from gamma.quant import get_quantizer
+from gamma.stage1.proxy import KeepFisher
+from gamma.stage1.teacher import capture_teacher
+
+
+def tiny_llama(path, dtype, tokenizer_dir):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory, model_dir):
+    return tiny_llama(tmp_path_factory.mktemp("bf16"), torch.bfloat16, model_dir)
+
+
+def test_models_load_in_their_own_dtype_unless_told_otherwise(bf16_dir):
+    assert resolve_dtype("auto", bf16_dir) == torch.bfloat16
+    model, _ = load_model(bf16_dir, resolve_dtype("auto", bf16_dir))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model, _ = load_model(bf16_dir, resolve_dtype("float32", bf16_dir))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_a_device_that_is_not_there_is_refused_by_name():
+    with pytest.raises(ConfigError, match="gpu"):
+        load_config(overrides={"model": {"device": "gpu"}})
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="cuda:1"):
+            resolve_device("cuda:1")
+
+
+def test_a_piece_on_the_device_comes_back_exactly_as_it_was(bf16_dir):
+    model, _ = load_model(bf16_dir)
+    block = model.model.layers[0]
+    before = {n: t.clone() for n, t in block.state_dict().items()}
+    inv_freq = model.model.rotary_emb.inv_freq
+    with on_device(block, "cpu") as moved:
+        assert {p.dtype for p in moved.parameters()} == {torch.float32}
+    after = block.state_dict()
+    assert all(after[n].dtype == t.dtype and torch.equal(after[n], t) for n, t in before.items())
+    with on_device(model.model.rotary_emb, "cpu"):
+        pass
+    assert model.model.rotary_emb.inv_freq.dtype == inv_freq.dtype == torch.float32
+
+
+def _reference(model, sequences):
+    """Hidden states, block-output gradients and Fisher diagonals from the whole model's own
+    forward and backward, one sequence at a time."""
+    blocks, modules = model.model.layers, quantizable_modules(model)
+    fisher = {n: torch.zeros_like(m.weight) for n, m in modules.items()}
+    hidden, grads = [[] for _ in range(len(blocks) + 1)], [[] for _ in blocks]
+    for m in modules.values():
+        m.weight.requires_grad_(True)
+    for seq in sequences.split(1):
+        outs = []
+        handles = [b.register_forward_hook(lambda _m, _a, out: outs.append(out[0] if isinstance(out, tuple) else out))
+                   for b in blocks]
+        res = model(input_ids=seq, output_hidden_states=True)
+        for h in handles:
+            h.remove()
+        for y in outs:
+            y.retain_grad()
+        F.cross_entropy(res.logits[0, :-1].float(), seq[0, 1:]).backward()
+        hidden[0].append(res.hidden_states[0].detach())
+        for i, y in enumerate(outs):
+            hidden[i + 1].append(y.detach())
+            grads[i].append(y.grad)
+        for n, m in modules.items():
+            fisher[n] += m.weight.grad.pow(2) / len(sequences)
+            m.weight.grad = None
+    for m in modules.values():
+        m.weight.requires_grad_(False)
+    return [torch.cat(h) for h in hidden], [torch.cat(g) for g in grads], fisher
+
+
+def test_the_streamed_teacher_equals_the_whole_model_forward_and_backward(tmp_path, model_dir):
+    model, _ = load_model(tiny_llama(tmp_path, torch.float32, model_dir))
+    sequences = torch.randint(0, 300, (3, 48), generator=torch.Generator().manual_seed(1))
+    hidden, grads, fisher = _reference(model, sequences)
+    kept = KeepFisher()
+    teacher = capture_teacher(model, sequences, on_fisher=kept)
+    for ours, theirs in zip(teacher.hidden[:-1], hidden[:-1]):  # the last: the model's output is normed
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(teacher.grads, grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-9)
+    assert set(kept.fisher) == set(fisher)
+    for name, f in fisher.items():
+        torch.testing.assert_close(kept.fisher[name], f, rtol=1e-3, atol=1e-12)
+
+
+def test_a_bfloat16_model_keeps_its_activations_in_bfloat16_and_learns(bf16_dir):
+    from gamma.config import Stage1Config
+    from gamma.stage1.learn import learn_score_table
+
+    model, _ = load_model(bf16_dir)
+    sequences = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(2))
+    candidates = build_candidates(model, get_quantizer("rtn"), [2, 3, 4], group_size=32)
+    problem = AllocationProblem(model, sequences, candidates, [2, 3, 4], group_size=32)
+    teacher = problem.capture(proxy=True)
+    assert {h.dtype for h in teacher.hidden} == {torch.bfloat16}
+    assert {g.dtype for g in teacher.grads} == {torch.bfloat16}
+    assert teacher.proxy_costs.shape == (len(candidates), 3)
+    assert (teacher.proxy_costs[:, 0] > teacher.proxy_costs[:, 2]).all()  # 2 bits cost more than 4
+    table = learn_score_table(problem, Stage1Config(budget=3.0, steps=3, sequences_per_step=2,
+                                                    tokens_per_sequence=32), teacher=teacher)
+    assert abs(sum(table.history["expected_bits"][-1:]) - 3.0) < 0.3
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
