@@ -72,13 +72,12 @@ def _reference(model, sequences):
     hidden, grads = [[] for _ in range(len(blocks) + 1)], [[] for _ in blocks]
     for m in modules.values():
         m.weight.requires_grad_(True)
+    outs = []
+    handles = [b.register_forward_hook(lambda _m, _a, out: outs.append(out[0] if isinstance(out, tuple) else out))
+               for b in blocks]
     for seq in sequences.split(1):
-        outs = []
-        handles = [b.register_forward_hook(lambda _m, _a, out: outs.append(out[0] if isinstance(out, tuple) else out))
-                   for b in blocks]
+        outs.clear()
         res = model(input_ids=seq, output_hidden_states=True)
-        for h in handles:
-            h.remove()
         for y in outs:
             y.retain_grad()
         F.cross_entropy(res.logits[0, :-1].float(), seq[0, 1:]).backward()
@@ -89,6 +88,8 @@ def _reference(model, sequences):
         for n, m in modules.items():
             fisher[n] += m.weight.grad.pow(2) / len(sequences)
             m.weight.grad = None
+    for h in handles:
+        h.remove()
     for m in modules.values():
         m.weight.requires_grad_(False)
     return [torch.cat(h) for h in hidden], [torch.cat(g) for g in grads], fisher
