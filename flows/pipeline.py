@@ -42,7 +42,7 @@ def gamma_pipeline(params: str = "params.yaml", overrides: dict | None = None, u
     status = "FAILED"
     try:
         methods = cfg.allocation.methods
-        tables = [learn(cfg, inputs, parent_id, b) for b in cfg.stage1.training_budgets] if "gamma" in methods else []
+        tables = learn(cfg, inputs, parent_id) if "gamma" in methods else []
         scores = next((t for t in tables if t["training_budget"] == cfg.stage1.budget), None)
         if scores:
             client.set_tag(parent_id, "score_version", f"{scores['name']} v{scores['version']}")

@@ -68,7 +68,7 @@ def cmd_uniform(cfg: GammaConfig, args) -> list[dict]:
 
 def cmd_learn(cfg: GammaConfig, args) -> Path:
     from gamma.run.plots import plot_learning_curves
-    from gamma.run.tables import CURVES_FILE, SCORES_FILE, learn_in_process_group, learn_with_processes, table_dir
+    from gamma.run.tables import CURVES_FILE, SCORES_FILE, Band, learn_in_process_group, table_dir
     from gamma.run.workspace import Workspace
     from gamma.stage1.data_parallel import in_process_group
     from gamma.stage1.learn import CHECKPOINT_FILE
@@ -79,9 +79,10 @@ def cmd_learn(cfg: GammaConfig, args) -> Path:
         path = Path(args.out) if args.out else out / SCORES_FILE
         learn_in_process_group(ws, path.parent / CHECKPOINT_FILE, path)  # each table its own checkpoint
         return path
-    for budget in cfg.stage1.training_budgets:  # one table per training budget
+    band = Band(ws)
+    for budget in cfg.stage1.training_budgets:  # one table per training budget, on one teacher capture
         where = table_dir(cfg, budget)
-        table = learn_with_processes(Workspace(cfg.for_training_budget(budget)), where)
+        table = band.learn(budget)
         path = where / SCORES_FILE
         plot_learning_curves(table.history, where / CURVES_FILE)
         console.print(f"score table: {path} ({len(table.modules)} modules x bits {table.bits}, learned at "

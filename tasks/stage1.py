@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 
 from gamma.config import GammaConfig
 from gamma.run.plots import plot_learning_curves
-from gamma.run.tables import CURVES_FILE, SCORES_FILE, learn_with_processes, run_key, run_settings, table_dir
+from gamma.run.tables import CURVES_FILE, SCORES_FILE, Band, run_key, run_settings, table_dir
 from gamma.run.workspace import Workspace
 from tasks import tracking
 from tasks.prepare import lineage, workspace
@@ -37,16 +37,21 @@ def registered_tables(cfg: GammaConfig, inputs: dict) -> list[dict]:
 
 
 @task(name="learn preferences (Stage I)")
-def learn(cfg: GammaConfig, inputs: dict, parent_run: str, budget: float | None = None) -> dict:
-    """Stage I at ``budget`` (default ``stage1.budget``), or the registered score table when model,
-    text and settings are the same."""
+def learn(cfg: GammaConfig, inputs: dict, parent_run: str) -> list[dict]:
+    """The score table of every training budget: the registered one when model, text and settings
+    are the same, else learned (the band's tables on one teacher capture) and registered, each in
+    a child run of ``parent_run``."""
+    band = Band(workspace(cfg, inputs))
+    return [_learn_one(cfg, inputs, parent_run, b, band) for b in cfg.stage1.training_budgets]
+
+
+def _learn_one(cfg: GammaConfig, inputs: dict, parent_run: str, budget: float, band: Band) -> dict:
     log = get_run_logger()
-    budget = cfg.stage1.budget if budget is None else budget
     out = table_dir(cfg, budget)
     cfg = cfg.for_training_budget(budget)
     client, experiment = tracking.client_for(cfg)
     names = tracking.names_for(cfg, inputs["model_dir"])
-    ws, settings, key = _table_key(cfg, inputs)
+    _, settings, key = _table_key(cfg, inputs)
     hit = tracking.find_scores(client, names, key)
     if hit is not None:
         path = tracking.download_scores(client, hit, out / "registered")
@@ -56,7 +61,7 @@ def learn(cfg: GammaConfig, inputs: dict, parent_run: str, budget: float | None 
                 "training_budget": budget}
     log.info("Stage I: learning preferences at %.2f bits (no registered table for key %s)", budget, key[:12])
     with tracking.child_run(client, experiment, parent_run, f"stage1 ({budget:g} bits)", "stage1") as run_id:
-        table = learn_with_processes(ws, out, on_line=log.info)  # over stage1.processes processes
+        table = band.learn(budget, on_line=log.info)
         path = out / SCORES_FILE
         curves = plot_learning_curves(table.history, out / CURVES_FILE)
         for k in ("training_budget", "multiplier", "penalty", "violation", "wall_seconds", "peak_memory_mb"):

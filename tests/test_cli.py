@@ -97,3 +97,20 @@ def test_allocate_with_another_allocator_quantizes_and_evaluates(tmp_path, capsy
     model, _ = load_checkpoint(tmp_path / "models" / "hawq-3")  # a real compressed-tensors checkpoint
     widths = {m: len(w.weight.unique()) for m, w in quantizable_modules(model).items()}
     assert max(widths.values()) > 8  # dequantized groups at 2-4 bits: a few levels per group, many groups
+
+
+def test_learn_gives_the_band_its_tables_from_one_teacher_capture(tmp_path, monkeypatch):
+    """``stage1.extra_budgets``: one table per training budget, every one learned on the same
+    problem and teacher capture (an 8B model's capture is the expensive part of Stage I)."""
+    import gamma.problem
+
+    captures = []
+    capture = gamma.problem.capture_teacher
+    monkeypatch.setattr(gamma.problem, "capture_teacher", lambda *a, **k: captures.append(1) or capture(*a, **k))
+    code = cli.main(["learn", "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}",
+                     "--set", "text.calibration_sequences=2", "--set", "text.sequence_length=64",
+                     "--set", "stage1.steps=1", "--set", "stage1.extra_budgets=[2.75]"])
+    assert code == 0 and len(captures) == 1
+    budgets = {ScoreTable.load(p).training_budget for p in (tmp_path / "scores.json",
+                                                            tmp_path / "stage1-2.75" / "scores.json")}
+    assert budgets == {3.0, 2.75}

@@ -38,23 +38,43 @@ def run_key(ws: Workspace) -> str:
 
 
 def learn_table(ws: Workspace, checkpoint: str | Path | Checkpoint | None = None, shard=None,
-                device: str = "cpu") -> ScoreTable:
+                device: str | None = None) -> ScoreTable:
     """Stage I of ``ws.cfg.stage1`` on the workspace's problem."""
     return learn_score_table(ws.problem(), ws.cfg.stage1, shard=shard, checkpoint=checkpoint, device=device)
 
 
 def learn_with_processes(ws: Workspace, out_dir: str | Path, on_line=None) -> ScoreTable:
-    """Stage I as configured: in this process, or over ``stage1.processes`` launched processes.
-    The score table is saved at ``<out_dir>/scores.json`` and returned."""
-    out_dir = Path(out_dir)
-    path = out_dir / SCORES_FILE
-    n = ws.cfg.stage1.processes
-    if n > 1:
-        launch_stage1(write_params(ws.cfg, out_dir / "stage1_params.yaml"), path, n, on_line)
-        return ScoreTable.load(path)
-    table = learn_table(ws, checkpoint=out_dir / CHECKPOINT_FILE)
-    table.save(path)
-    return table
+    """Stage I of ``ws.cfg.stage1`` over ``stage1.processes`` launched processes; the score table
+    is saved at ``<out_dir>/scores.json`` and returned."""
+    path = Path(out_dir) / SCORES_FILE
+    launch_stage1(write_params(ws.cfg, Path(out_dir) / "stage1_params.yaml"), path, ws.cfg.stage1.processes, on_line)
+    return ScoreTable.load(path)
+
+
+class Band:
+    """The score tables of a run's training budgets (``stage1.budget`` and ``extra_budgets``). In
+    one process they all learn on one problem (model and candidates) and one teacher capture,
+    made when the first table is learned; over ``stage1.processes`` processes each table is one
+    launch, each process capturing its share."""
+
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+        self._capture = None
+
+    def learn(self, budget: float, on_line=None) -> ScoreTable:
+        """The table at ``budget``, saved in its ``table_dir`` (resumed from its own checkpoint there)."""
+        cfg = self.ws.cfg.for_training_budget(budget)
+        out = table_dir(self.ws.cfg, budget)
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.stage1.processes > 1:
+            return learn_with_processes(Workspace.shared(cfg, self.ws.model_hash, self.ws.text_hash), out, on_line)
+        if self._capture is None:
+            problem, s1 = self.ws.problem(), cfg.stage1
+            self._capture = problem, problem.capture(s1.loss == "fisher", proxy=s1.init == "proxy")
+        problem, teacher = self._capture
+        table = learn_score_table(problem, cfg.stage1, teacher=teacher, checkpoint=out / CHECKPOINT_FILE)
+        table.save(out / SCORES_FILE)
+        return table
 
 
 def learn_in_process_group(ws: Workspace, checkpoint: str | Path | Checkpoint | None, out: str | Path):
