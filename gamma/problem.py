@@ -81,7 +81,7 @@ class AllocationProblem:
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
-        return [tuple(self.candidates[m][0].codes.shape) for m in self.modules]
+        return [self.candidates[m][0].shape for m in self.modules]
 
     @property
     def params(self) -> np.ndarray:

@@ -57,7 +57,7 @@ class ColumnBlocks:
         """Each module's candidate layout and the block of each of its input channels."""
         out = {}
         for name in self.modules:
-            n_in = self.candidates[name][0].codes.shape[1]
+            n_in = self.candidates[name][0].shape[1]
             block = torch.arange(n_in) // self.width
             order = self.order.get(name)
             columns = block if order is None else torch.empty_like(block).scatter_(0, order, block)

@@ -7,7 +7,7 @@ from torch import nn
 
 from gamma.model.loading import quantizable_modules
 from gamma.progress import track
-from gamma.quant.interface import QuantizedWeight, QuantSpec
+from gamma.quant.interface import PackedWeight, QuantizedWeight, QuantSpec
 
 
 def build_candidates(
@@ -18,14 +18,15 @@ def build_candidates(
     symmetric: bool = False,
     hessians: dict[str, torch.Tensor] | None = None,
     modules: list[str] | None = None,
-) -> dict[str, list[QuantizedWeight]]:
-    """``{module: [Q_b(W) for b in bits]}`` (codes, not dense weights: 1 byte per weight per bit width)."""
+) -> dict[str, list[PackedWeight]]:
+    """``{module: [Q_b(W) for b in bits]}``, packed: b/8 bytes per weight per candidate width b."""
     found = quantizable_modules(model)
     names = modules or list(found)
     out = {}
     for name in track(names, f"candidates ({quantizer.name}, bits {bits})"):
         h = hessians.get(name) if hessians else None
-        out[name] = [quantizer.quantize(found[name].weight, QuantSpec(b, group_size, symmetric), h) for b in bits]
+        out[name] = [quantizer.quantize(found[name].weight, QuantSpec(b, group_size, symmetric), h).pack()
+                     for b in bits]
     return out
 
 

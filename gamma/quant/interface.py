@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 SCALE_BITS = 16
@@ -59,11 +60,47 @@ class QuantizedWeight:
     zeros: torch.Tensor  # int32 [out, groups]
     spec: QuantSpec
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
     def dequantize(self) -> torch.Tensor:
         width = self.spec.group_width(self.codes.shape[1])
         scales = self.scales.repeat_interleave(width, dim=1)
         zeros = self.zeros.repeat_interleave(width, dim=1).to(torch.float32)
         return (self.codes.to(torch.float32) - zeros) * scales
+
+    def pack(self) -> PackedWeight:
+        """The same weight with its codes in ``bits`` bit planes: bits/8 bytes per weight, not 1."""
+        codes = self.codes.reshape(-1).numpy()
+        planes = np.stack([np.packbits((codes >> k) & 1) for k in range(self.spec.bits)])
+        return PackedWeight(torch.from_numpy(planes), self.shape, self.scales, self.zeros, self.spec)
+
+
+@dataclass
+class PackedWeight:
+    """A ``QuantizedWeight`` held packed (candidates of a large model kept on the host); reads
+    like one: ``codes`` and ``dequantize()`` unpack on the fly."""
+
+    planes: torch.Tensor  # uint8 [bits, ceil(out * in / 8)]
+    shape: tuple[int, int]
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    spec: QuantSpec
+
+    @property
+    def codes(self) -> torch.Tensor:
+        n = self.shape[0] * self.shape[1]
+        codes = np.zeros(n, dtype=np.uint8)
+        for k, plane in enumerate(self.planes.numpy()):
+            codes |= np.unpackbits(plane, count=n) << k
+        return torch.from_numpy(codes).reshape(self.shape)
+
+    def unpack(self) -> QuantizedWeight:
+        return QuantizedWeight(self.codes, self.scales, self.zeros, self.spec)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.unpack().dequantize()
 
 
 class Quantizer(Protocol):

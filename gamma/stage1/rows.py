@@ -64,7 +64,7 @@ class LogitRows:
         self.by_block: dict[int, list[int]] = {}
         for i, name in enumerate(self.modules):
             self.by_block.setdefault(block_index(name), []).append(i)
-        total = sum(q.codes.numel() * 4 for qs in candidates.values() for q in qs)
+        total = sum(q.shape[0] * q.shape[1] * 4 for qs in candidates.values() for q in qs)
         self.cache: dict[str, torch.Tensor] | None = {} if total <= cache_limit_bytes else None
 
     def dense(self, name: str, device: torch.device) -> torch.Tensor:
