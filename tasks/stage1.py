@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 
 from gamma.config import GammaConfig
 from gamma.run.plots import plot_learning_curves
-from gamma.run.tables import CURVES_FILE, SCORES_FILE, Band, run_key, run_settings, table_dir
+from gamma.run.tables import CURVES_FILE, MEMORY_FILE, SCORES_FILE, Band, run_key, run_settings, table_dir
 from gamma.run.workspace import Workspace
 from tasks import tracking
 from tasks.prepare import lineage, workspace
@@ -70,7 +70,7 @@ def _learn_one(cfg: GammaConfig, inputs: dict, parent_run: str, budget: float, b
             client.log_metric(run_id, "loss", float(loss), step=step)
             client.log_metric(run_id, "constraint_violation", float(viol), step=step)
         version = tracking.register_scores(
-            client, run_id, names, [path, curves],
+            client, run_id, names, [path, curves, *([out / MEMORY_FILE] if (out / MEMORY_FILE).exists() else [])],
             {**lineage(inputs), "cache_key": key, "quantizer": json.dumps(table.quantizer),
              "training_budget": table.training_budget, "settings": json.dumps(settings)[:4000]})
     log.info("registered %s v%s", names.scores, version.version)

@@ -2,6 +2,8 @@
 block at a time through the compute device, and the streamed teacher capture equals the whole
 model's own forward and backward (tiny random-weight models built from configs)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,3 +129,33 @@ def test_a_bfloat16_model_keeps_its_activations_in_bfloat16_and_learns(bf16_dir)
                                                     tokens_per_sequence=32), teacher=teacher)
     assert abs(sum(table.history["expected_bits"][-1:]) - 3.0) < 0.3
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_a_run_that_would_not_fit_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import gamma.run.tables
+    import gamma.run.workspace
+    from gamma import cli
+
+    loads = []
+    monkeypatch.setattr(gamma.run.workspace, "load_model", lambda *a, **k: loads.append(1))
+    monkeypatch.setattr(gamma.run.tables, "available_memory", lambda device: (2 * 1024**3, None))
+    code = cli.main(["learn", "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}",
+                     "--set", "text.calibration_sequences=64", "--set", "text.sequence_length=2048"])
+    out = "".join(capsys.readouterr())
+    assert code == 2 and not loads
+    assert "2.0 GB are free" in out and "teacher hidden states" in out and "text.calibration_sequences" in out
+    record = json.loads((tmp_path / "memory_estimate.json").read_text())
+    assert record["host_gb"] > 2.0 and record["parts_gb"]["teacher hidden states"] > 2.0
+
+
+def test_the_estimate_grows_with_what_a_user_can_lower(model_dir):
+    from gamma.model.memory import estimate_memory
+
+    base = load_config(overrides={"model": {"dtype": "float32"}})
+    small = estimate_memory(base, model_dir).totals()[0]
+    for change in ({"model": {"dtype": "float32"}, "text": {"calibration_sequences": 128}},
+                   {"model": {"dtype": "float32"}, "quantizer": {"method": "gptq"}},
+                   {"model": {"dtype": "float32"}, "candidates": [2, 3, 4, 8]}):
+        assert estimate_memory(load_config(overrides=change), model_dir).totals()[0] > small, change
+    half = estimate_memory(load_config(overrides={"model": {"dtype": "bfloat16"}}), model_dir)
+    assert half.host["weights"] == estimate_memory(base, model_dir).host["weights"] / 2

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 from gamma.config import GammaConfig
+from gamma.model.memory import MemoryEstimate, available_memory, estimate_memory
+from gamma.progress import console
 from gamma.run.workspace import Workspace
 from gamma.stage1.checkpoint import Checkpoint
 from gamma.stage1.data_parallel import launch_stage1, process_group_shard, write_params
@@ -17,6 +19,7 @@ from gamma.stage2.projection import Projection, project
 from gamma.stage2.scores import ScoreTable, nearest_table
 
 SCORES_FILE = "scores.json"
+MEMORY_FILE = "memory_estimate.json"
 CURVES_FILE = "stage1_curves.png"
 
 
@@ -69,6 +72,7 @@ class Band:
         if cfg.stage1.processes > 1:
             return learn_with_processes(Workspace.shared(cfg, self.ws.model_hash, self.ws.text_hash), out, on_line)
         if self._capture is None:
+            check_memory(self.ws, out, on_line)
             problem, s1 = self.ws.problem(), cfg.stage1
             self._capture = problem, problem.capture(s1.loss == "fisher", proxy=s1.init == "proxy")
         problem, teacher = self._capture
@@ -77,12 +81,26 @@ class Band:
         return table
 
 
+def check_memory(ws: Workspace, out_dir: Path, on_line=None, sequences: int | None = None) -> MemoryEstimate:
+    """Stage I's memory estimate, printed and written to ``<out_dir>/memory_estimate.json`` before
+    the model is loaded; ``MemoryRefusal`` when the host or the device cannot hold it."""
+    estimate = estimate_memory(ws.cfg, ws.model_dir, sequences)
+    for line in estimate.lines():
+        (on_line or console.print)(line)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / MEMORY_FILE).write_text(json.dumps(estimate.record(), indent=1) + "\n")
+    estimate.check(*available_memory(estimate.device_name))
+    return estimate
+
+
 def learn_in_process_group(ws: Workspace, checkpoint: str | Path | Checkpoint | None, out: str | Path):
     """Run inside each launched process: Stage I on this process's share, the table written once.
 
     Returns the score table on the main process, None elsewhere. Every process also writes
     ``<out>.rank<r>.json`` with its wall time and peak memory."""
     shard, acc = process_group_shard()
+    if acc.is_main_process:
+        check_memory(ws, Path(out).parent, sequences=len(shard.over(ws.cfg.text.calibration_sequences).held()))
     t0 = time.perf_counter()
     table = learn_table(ws, checkpoint=checkpoint, shard=shard, device=str(acc.device))
     out = Path(out)

@@ -1,0 +1,161 @@
+"""What a run will need, estimated from the model's config.json and the settings before anything
+heavy is loaded, printed, recorded, and checked against what the host and device have.
+
+Host: the weights in ``model.dtype``, the full-precision copy of the quantized weights that
+allocators restore from, the packed candidates, the teacher's hidden states and gradients, and
+GPTQ's Hessians. Device: one block in float32 with its Fisher, its dense candidates (all of them
+while they fit the cache) and one step's activations, and the head. When the device is the CPU
+both live in the same memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gamma.config import GammaConfig
+from gamma.model.device import resolve_device, resolve_dtype
+
+GB = 1024**3
+DENSE_CACHE_BYTES = 4e9  # stage1.rows.LogitRows keeps every dense candidate while they fit this
+RUNTIME_BYTES = 0.3 * GB  # Python with torch, transformers and gamma imported (0.26 GB measured on CPU)
+
+# the setting that lowers each part most directly, for the refusal message
+LOWERED_BY = {
+    "runtime": "nothing (Python, torch and transformers themselves)",
+    "weights": "model.dtype=bfloat16",
+    "full-precision copy of the quantized weights": "model.dtype=bfloat16",
+    "candidates (packed)": "fewer candidates",
+    "teacher hidden states": "text.calibration_sequences or text.sequence_length",
+    "teacher gradients": "text.calibration_sequences or text.sequence_length",
+    "GPTQ Hessians": "quantizer.method=rtn",
+    "one block (float32) and its Fisher": "a device with more memory",
+    "dense candidates": "fewer candidates",
+    "one step's activations": "stage1.sequences_per_step or stage1.tokens_per_sequence",
+    "embedding and head (float32)": "a device with more memory",
+}
+
+
+class MemoryRefusal(ValueError):
+    """The run would not fit; the message names the figure and the setting that lowers it."""
+
+
+@dataclass(frozen=True)
+class Shapes:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def of(cls, model_dir: str | Path) -> Shapes:
+        c = json.loads((Path(model_dir) / "config.json").read_text())
+        c = c.get("text_config", c)
+        heads = c["num_attention_heads"]
+        return cls(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
+                   c.get("num_key_value_heads", heads), c.get("head_dim") or c["hidden_size"] // heads,
+                   c["vocab_size"], bool(c.get("tie_word_embeddings", False)))
+
+    @property
+    def block_linear(self) -> int:
+        """Weights of one block's projections (q, k, v, o, gate, up, down)."""
+        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        return attn + 3 * self.hidden * self.intermediate
+
+    @property
+    def block_hessians(self) -> int:
+        """Entries of one block's distinct Hessians (q/k/v and gate/up share their input)."""
+        return 2 * self.hidden**2 + (self.heads * self.head_dim) ** 2 + self.intermediate**2
+
+    @property
+    def parameters(self) -> int:
+        embed = self.vocab * self.hidden
+        return self.layers * (self.block_linear + 2 * self.hidden) + embed * (1 if self.tied else 2) + self.hidden
+
+
+@dataclass
+class MemoryEstimate:
+    host: dict[str, float]  # bytes by part
+    device: dict[str, float]
+    device_name: str
+
+    @property
+    def shared(self) -> bool:
+        return self.device_name == "cpu"
+
+    def totals(self) -> tuple[float, float]:
+        host, device = sum(self.host.values()), sum(self.device.values())
+        return (host + device, 0.0) if self.shared else (host, device)
+
+    def lines(self) -> list[str]:
+        host, device = self.totals()
+        where = "host (the CPU computes: device parts included)" if self.shared else "host"
+        out = [f"memory estimate: {where} {host / GB:.2f} GB" +
+               ("" if self.shared else f", device {self.device_name} {device / GB:.2f} GB")]
+        for side, parts in (("host", self.host), ("device", self.device)):
+            out += [f"  {side}: {name} {b / GB:.2f} GB" for name, b in parts.items() if b > 0]
+        return out
+
+    def record(self) -> dict:
+        host, device = self.totals()
+        return {"host_gb": round(host / GB, 3), "device_gb": round(device / GB, 3), "device": self.device_name,
+                "parts_gb": {k: round(v / GB, 3) for k, v in {**self.host, **self.device}.items()}}
+
+    def check(self, host_available: float, device_available: float | None) -> None:
+        """Refuse, naming the figure and the setting that lowers it, when either side cannot hold it."""
+        host, device = self.totals()
+        for side, need, have, parts in (("host", host, host_available, {**self.host, **self.device}),
+                                        (self.device_name, device, device_available, self.device)):
+            if have is not None and need > have:
+                largest = max(parts, key=parts.get)
+                raise MemoryRefusal(
+                    f"this run needs about {need / GB:.1f} GB on the {side} but {have / GB:.1f} GB are free; the "
+                    f"largest part is {largest} ({parts[largest] / GB:.1f} GB): lower it with {LOWERED_BY[largest]}")
+
+
+def estimate_memory(cfg: GammaConfig, model_dir: str | Path, sequences: int | None = None) -> MemoryEstimate:
+    """Stage I's memory (the largest phase) for ``cfg`` on the model at ``model_dir``; ``sequences``:
+    the calibration sequences this process holds (all of them by default)."""
+    s = Shapes.of(model_dir)
+    itemsize = resolve_dtype(cfg.model.dtype, model_dir).itemsize
+    n, t = sequences or cfg.text.calibration_sequences, cfg.text.sequence_length
+    quantized, k = s.layers * s.block_linear, len(cfg.candidates)
+    groups = quantized / (cfg.quantizer.group_size if cfg.quantizer.group_size > 0 else s.hidden)
+    with_grads = cfg.stage1.loss == "fisher" or cfg.stage1.init == "proxy"
+    activations = (s.layers + 1) * n * t * s.hidden
+    dense = k * quantized * 4
+    host = {
+        "runtime": RUNTIME_BYTES,
+        "weights": s.parameters * itemsize,
+        "full-precision copy of the quantized weights": quantized * itemsize,
+        "candidates (packed)": quantized * sum(cfg.candidates) / 8 + groups * 8 * k,
+        "teacher hidden states": activations * itemsize,
+        "teacher gradients": s.layers * n * t * s.hidden * max(itemsize, 2) if with_grads else 0.0,
+        "GPTQ Hessians": s.layers * s.block_hessians * 4 if cfg.quantizer.method == "gptq" else 0.0,
+    }
+    b, tokens = cfg.stage1.sequences_per_step, min(cfg.stage1.tokens_per_sequence, t)
+    device = {
+        "one block (float32) and its Fisher": (s.block_linear + 2 * s.hidden) * 4 + s.block_linear * 4,
+        "dense candidates": dense if dense <= DENSE_CACHE_BYTES else k * s.block_linear * 4,
+        "one step's activations": b * tokens * (12 * s.hidden + 4 * s.intermediate) * 4 + b * s.heads * tokens**2 * 4,
+        "embedding and head (float32)": s.vocab * s.hidden * 4 * (1 if s.tied else 2) + t * s.vocab * 4 * 3,
+    }
+    return MemoryEstimate(host, device, str(resolve_device(cfg.model.device)))
+
+
+def available_memory(device: str) -> tuple[float, float | None]:
+    """Free host memory, and free device memory (None for the CPU, which shares the host's)."""
+    import psutil
+
+    host = float(psutil.virtual_memory().available)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return host, float(torch.cuda.mem_get_info(dev)[0])
+    return host, None
