@@ -19,10 +19,18 @@ def commit() -> str:
         return "unknown"
 
 
-def write_results(name: str, settings: dict, rows: list[dict]) -> Path:
+def write_results(name: str, settings: dict, rows: list[dict], key: tuple[str, ...] | None = None) -> Path:
+    """Write ``benchmarks/results/<name>.json``. With ``key``, every row is stamped with the commit
+    and date it was measured at and merged by its key into the rows already there: a rerun
+    replaces only the rows it recomputed."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    settings = {**settings, "commit": commit(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    stamp = {"commit": commit(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    settings = {**settings, **stamp}
+    if key is not None:
+        old = json.loads(path.read_text())["rows"] if path.exists() else []
+        new = {tuple(r[k] for k in key): {**r, **stamp} for r in rows}
+        rows = [r for r in old if tuple(r.get(k) for k in key) not in new] + list(new.values())
     path.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1, default=str) + "\n")
     return path
 

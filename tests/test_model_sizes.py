@@ -159,3 +159,21 @@ def test_the_estimate_grows_with_what_a_user_can_lower(model_dir):
         assert estimate_memory(load_config(overrides=change), model_dir).totals()[0] > small, change
     half = estimate_memory(load_config(overrides={"model": {"dtype": "bfloat16"}}), model_dir)
     assert half.host["weights"] == estimate_memory(base, model_dir).host["weights"] / 2
+
+
+def test_evaluation_streams_a_model_that_cannot_run_whole_and_scores_the_same(bf16_dir, monkeypatch):
+    import gamma.model.blocks as blocks
+    from gamma.evaluation.metrics import perplexity, score_with_model
+
+    streamed, _ = load_model(bf16_dir)  # bfloat16 on the host: evaluated through the block walk
+    whole, _ = load_model(bf16_dir, torch.float32)  # the same weights, float32: model() as it is
+    assert not blocks.whole_model_fits(streamed, "cpu") and blocks.whole_model_fits(whole, "cpu")
+    windows = torch.randint(0, 300, (5, 40), generator=torch.Generator().manual_seed(3))
+    want, got = perplexity(whole, windows, batch_size=2), perplexity(streamed, windows, batch_size=2)
+    assert got.perplexity == pytest.approx(want.perplexity, rel=2e-3)  # hidden states rounded to bfloat16
+    requests = [(list(range(1, n)), 3) for n in (9, 14, 6, 20)]
+    monkeypatch.setattr(blocks, "whole_model_fits", lambda *a: False)  # the walk on float32: no rounding
+    walked = score_with_model(whole, requests, batch_size=3)
+    monkeypatch.undo()
+    for (a, hit_a), (b, hit_b) in zip(walked, score_with_model(whole, requests, batch_size=3)):
+        assert a == pytest.approx(b, abs=1e-4) and hit_a == hit_b

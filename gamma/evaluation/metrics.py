@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gamma.model.blocks import batch_logits
 from gamma.packaged import package_dir
 from gamma.progress import track
 
@@ -62,13 +63,13 @@ def perplexity_from_scores(scores: list[Score], windows: torch.Tensor) -> Perple
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> Perplexity:
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu") -> Perplexity:
     """Perplexity of ``model`` over ``windows`` [n, context] (each window scored independently)."""
     per_window = []
-    for batch in track(windows.split(batch_size), "perplexity", total=math.ceil(len(windows) / batch_size)):
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(dim=1)
-        per_window.append(nll)
+    batches = list(windows.split(batch_size))
+    for batch, logits in track(zip(batches, batch_logits(model, batches, device)), "perplexity", total=len(batches)):
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:].to(logits.device), reduction="none")
+        per_window.append(nll.mean(dim=1).cpu())
     return perplexity_from_nll(torch.cat(per_window), windows.shape[1])
 
 
@@ -203,16 +204,20 @@ def encode(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> list[Req
 
 
 @torch.no_grad()
-def score_with_model(model, requests: list[Request], batch_size: int = 8, label: str = "scoring") -> list[Score]:
+def score_with_model(model, requests: list[Request], batch_size: int = 8, label: str = "scoring",
+                     device: str = "cpu") -> list[Score]:
     """Answer requests with a transformers model, ``batch_size`` sequences per forward pass."""
-    out = []
-    for start in track(range(0, len(requests), batch_size), label, total=math.ceil(len(requests) / batch_size)):
-        chunk = requests[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        batch = torch.zeros(len(chunk), width, dtype=torch.long)
+    chunks = [requests[start : start + batch_size] for start in range(0, len(requests), batch_size)]
+    batches = []
+    for chunk in chunks:
+        batch = torch.zeros(len(chunk), max(len(ids) for ids, _ in chunk), dtype=torch.long)
         for i, (ids, _) in enumerate(chunk):
             batch[i, : len(ids)] = torch.tensor(ids)
-        logp = F.log_softmax(model(input_ids=batch).logits.float(), dim=-1)
+        batches.append(batch)
+    out = []
+    for chunk, batch, logits in track(zip(chunks, batches, batch_logits(model, batches, device)), label,
+                                      total=len(chunks)):
+        logp = F.log_softmax(logits, dim=-1).cpu()
         for i, (ids, n_cont) in enumerate(chunk):
             pos = torch.arange(len(ids) - n_cont - 1, len(ids) - 1)
             target = batch[i, pos + 1]
@@ -257,9 +262,9 @@ def task_requests(tokenizer, task: str, n_items: int, max_length: int = 512, see
 
 
 def zero_shot(model: nn.Module, tokenizer, task: str, n_items: int, max_length: int = 512,
-              batch_size: int = 8, seed: int = 0) -> TaskResult:
+              batch_size: int = 8, seed: int = 0, device: str = "cpu") -> TaskResult:
     reqs = task_requests(tokenizer, task, n_items, max_length, seed)
-    return reqs.result(score_with_model(model, reqs.requests, batch_size, f"zero-shot {task}"))
+    return reqs.result(score_with_model(model, reqs.requests, batch_size, f"zero-shot {task}", device))
 
 
 def summarize_tasks(results: list[TaskResult]) -> dict:
@@ -284,5 +289,6 @@ def figures(ppl: Perplexity, zero_shot_summary: dict | None, seconds: float, bac
 
 
 def zero_shot_suite(model, tokenizer, tasks: list[str], n_items: int, max_length: int = 512,
-                    batch_size: int = 8, seed: int = 0) -> dict:
-    return summarize_tasks([zero_shot(model, tokenizer, t, n_items, max_length, batch_size, seed) for t in tasks])
+                    batch_size: int = 8, seed: int = 0, device: str = "cpu") -> dict:
+    return summarize_tasks([zero_shot(model, tokenizer, t, n_items, max_length, batch_size, seed, device)
+                            for t in tasks])

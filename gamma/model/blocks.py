@@ -107,3 +107,34 @@ class _LinearHooks:
     def __exit__(self, *exc) -> None:
         for h in self.handles:
             h.remove()
+
+
+def whole_model_fits(model: nn.Module, device: torch.device | str, headroom: float = 0.8) -> bool:
+    """Whether ``model()`` can run as it is: a float32 model on the CPU, or a model whose float32
+    copy fits ``headroom`` of the CUDA device's free memory. Otherwise the walk streams it."""
+    device = torch.device(device)
+    params = list(model.parameters())
+    if device.type == "cpu":
+        return all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
+    if device.type != "cuda":
+        return False
+    return sum(p.numel() for p in params) * 4 < headroom * torch.cuda.mem_get_info(device)[0]
+
+
+@torch.no_grad()
+def batch_logits(model: nn.Module, batches: list[torch.Tensor], device: torch.device | str = "cpu"):
+    """Float32 logits of every batch of token ids (right-padded; causal, no mask), in order: the
+    whole model on ``device`` when it fits there, else the block walk (every batch through one
+    resident block before the next block comes)."""
+    if whole_model_fits(model, device):
+        with on_device(model, device):
+            for batch in batches:
+                yield model(input_ids=batch.to(device)).logits.float()
+        return
+    runner = BlockRunner(model, device)
+    hidden = [runner.embed_all(b) for b in batches]
+    for index in range(len(runner.blocks)):
+        with runner.resident(runner.blocks[index]):
+            hidden = [runner.run_block_all(index, h) for h in hidden]
+    for h in hidden:
+        yield runner.head(runner.to_device(h)).float()

@@ -48,8 +48,10 @@ def evaluate_model(ws: Workspace, model, tokenizer, zero_shot_items: int | None 
             fallback_reason = str(err)
             console.log(f"[yellow]vLLM backend unavailable, evaluating with transformers: {err}")
     t0 = time.perf_counter()
-    ppl = perplexity(model, ws.evaluation, batch_size=max(1, e.batch_size // 2))
-    zs = zero_shot_suite(model, tokenizer, e.zero_shot_tasks, items, e.context_length, e.batch_size) if items else None
+    device = str(ws.device)
+    ppl = perplexity(model, ws.evaluation, batch_size=max(1, e.batch_size // 2), device=device)
+    zs = zero_shot_suite(model, tokenizer, e.zero_shot_tasks, items, e.context_length, e.batch_size,
+                         device=device) if items else None
     return figures(ppl, zs, time.perf_counter() - t0,
                    "transformers" + (f" (vLLM fallback: {fallback_reason})" if fallback_reason else ""))
 
