@@ -16,6 +16,7 @@ from torch import nn
 
 from gamma.config import Stage2Config
 from gamma.model.loading import quantizable_modules
+from gamma.quant.hessians import collect_hessians
 from gamma.quant.interface import QuantizedWeight
 from gamma.stage1.proxy import FisherCosts, KeepFisher
 from gamma.stage1.teacher import TeacherData, capture_teacher
@@ -49,7 +50,7 @@ class AllocationProblem:
     symmetric: bool = False
     seed: int = 0
     quantizer: object = None  # re-quantizes permuted weights (sub-module allocators)
-    hessians: dict[str, torch.Tensor] | None = None  # GPTQ's, exactly when the candidates used them
+    hessians: dict[str, torch.Tensor] | None = None  # GPTQ's full-precision ones, when taken (``full_hessians``)
     stage2: Stage2Config = field(default_factory=Stage2Config)  # the knapsack's window, restrictions, solver
     provenance: Provenance = field(default_factory=lambda: Provenance())
     device: str = "cpu"  # where each phase computes, one block at a time
@@ -123,6 +124,20 @@ class AllocationProblem:
         if self._proxy_costs is None:
             self._proxy_costs = self.capture(proxy=True).proxy_costs
         return self._proxy_costs
+
+    @property
+    def uses_hessians(self) -> bool:
+        return self.quantizer is not None and self.quantizer.needs_hessians
+
+    def full_hessians(self) -> dict[str, torch.Tensor] | None:
+        """Every module's full-precision Hessian when the quantizer reads them (None for RTN): as large
+        as ``layers x hidden^2`` floats, so taken only for the sub-module allocators that re-quantize
+        permuted weights, once."""
+        if self.hessians is None and self.uses_hessians:
+            q = self.quantizer
+            self.hessians = collect_hessians(self.model, self.calibration, token_clip=q.token_clip,
+                                             sink_weight=q.sink_weight, device=self.device)
+        return self.hessians
 
     def check_budget(self, budget: float) -> None:
         lo, hi = min(self.bits), max(self.bits)

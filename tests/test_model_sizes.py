@@ -23,7 +23,7 @@ def tiny_llama(path, dtype, tokenizer_dir):
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=128)
     model = LlamaForCausalLM(config).to(dtype)
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
@@ -177,3 +177,22 @@ def test_evaluation_streams_a_model_that_cannot_run_whole_and_scores_the_same(bf
     monkeypatch.undo()
     for (a, hit_a), (b, hit_b) in zip(walked, score_with_model(whole, requests, batch_size=3)):
         assert a == pytest.approx(b, abs=1e-4) and hit_a == hit_b
+
+
+def test_gptq_candidates_built_block_by_block_equal_those_from_all_hessians_at_once(bf16_dir, model_dir):
+    """No Hessian of a whole model is held: each block's are consumed into its candidates."""
+    from pathlib import Path
+
+    from gamma.run.workspace import Workspace
+
+    cfg = load_config(overrides={"model": {"path": str(bf16_dir), "data_dir": str(Path(model_dir).parents[1])},
+                                 "quantizer": {"method": "gptq", "group_size": 32},
+                                 "text": {"calibration_sequences": 2, "sequence_length": 32}})
+    ws = Workspace(cfg)
+    model, _ = ws.load()
+    streamed = ws.candidates(model)
+    at_once = build_candidates(model, ws.quantizer(), cfg.candidates, 32, False, ws.hessians(model))
+    assert list(streamed) == list(at_once)
+    for name, cands in at_once.items():
+        for a, b in zip(cands, streamed[name]):
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales), name

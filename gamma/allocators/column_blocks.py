@@ -87,7 +87,7 @@ class ColumnBlocks:
             cands = self.candidates[name]
             if len(set(block_bits)) == 1:
                 permuted = cands[bits.index(block_bits[0])].dequantize()
-            elif problem.hessians is not None:
+            elif problem.uses_hessians:
                 permuted = self._requantize(problem, name, block_bits)
             else:
                 dense = {b: cands[bits.index(b)].dequantize() for b in set(block_bits)}
@@ -101,7 +101,7 @@ class ColumnBlocks:
     def _requantize(self, problem: AllocationProblem, name: str, block_bits: list[int]) -> torch.Tensor:
         order = self.order[name]
         w = problem.full_precision(name).float()
-        h = problem.hessians[name]
+        h = problem.full_hessians()[name]
         if order is not None:
             w, h = w[:, order], h[order][:, order]
         per_block = self.width // problem.group_size
@@ -161,7 +161,7 @@ def build_column_blocks(problem: AllocationProblem, width: int, order: dict[str,
         if perm is None:
             candidates[name] = problem.candidates[name]
         else:
-            h = problem.hessians.get(name) if problem.hessians else None
+            h = problem.full_hessians()[name] if problem.uses_hessians else None
             h = h[perm][:, perm] if h is not None else None
             candidates[name] = [problem.quantizer.quantize(w, QuantSpec(b, problem.group_size, problem.symmetric), h)
                                 for b in problem.bits]

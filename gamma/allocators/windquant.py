@@ -50,7 +50,8 @@ class WindquantAllocator(BlockAllocator):
         self.lr, self.clip, self.entropy, self.hidden = lr, clip, entropy, hidden
 
     def _prepare(self, problem: AllocationProblem) -> None:
-        hessians = problem.hessians or collect_hessians(problem.model, problem.calibration)
+        hessians = problem.full_hessians() or collect_hessians(problem.model, problem.calibration,
+                                                               device=problem.device)
         weights = quantizable_modules(problem.model)
         column_weight = {}
         for name in problem.modules:

@@ -18,12 +18,13 @@ def build_candidates(
     symmetric: bool = False,
     hessians: dict[str, torch.Tensor] | None = None,
     modules: list[str] | None = None,
+    progress: bool = True,
 ) -> dict[str, list[PackedWeight]]:
     """``{module: [Q_b(W) for b in bits]}``, packed: b/8 bytes per weight per candidate width b."""
     found = quantizable_modules(model)
     names = modules or list(found)
     out = {}
-    for name in track(names, f"candidates ({quantizer.name}, bits {bits})"):
+    for name in track(names, f"candidates ({quantizer.name}, bits {bits})") if progress else names:
         h = hessians.get(name) if hessians else None
         out[name] = [quantizer.quantize(found[name].weight, QuantSpec(b, group_size, symmetric), h).pack()
                      for b in bits]

@@ -129,11 +129,26 @@ class Workspace:
         full-precision Hessians), with the run's knapsack settings and provenance."""
         cfg, q = self.cfg, self.cfg.quantizer
         model, _ = self.load()
-        hessians = self.hessians(model)
-        candidates = build_candidates(model, self.quantizer(), cfg.candidates, q.group_size, q.symmetric, hessians)
-        return AllocationProblem(model, self.calibration, candidates, cfg.candidates, q.group_size, q.symmetric,
-                                 cfg.stage1.seed, self.quantizer(), hessians, cfg.stage2, self.provenance(),
+        return AllocationProblem(model, self.calibration, self.candidates(model), cfg.candidates, q.group_size,
+                                 q.symmetric, cfg.stage1.seed, self.quantizer(), None, cfg.stage2, self.provenance(),
                                  str(self.device))
+
+    def candidates(self, model) -> dict:
+        """Every module at every candidate width. GPTQ's are built block by block during the walk that
+        takes the block's full-precision Hessians, which are then dropped: never all of them at once."""
+        cfg, q, quantizer = self.cfg, self.cfg.quantizer, self.quantizer()
+        if not quantizer.needs_hessians:
+            return build_candidates(model, quantizer, cfg.candidates, q.group_size, q.symmetric)
+        built: dict = {}
+
+        def build_block(_index: int, hessians: dict) -> None:
+            built.update(build_candidates(model, quantizer, cfg.candidates, q.group_size, q.symmetric, hessians,
+                                          sorted(hessians), progress=False))
+
+        g = q.gptq
+        collect_hessians(model, self.calibration, token_clip=g.token_clip, sink_weight=g.sink_weight,
+                         device=self.device, on_block=build_block)  # its progress shows the candidates too
+        return {name: built[name] for name in quantizable_modules(model)}
 
     @staticmethod
     def module_sizes(model) -> tuple[list[str], list[tuple[int, int]]]:
