@@ -129,6 +129,9 @@ class Stage1Config(_Section):
         "proxy init: logits clipped to this many units below each module's best (keeps every candidate's "
         "gradient alive, but a clipped table no longer ranks like the proxy); 0: no clip"))
     checkpoint_every: int = Field(20, ge=1)
+    max_host_activations_gb: float = Field(
+        16.0, gt=0.0, description="teacher hidden states and gradients beyond this go to memory-mapped files "
+                                  "in the run directory instead of host memory")
     seed: int = 0
     processes: int = Field(1, ge=1, description="data-parallel processes (accelerate launch); GPUs when present")
     extra_budgets: list[float] = Field(default_factory=list, description=(

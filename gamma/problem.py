@@ -63,7 +63,13 @@ class AllocationProblem:
         missing = sorted(set(self.candidates) - set(layers))[:3]
         if missing:
             raise AllocatorError(f"candidates name modules the model does not have: {missing}")
-        self._original = {n: layers[n].weight.detach().clone() for n in self.candidates}
+
+    def keep_originals(self) -> None:
+        """Copy the full-precision weights aside, once, before anything changes the model (a copy as
+        large as the quantized weights: Stage I and the proxies never change it, so never pay it)."""
+        if not self._original:
+            layers = quantizable_modules(self.model)
+            self._original = {n: layers[n].weight.detach().clone() for n in self.candidates}
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -74,7 +80,7 @@ class AllocationProblem:
 
     def full_precision(self, name: str) -> torch.Tensor:
         """Module ``name``'s original weight (whatever the model holds now)."""
-        return self._original[name]
+        return self._original[name] if self._original else quantizable_modules(self.model)[name].weight.detach()
 
     @property
     def modules(self) -> list[str]:
@@ -89,10 +95,12 @@ class AllocationProblem:
         return np.array([r * c for r, c in self.sizes], dtype=np.int64)
 
     def capture(self, with_grads: bool = True, *, proxy: bool = False, keep_fisher: bool = False,
-                sequences: torch.Tensor | None = None, device: str | None = None) -> TeacherData:
+                sequences: torch.Tensor | None = None, device: str | None = None,
+                spill_dir=None) -> TeacherData:
         """One teacher capture of the calibration sequences (or ``sequences``, a shard of them), block
         by block on ``device``. ``proxy``: with the Fisher proxy's [M, K] cost table
-        (``proxy_costs``); ``keep_fisher``: every module's Fisher diagonal kept for ``fisher()``."""
+        (``proxy_costs``); ``keep_fisher``: every module's Fisher diagonal kept for ``fisher()``;
+        ``spill_dir``: the hidden states and gradients memory-mapped there, not in host memory."""
         consumers = ([FisherCosts(self.model, self.candidates)] if proxy else []) + \
                     ([KeepFisher()] if keep_fisher else [])
 
@@ -102,7 +110,7 @@ class AllocationProblem:
 
         teacher = capture_teacher(self.model, self.calibration if sequences is None else sequences,
                                   with_grads or bool(consumers), device=device or self.device,
-                                  on_fisher=consume if consumers else None)
+                                  on_fisher=consume if consumers else None, spill_dir=spill_dir)
         for consumer in consumers:
             if isinstance(consumer, FisherCosts):
                 teacher.proxy_costs = consumer.table

@@ -196,3 +196,23 @@ def test_gptq_candidates_built_block_by_block_equal_those_from_all_hessians_at_o
     for name, cands in at_once.items():
         for a, b in zip(cands, streamed[name]):
             assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales), name
+
+
+def test_activations_beyond_the_host_limit_are_memory_mapped_and_change_nothing(bf16_dir, tmp_path):
+    model, _ = load_model(bf16_dir)
+    sequences = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(4))
+    in_memory = capture_teacher(model, sequences)
+    mapped = capture_teacher(model, sequences, spill_dir=tmp_path / "teacher")
+    for a, b in zip(in_memory.hidden + in_memory.grads, mapped.hidden + mapped.grads):
+        assert torch.equal(a, b) and a.untyped_storage().filename is None
+        assert b.untyped_storage().filename.startswith(str(tmp_path / "teacher"))
+    assert not (tmp_path / "teacher").exists() or not any((tmp_path / "teacher").rglob("*"))  # nothing left
+
+
+def test_the_estimate_moves_activations_to_disk_beyond_the_limit(model_dir):
+    from gamma.model.memory import estimate_memory
+
+    cfg = load_config(overrides={"stage1": {"max_host_activations_gb": 0.1}})
+    spilled, kept = estimate_memory(cfg, model_dir), estimate_memory(load_config(), model_dir)
+    assert spilled.spills and not kept.spills
+    assert spilled.totals()[0] < kept.totals()[0] and "teacher hidden states" in spilled.record()["parts_gb"]

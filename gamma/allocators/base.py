@@ -108,6 +108,7 @@ class Allocator(ABC):
 
     def apply(self, problem: AllocationProblem, assignment: dict[str, int] | BlockAssignment) -> None:
         """Put the assignment's quantized weights into ``problem.model`` (block allocators: fake-quantized)."""
+        problem.keep_originals()
         apply_candidates(problem.model, problem.candidates, problem.bits, assignment)
 
     @abstractmethod
@@ -137,6 +138,7 @@ class CalibrationLoss:
     @torch.no_grad()
     def __call__(self, assignment: dict[str, int], sequences: torch.Tensor) -> float:
         changed = {m: b for m, b in assignment.items() if self.applied.get(m) != b}
+        self.problem.keep_originals()
         apply_candidates(self.problem.model, self.problem.candidates, self.problem.bits, changed)
         self.applied.update(changed)
         return next_token_loss(self.problem.model, sequences)

@@ -80,6 +80,7 @@ class ColumnBlocks:
         separately would drop, at every block boundary, the error compensation GPTQ gave each
         candidate (spliced, ScaleBITS lost to uniform allocation at 2.25, 2.5 and 3.0 bits). With
         RTN every group is quantized on its own, so the splice is exactly that pass."""
+        problem.keep_originals()
         modules = quantizable_modules(problem.model)
         bits = problem.bits
         for name, block_bits in assignment.bits.items():

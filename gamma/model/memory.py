@@ -1,8 +1,7 @@
 """What a run will need, estimated from the model's config.json and the settings before anything
 heavy is loaded, printed, recorded, and checked against what the host and device have.
 
-Host: the weights in ``model.dtype``, the full-precision copy of the quantized weights that
-allocators restore from, the packed candidates, the teacher's hidden states and gradients, and
+Host: the weights in ``model.dtype``, the packed candidates, the teacher's hidden states and gradients, and
 GPTQ's Hessians. Device: one block in float32 with its Fisher, its dense candidates (all of them
 while they fit the cache) and one step's activations, and the head. When the device is the CPU
 both live in the same memory.
@@ -11,7 +10,7 @@ both live in the same memory.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,10 +26,9 @@ RUNTIME_BYTES = 0.3 * GB  # Python with torch, transformers and gamma imported (
 LOWERED_BY = {
     "runtime": "nothing (Python, torch and transformers themselves)",
     "weights": "model.dtype=bfloat16",
-    "full-precision copy of the quantized weights": "model.dtype=bfloat16",
     "candidates (packed)": "fewer candidates",
-    "teacher hidden states": "text.calibration_sequences or text.sequence_length",
-    "teacher gradients": "text.calibration_sequences or text.sequence_length",
+    "teacher hidden states": "text.calibration_sequences, text.sequence_length or stage1.max_host_activations_gb",
+    "teacher gradients": "text.calibration_sequences, text.sequence_length or stage1.max_host_activations_gb",
     "GPTQ Hessians": "quantizer.method=rtn",
     "one block (float32) and its Fisher": "a device with more memory",
     "dense candidates": "fewer candidates",
@@ -80,11 +78,19 @@ class Shapes:
         return self.layers * (self.block_linear + 2 * self.hidden) + embed * (1 if self.tied else 2) + self.hidden
 
 
+SPILLED = ("teacher hidden states", "teacher gradients")
+
+
 @dataclass
 class MemoryEstimate:
     host: dict[str, float]  # bytes by part
     device: dict[str, float]
     device_name: str
+    disk: dict[str, float] = field(default_factory=dict)  # memory-mapped (stage1.max_host_activations_gb)
+
+    @property
+    def spills(self) -> bool:
+        return bool(self.disk)
 
     @property
     def shared(self) -> bool:
@@ -99,14 +105,15 @@ class MemoryEstimate:
         where = "host (the CPU computes: device parts included)" if self.shared else "host"
         out = [f"memory estimate: {where} {host / GB:.2f} GB" +
                ("" if self.shared else f", device {self.device_name} {device / GB:.2f} GB")]
-        for side, parts in (("host", self.host), ("device", self.device)):
+        for side, parts in (("host", self.host), ("device", self.device), ("disk (memory-mapped)", self.disk)):
             out += [f"  {side}: {name} {b / GB:.2f} GB" for name, b in parts.items() if b > 0]
         return out
 
     def record(self) -> dict:
         host, device = self.totals()
         return {"host_gb": round(host / GB, 3), "device_gb": round(device / GB, 3), "device": self.device_name,
-                "parts_gb": {k: round(v / GB, 3) for k, v in {**self.host, **self.device}.items()}}
+                "disk_gb": round(sum(self.disk.values()) / GB, 3),
+                "parts_gb": {k: round(v / GB, 3) for k, v in {**self.host, **self.device, **self.disk}.items()}}
 
     def check(self, host_available: float, device_available: float | None) -> None:
         """Refuse, naming the figure and the setting that lowers it, when either side cannot hold it."""
@@ -134,7 +141,6 @@ def estimate_memory(cfg: GammaConfig, model_dir: str | Path, sequences: int | No
     host = {
         "runtime": RUNTIME_BYTES,
         "weights": s.parameters * itemsize,
-        "full-precision copy of the quantized weights": quantized * itemsize,
         "candidates (packed)": quantized * sum(cfg.candidates) / 8 + groups * 8 * k,
         "teacher hidden states": activations * itemsize,
         "teacher gradients": s.layers * n * t * s.hidden * max(itemsize, 2) if with_grads else 0.0,
@@ -147,7 +153,10 @@ def estimate_memory(cfg: GammaConfig, model_dir: str | Path, sequences: int | No
         "one step's activations": b * tokens * (12 * s.hidden + 4 * s.intermediate) * 4 + b * s.heads * tokens**2 * 4,
         "embedding and head (float32)": s.vocab * s.hidden * 4 * (1 if s.tied else 2) + t * s.vocab * 4 * 3,
     }
-    return MemoryEstimate(host, device, str(resolve_device(cfg.model.device)))
+    estimate = MemoryEstimate(host, device, str(resolve_device(cfg.model.device)))
+    if sum(host[p] for p in SPILLED) > cfg.stage1.max_host_activations_gb * GB:
+        estimate.disk = {p: host.pop(p) for p in SPILLED}
+    return estimate
 
 
 def available_memory(device: str) -> tuple[float, float | None]:

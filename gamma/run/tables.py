@@ -72,9 +72,10 @@ class Band:
         if cfg.stage1.processes > 1:
             return learn_with_processes(Workspace.shared(cfg, self.ws.model_hash, self.ws.text_hash), out, on_line)
         if self._capture is None:
-            check_memory(self.ws, out, on_line)
+            estimate = check_memory(self.ws, out, on_line)
             problem, s1 = self.ws.problem(), cfg.stage1
-            self._capture = problem, problem.capture(s1.loss == "fisher", proxy=s1.init == "proxy")
+            spill = out / "teacher" if estimate.spills else None
+            self._capture = problem, problem.capture(s1.loss == "fisher", proxy=s1.init == "proxy", spill_dir=spill)
         problem, teacher = self._capture
         table = learn_score_table(problem, cfg.stage1, teacher=teacher, checkpoint=out / CHECKPOINT_FILE)
         table.save(out / SCORES_FILE)

@@ -67,9 +67,10 @@ def learn_score_table(problem: AllocationProblem, stage1: Stage1Config, *, teach
 def stage1_settings(stage1: Stage1Config, bits: list[int], provenance: Provenance) -> dict:
     """Everything that determines a score table besides model and text content."""
     # the process count changes only float summation order, not the result; every table has its
-    # own training budget, whatever other tables a run learns beside it: neither is part of the key
-    return {"stage1": stage1.model_dump(exclude={"processes", "extra_budgets"}), "candidates": list(bits),
-            "quantizer": provenance.quantizer, "text": provenance.text}
+    # own training budget, whatever other tables a run learns beside it; where the teacher's
+    # activations are held changes nothing: none of them is part of the key
+    kept = stage1.model_dump(exclude={"processes", "extra_budgets", "max_host_activations_gb"})
+    return {"stage1": kept, "candidates": list(bits), "quantizer": provenance.quantizer, "text": provenance.text}
 
 
 def stage1_key(provenance: Provenance, settings: dict) -> str:

@@ -15,8 +15,10 @@ from its stored input (one sequence at a time, as the per-sequence Fisher needs)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,19 +44,34 @@ class TeacherData:
 
 
 def capture_teacher(model, sequences: torch.Tensor, with_grads: bool = True, *, device: str | torch.device = "cpu",
-                    on_fisher: FisherConsumer | None = None, batch_size: int = 8) -> TeacherData:
+                    on_fisher: FisherConsumer | None = None, batch_size: int = 8,
+                    spill_dir: Path | None = None) -> TeacherData:
+    """``spill_dir``: hold every hidden state and gradient in a memory-mapped file there instead of
+    in host memory (the files are unlinked at once: they vanish with the capture)."""
     runner = BlockRunner(model, device)
-    hidden = [runner.embed_all(sequences, batch_size)]
+    where = None if spill_dir is None else Path(spill_dir) / f"capture-{os.getpid()}-{id(sequences)}"
+    keep = (lambda t, name: t) if where is None else (lambda t, name: _mapped(t, where / name))
+    hidden = [keep(runner.embed_all(sequences, batch_size), "hidden-0")]
     for index in track(range(len(runner.blocks)), "teacher capture (forward)"):
-        hidden.append(runner.run_block_all(index, hidden[-1], batch_size))
+        hidden.append(keep(runner.run_block_all(index, hidden[-1], batch_size), f"hidden-{index + 1}"))
     grad_out, losses = _head(runner, hidden[-1], sequences, with_grads)
     if not with_grads:
         return TeacherData(hidden=hidden, grads=None, losses=losses)
     grads: list[torch.Tensor] = [grad_out] * len(runner.blocks)
     for index in track(range(len(runner.blocks) - 1, -1, -1), "teacher capture (backward)", total=len(grads)):
-        grads[index] = grad_out
+        grads[index] = keep(grad_out, f"grad-{index}")
         grad_out = _block_backward(runner, index, hidden[index], grad_out, on_fisher, needs_input_grad=index > 0)
     return TeacherData(hidden=hidden, grads=grads, losses=losses)
+
+
+def _mapped(t: torch.Tensor, path: Path) -> torch.Tensor:
+    """``t`` copied into a memory-mapped file that is unlinked at once (freed when the tensor is)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mapped = torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+    path.unlink()
+    if not any(path.parent.iterdir()):
+        path.parent.rmdir()
+    return mapped.copy_(t)
 
 
 def _grad_dtype(runner: BlockRunner) -> torch.dtype:
