@@ -127,3 +127,30 @@ def test_pipeline_assignment_exports_as_evaluated(model_dir, tmp_path, calibrati
     x = calibration[:1, :64]
     with torch.no_grad():
         assert torch.equal(model(x).logits, reloaded(x).logits)
+
+
+def test_large_checkpoints_are_sharded_and_read_back_by_both_loaders(model_dir, tmp_path, calibration):
+    """A model beyond one shard: Hugging Face shards with their index, out and in."""
+    from transformers import AutoModelForCausalLM
+
+    from gamma.model.export import INDEX_FILE
+
+    model, tokenizer = load_model(model_dir)
+    records = _mixed_quantize(model, symmetric_of=lambda i: True)
+    ckpt = export_checkpoint(model, tokenizer, records, tmp_path / "sharded", max_shard_bytes=20 * 1024**2)
+    shards = sorted(p.name for p in ckpt.path.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((ckpt.path / INDEX_FILE).read_text())
+    assert set(index["weight_map"].values()) == set(shards) and verify_checkpoint(ckpt.path) == ckpt.sha256
+    reloaded, _ = load_checkpoint(ckpt.path)
+    mods = quantizable_modules(reloaded)
+    assert all(torch.equal(mods[n].weight, r.dequantize()) for n, r in records.items())
+    theirs = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    x = calibration[:1, :64]
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, theirs(x).logits, atol=1e-3, rtol=1e-3)
+    model.save_pretrained(tmp_path / "sharded-input", max_shard_size="50MB")  # a user's sharded model
+    tokenizer.save_pretrained(tmp_path / "sharded-input")
+    assert len(list((tmp_path / "sharded-input").glob("model-*.safetensors"))) > 1
+    again, _ = load_model(tmp_path / "sharded-input")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

@@ -33,6 +33,8 @@ from gamma.quant.interface import QuantizedWeight, QuantSpec
 
 STORAGE_DTYPE = torch.float16
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
 FORMAT = "pack-quantized"
 MANIFEST = "gamma_checksums.json"
 
@@ -129,20 +131,18 @@ def checksum(path: str | Path) -> tuple[str, dict[str, str]]:
 
 
 def export_checkpoint(model: nn.Module, tokenizer, records: dict[str, QuantizedWeight], path: str | Path,
-                      extra_files: dict[str, str] | None = None) -> Checkpoint:
+                      extra_files: dict[str, str] | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Checkpoint:
     """Write ``records`` (plus the model's other tensors) as a compressed-tensors checkpoint at
     ``path``, atomically: everything goes to ``<path>.partial`` and is renamed only when complete,
-    so a crash never leaves a half checkpoint where a finished one is expected."""
-    from safetensors.torch import save_file
-
+    so a crash never leaves a half checkpoint where a finished one is expected. Weights beyond
+    ``max_shard_bytes`` are split into Hugging Face shards with their index."""
     if not records:
         raise CheckpointError("nothing to export: the assignment quantized no module")
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = _state_dict(model, records)
-    save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_shards(_state_dict(model, records), tmp, max_shard_bytes)
     config = model.config.to_dict()
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in records]
     config["quantization_config"] = quantization_config(records, ignore)
@@ -153,6 +153,55 @@ def export_checkpoint(model: nn.Module, tokenizer, records: dict[str, QuantizedW
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     return _finish(tmp, path)
+
+
+def save_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` shards of at most
+    ``max_shard_bytes`` (a module's tensors stay in one shard) with ``model.safetensors.index.json``."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for names in _by_module(tensors).values():
+        nbytes = sum(tensors[n].numel() * tensors[n].element_size() for n in names)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1].update({n: tensors[n] for n in names})
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], folder / WEIGHTS_FILE, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=1) + "\n")
+
+
+def _by_module(tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name in tensors:
+        out.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    return out
+
+
+def load_shards(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model.safetensors`` or of the shards its index names."""
+    from safetensors.torch import load_file
+
+    if (folder / WEIGHTS_FILE).exists():
+        return load_file(folder / WEIGHTS_FILE)
+    index = json.loads((folder / INDEX_FILE).read_text())
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        if not (folder / shard).exists():
+            raise CheckpointError(f"{folder}: shard {shard} named by {INDEX_FILE} is missing")
+        out.update(load_file(folder / shard))
+    return out
 
 
 def _finish(tmp: Path, path: Path) -> Checkpoint:
@@ -203,13 +252,12 @@ def verify_checkpoint(path: str | Path) -> str:
 
 def read_quantized(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, dict]]:
     """The config, the stored tensors and, per quantized module, its weight arguments."""
-    from safetensors.torch import load_file
-
     path = Path(path)
-    config_file, weights_file = path / "config.json", path / WEIGHTS_FILE
-    for f in (config_file, weights_file):
-        if not f.exists():
-            raise CheckpointError(f"{path} is not a checkpoint: {f.name} is missing")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path} is not a checkpoint: config.json is missing")
+    if not (path / WEIGHTS_FILE).exists() and not (path / INDEX_FILE).exists():
+        raise CheckpointError(f"{path} is not a checkpoint: neither {WEIGHTS_FILE} nor {INDEX_FILE} is there")
     config = json.loads(config_file.read_text())
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != FORMAT:
@@ -219,7 +267,7 @@ def read_quantized(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dic
     for group in qc["config_groups"].values():
         for target in group["targets"]:
             args[target] = group["weights"]
-    return config, load_file(weights_file), args
+    return config, load_shards(path), args
 
 
 def dequantized_state_dict(tensors: dict[str, torch.Tensor], args: dict[str, dict]) -> dict[str, torch.Tensor]:
