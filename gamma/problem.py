@@ -35,6 +35,7 @@ class Provenance:
     text_hash: str = ""
     quantizer: dict = field(default_factory=dict)  # name, group size, symmetry and the quantizer's settings
     text: dict = field(default_factory=dict)  # the text settings that drew the calibration sequences
+    dtype: str = "float32"  # the dtype the weights were held in (``model.dtype`` resolved)
 
 
 @dataclass

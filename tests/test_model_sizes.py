@@ -216,3 +216,13 @@ def test_the_estimate_moves_activations_to_disk_beyond_the_limit(model_dir):
     spilled, kept = estimate_memory(cfg, model_dir), estimate_memory(load_config(), model_dir)
     assert spilled.spills and not kept.spills
     assert spilled.totals()[0] < kept.totals()[0] and "teacher hidden states" in spilled.record()["parts_gb"]
+
+
+def test_a_table_learned_on_other_weights_dtype_is_another_table():
+    from gamma.config import Stage1Config
+    from gamma.problem import Provenance
+    from gamma.stage1.learn import stage1_key, stage1_settings
+
+    keys = {stage1_key(p, stage1_settings(Stage1Config(), [2, 3, 4], p))
+            for p in (Provenance("m", "t", dtype="float32"), Provenance("m", "t", dtype="bfloat16"))}
+    assert len(keys) == 2

@@ -108,7 +108,7 @@ class Workspace:
 
     def provenance(self) -> Provenance:
         return Provenance(self.model_hash, self.text_hash, self.quantizer_record(),
-                          self.cfg.text.model_dump(exclude={"source"}))
+                          self.cfg.text.model_dump(exclude={"source"}), str(self.dtype).removeprefix("torch."))
 
     def hessians(self, model) -> dict[str, torch.Tensor] | None:
         """Full-precision Hessians of every module when the quantizer reads them, else None."""

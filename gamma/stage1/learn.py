@@ -70,7 +70,8 @@ def stage1_settings(stage1: Stage1Config, bits: list[int], provenance: Provenanc
     # own training budget, whatever other tables a run learns beside it; where the teacher's
     # activations are held changes nothing: none of them is part of the key
     kept = stage1.model_dump(exclude={"processes", "extra_budgets", "max_host_activations_gb"})
-    return {"stage1": kept, "candidates": list(bits), "quantizer": provenance.quantizer, "text": provenance.text}
+    return {"stage1": kept, "candidates": list(bits), "quantizer": provenance.quantizer, "text": provenance.text,
+            "dtype": provenance.dtype}
 
 
 def stage1_key(provenance: Provenance, settings: dict) -> str:
