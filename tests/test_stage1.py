@@ -190,3 +190,17 @@ def test_zero_steps_return_the_proxy_initialised_table(setup):
     assert abs(r.expected_bits - c.budget) < 0.01 and r.history["loss"] == []
     with pytest.raises(ValueError, match="steps=0 keeps the initial table"):
         cfg(steps=0, init="uniform")
+
+
+def test_a_table_from_another_quantizer_or_candidate_set_is_refused_by_field():
+    """A GPTQ table is never projected for an RTN run, nor a 2/3/4 table for a 4/8 run."""
+    mods, sizes = ["a", "b"], [(4, 8), (4, 8)]
+    rtn = {"name": "rtn", "group_size": 64, "symmetric": False}
+    table = ScoreTable(mods, sizes, BITS, [[0.0, 0.0, 0.0]] * 2, "m", "t", rtn, 3.0, {}, 0, 0.0, 1.0, 0.0)
+    table.check_matches(mods, sizes, "m", BITS, rtn)  # the same: accepted
+    for run, field in (({**rtn, "name": "gptq"}, "name"), ({**rtn, "group_size": 128}, "group_size"),
+                       ({**rtn, "symmetric": True}, "symmetric")):
+        with pytest.raises(ScoreTableError, match=f"quantizer {field}="):
+            table.check_matches(mods, sizes, "m", BITS, run)
+    with pytest.raises(ScoreTableError, match=r"candidates \[2, 3, 4\].*\[4, 8\]"):
+        table.check_matches(mods, sizes, "m", [4, 8], rtn)

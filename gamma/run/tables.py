@@ -118,10 +118,11 @@ def learn_in_process_group(ws: Workspace, checkpoint: str | Path | Checkpoint | 
 
 
 def check_tables(tables: list[ScoreTable], ws: Workspace, model) -> None:
-    """Refuse a table learned on another model or module set than the workspace's."""
+    """Refuse a table learned on another model, module set, candidate set or quantizer than the
+    workspace's."""
     modules, sizes = ws.module_sizes(model)
     for table in tables:
-        table.check_matches(modules, sizes, ws.model_hash)
+        table.check_matches(modules, sizes, ws.model_hash, ws.cfg.candidates, ws.quantizer_record())
 
 
 def project_budget(tables: list[ScoreTable], budget: float, cfg: GammaConfig) -> Projection:

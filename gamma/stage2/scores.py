@@ -64,8 +64,18 @@ class ScoreTable:
         data["sizes"] = [tuple(s) for s in data["sizes"]]
         return cls(**data)
 
-    def check_matches(self, modules: list[str], sizes: list[tuple[int, int]], model_hash: str | None = None) -> None:
-        """Refuse a table learned for another model or another module set."""
+    def check_matches(self, modules: list[str], sizes: list[tuple[int, int]], model_hash: str | None = None,
+                      bits: list[int] | None = None, quantizer: dict | None = None) -> None:
+        """Refuse a table learned for another model, module set, candidate set or quantizer (name,
+        group size, symmetry and the quantizer's settings, as far as the table records them),
+        naming the field that differs."""
+        if bits is not None and list(bits) != list(self.bits):
+            raise ScoreTableError(f"score table was learned over candidates {self.bits}, not over this run's "
+                                  f"candidates {list(bits)}")
+        for field_name in sorted(set(quantizer or {}) & set(self.quantizer)):
+            if quantizer[field_name] != self.quantizer[field_name]:
+                raise ScoreTableError(f"score table was learned with quantizer {field_name}="
+                                      f"{self.quantizer[field_name]!r}, this run has {quantizer[field_name]!r}")
         if model_hash is not None and model_hash != self.model_hash:
             raise ScoreTableError(
                 f"score table was learned on model {self.model_hash[:12]}, not on this model ({model_hash[:12]})"
