@@ -57,6 +57,22 @@ def _registered_variants(client, names, alias: str) -> list[dict]:
     return out
 
 
+def _write_manifest(out: Path, manifest: dict) -> Path:
+    """``manifest.json`` and a readable ``manifest.md`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    lines = ["| class | count | model MB | needed budget | variant | bytes MB | perplexity | alias | checksum |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in manifest["classes"]:
+        v = e["variant"] or {}
+        checksum = (v.get("checkpoint_sha256") or "")[:12]
+        lines.append(f"| {e['class']} | {e['count']} | {e['model_budget_mb']} | {e['needed_budget']} | "
+                     f"{v.get('name', '-')} v{v.get('version', '-')} | {v.get('bytes', 0) / MB:.2f} | "
+                     f"{v.get('perplexity', float('nan')):.2f} | {e['note']} | {checksum} |")
+    (out / "manifest.md").write_text("\n".join(lines) + "\n")
+    return out
+
+
 @flow(name="gamma-fleet-rollout")
 def fleet_rollout(fleet_file: str, params: str = "params.yaml", overrides: dict | None = None) -> dict:
     log = get_run_logger()
@@ -74,37 +90,25 @@ def fleet_rollout(fleet_file: str, params: str = "params.yaml", overrides: dict 
     size_of = _size_model(ws)
     needed = {c.name: needed_budget(c, cfg.candidates, fleet.budget_step, size_of) for c in fleet.classes}
     missing = sorted({b for b in needed.values() if b is not None} - set(tracking.registered_budgets(client, names)))
-    parent = client.create_run(experiment, run_name="fleet rollout", tags={"gamma.kind": "rollout"}).info.run_id
-    on_demand = []
-    for budget in missing:
-        log.info("budget %g is needed by the fleet and not registered: solving it from the registered %s",
-                 budget, names.scores)
-        t0 = time.perf_counter()
-        row = variant(cfg, tables, budget, inputs, parent)
-        seconds = time.perf_counter() - t0
-        gate = tracking.promote(cfg, names, budget, fleet.alias) if "error" not in row else None
-        on_demand.append({"budget": budget, "seconds": seconds, "registered": row.get("registered"),
-                          "error": row.get("error"), "promoted": gate.promote if gate else False,
-                          "gate": gate.reasons if gate else None})
+    with tracking.child_run(client, experiment, None, "fleet rollout", "rollout") as parent:  # FAILED on error
+        on_demand = []
+        for budget in missing:
+            log.info("budget %g is needed by the fleet and not registered: solving it from the registered %s",
+                     budget, names.scores)
+            t0 = time.perf_counter()
+            row = variant(cfg, tables, budget, inputs, parent)
+            seconds = time.perf_counter() - t0
+            gate = tracking.promote(cfg, names, budget, fleet.alias) if "error" not in row else None
+            on_demand.append({"budget": budget, "seconds": seconds, "registered": row.get("registered"),
+                              "error": row.get("error"), "promoted": gate.promote if gate else False,
+                              "gate": gate.reasons if gate else None})
 
-    entries = plan_rollout(fleet, _registered_variants(client, names, fleet.alias))
-    for e in entries:
-        e["needed_budget"] = needed[e["class"]]
-    manifest = {"fleet": fleet.model_dump(), "scores": tables, "on_demand": on_demand, "classes": entries}
-    out = Path(cfg.output_dir) / "rollout"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
-    lines = ["| class | count | model MB | needed budget | variant | bytes MB | perplexity | alias | checksum |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for e in entries:
-        v = e["variant"] or {}
-        checksum = (v.get("checkpoint_sha256") or "")[:12]
-        lines.append(f"| {e['class']} | {e['count']} | {e['model_budget_mb']} | {e['needed_budget']} | "
-                     f"{v.get('name', '-')} v{v.get('version', '-')} | {v.get('bytes', 0) / MB:.2f} | "
-                     f"{v.get('perplexity', float('nan')):.2f} | {e['note']} | {checksum} |")
-    (out / "manifest.md").write_text("\n".join(lines) + "\n")
-    for f in (MANIFEST_FILE, "manifest.md"):
-        client.log_artifact(parent, str(out / f), "rollout")
-    client.set_terminated(parent)
+        entries = plan_rollout(fleet, _registered_variants(client, names, fleet.alias))
+        for e in entries:
+            e["needed_budget"] = needed[e["class"]]
+        manifest = {"fleet": fleet.model_dump(), "scores": tables, "on_demand": on_demand, "classes": entries}
+        out = _write_manifest(Path(cfg.output_dir) / "rollout", manifest)
+        for f in (MANIFEST_FILE, "manifest.md"):
+            client.log_artifact(parent, str(out / f), "rollout")
     log.info("rollout manifest: %s", out / MANIFEST_FILE)
     return manifest

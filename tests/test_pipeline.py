@@ -158,6 +158,20 @@ def test_pipeline_registers_lineage_caches_stage1_and_isolates_failures(project,
         == by_class["small"]["variant"]["checkpoint_sha256"]
     assert (project / "runs" / "rollout" / "manifest.md").exists()
 
+    # A rollout that fails half way ends its MLflow run FAILED: no run is left RUNNING.
+    import flows.rollout
+
+    def planner_down(*a, **k):
+        raise RuntimeError("planner down")
+
+    monkeypatch.setattr(flows.rollout, "plan_rollout", planner_down)
+    with pytest.raises(RuntimeError, match="planner down"):
+        fleet_rollout("fleet.yaml", params="params.yaml")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    rollouts = client.search_runs(experiments, "tags.`gamma.kind` = 'rollout'")
+    assert sorted(r.info.status for r in rollouts) == ["FAILED", "FINISHED"]
+    assert not client.search_runs(experiments, "attributes.status = 'RUNNING'")
+
 
 def test_dvc_repro_runs_prepare_then_the_flow(project):
     """`dvc repro` on the project's dvc.yaml (prepare, then the flow as a stage) registers what
