@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -29,9 +30,16 @@ from gamma.progress import console, print_table
 
 def _parse_list(text: str, kind=float) -> list:
     try:
-        return [kind(x) for x in text.split(",") if x.strip()]
+        values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"error: cannot read {text!r} as a comma-separated list of numbers") from None
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"cannot read {text!r} as a comma-separated list of finite numbers")
+    return values
+
+
+class AllFailed(Exception):
+    """Every item a command was asked for failed (each was reported): the command exits 1."""
 
 
 def _out(cfg: GammaConfig) -> Path:
@@ -124,6 +132,8 @@ def cmd_allocate(cfg: GammaConfig, args) -> dict:
                      "note": "; ".join(res.notes)})
     print_table(rows, "Stage II (from the saved score table; Stage I not rerun)",
                 ["budget", "status", "bits used", "slack", "gap", "seconds", "note"])
+    if not results:
+        raise AllFailed(f"no budget could be allocated ({', '.join(r['budget'] for r in rows)})")
     return results
 
 
@@ -151,6 +161,8 @@ def allocate_with(cfg: GammaConfig, allocator: str, budgets: list[float]) -> dic
         rows[b] = row
     print_table([{**r, "method": f"{allocator}-{b:g}"} for b, r in rows.items() if "error" not in r],
            f"{allocator}: allocations in {out / 'assignments'}, models in {out / 'models'}")
+    if all("error" in r for r in rows.values()):
+        raise AllFailed(f"{allocator}: no budget could be allocated ({', '.join(f'{b:g}' for b in rows)})")
     return rows
 
 
@@ -188,6 +200,8 @@ def cmd_promote(cfg: GammaConfig, args) -> None:
     else:
         decision = promote(cfg, names_for(cfg, Workspace(cfg).model_dir), args.budget, args.alias, args.version)
         decisions = [{"budget": args.budget, **decision.as_dict()}]
+    if not decisions:
+        raise AllFailed(f"nothing is registered to promote to alias {args.alias!r}: run `gamma run` first")
     for d in decisions:
         verdict = "[green]promoted[/green]" if d["promote"] else "[red]refused[/red]"
         console.print(f"{d['budget']:g} bits -> alias '{args.alias}': {verdict}")
@@ -287,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # every input error of the library is a ValueError subclass with a clear message
         console.print(f"[red]error:[/red] {err}")
         return 2
+    except AllFailed as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 1
     return 0
 
 

@@ -156,7 +156,7 @@ class Stage1Config(_Section):
 
 
 class Stage2Config(_Section):
-    budgets: list[float] = [2.5, 3.0, 3.5]
+    budgets: list[float] = Field([2.5, 3.0, 3.5], min_length=1, description="the budgets to serve (average bits)")
     window: float = Field(0.005, ge=0.0, description="delta: the solution spends at least B - delta bits")
     time_limit: float = Field(60.0, gt=0.0)
     min_bits: dict[str, int] = Field(default_factory=dict, description="module-name substring -> lowest bits allowed")

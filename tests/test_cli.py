@@ -114,3 +114,30 @@ def test_learn_gives_the_band_its_tables_from_one_teacher_capture(tmp_path, monk
     budgets = {ScoreTable.load(p).training_budget for p in (tmp_path / "scores.json",
                                                             tmp_path / "stage1-2.75" / "scores.json")}
     assert budgets == {3.0, 2.75}
+
+
+@pytest.mark.parametrize("budgets", [",", "nan", "inf", "x"])
+def test_a_budget_list_that_is_no_list_of_numbers_is_refused_by_value(tmp_path, capsys, budgets):
+    code = cli.main(["allocate", "--params", str(tmp_path / "none.yaml"), "--budgets", budgets])
+    assert code == 2 and repr(budgets) in "".join(capsys.readouterr())
+
+
+def test_an_empty_budget_list_is_a_configuration_error(tmp_path, capsys):
+    code = cli.main(["allocate", "--params", str(tmp_path / "none.yaml"), "--set", "stage2.budgets=[]"])
+    assert code == 2 and "stage2.budgets" in "".join(capsys.readouterr())
+
+
+def test_allocate_exits_non_zero_when_every_budget_failed(tmp_path, capsys, model_and_tokenizer):
+    from gamma.config import load_config
+    from gamma.run.workspace import Workspace
+
+    ws = Workspace(load_config(tmp_path / "none.yaml"))
+    modules, sizes = ws.module_sizes(model_and_tokenizer[0])
+    scores = np.log(np.random.default_rng(0).dirichlet([1, 1, 1], len(modules))).tolist()
+    ScoreTable(modules, sizes, [2, 3, 4], scores, ws.model_hash, "t", {"name": "rtn"}, 3.0, {}, 0, 0.0, 10.0,
+               0.0).save(tmp_path / "scores.json")
+    code = cli.main(["allocate", "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}",
+                     "--budgets", "1.5,9"])
+    out = "".join(capsys.readouterr())
+    assert code == 1 and "no budget could be allocated (1.5, 9)" in out and out.count("FAILED") == 2
+    assert not list((tmp_path / "assignments").glob("*.json"))

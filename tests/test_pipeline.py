@@ -308,3 +308,12 @@ def test_competing_allocators_fan_out_and_register_under_their_names(project, pr
     table = json.loads(Path(path).read_text())
     assert table["training_budget"] == 3.0 and table["modules"][0].endswith("#0")
     assert len(table["modules"]) > 10 * 210 and len(table["history"]["loss"]) == 2
+
+
+def test_promote_with_nothing_registered_says_so_and_exits_non_zero(tmp_path, prefect_api, capsys):
+    from gamma import cli
+
+    code = cli.main(["promote", "--params", str(tmp_path / "none.yaml"), "--alias", "production",
+                     "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                     "--set", f"tracking.artifacts={tmp_path / 'art'}"])
+    assert code == 1 and "nothing is registered to promote to alias 'production'" in "".join(capsys.readouterr())
