@@ -67,14 +67,20 @@ def reevaluate(params: str = "params.yaml", overrides: dict | None = None) -> li
     return rows
 
 
+def scheduled_pipeline(cfg):
+    """The pipeline flow as its schedule runs it: on the configured task runner (``pipeline.task_runner``,
+    ``pipeline.workers``), as ``gamma run`` does."""
+    from flows.pipeline import gamma_pipeline, task_runner
+
+    return gamma_pipeline.with_options(task_runner=task_runner(cfg))
+
+
 def deployments(params: str = "params.yaml", overrides: dict | None = None) -> list:
     """The two scheduled deployments, with the crons of ``schedule`` in params.yaml."""
-    from flows.pipeline import gamma_pipeline
-
     cfg = load_config(params, overrides)
     args = {"params": str(Path(params).resolve()), "overrides": overrides or {}}
     return [
-        gamma_pipeline.to_deployment(PIPELINE_DEPLOYMENT, cron=cfg.schedule.pipeline_cron, parameters=args),
+        scheduled_pipeline(cfg).to_deployment(PIPELINE_DEPLOYMENT, cron=cfg.schedule.pipeline_cron, parameters=args),
         reevaluate.to_deployment(REEVALUATE_DEPLOYMENT, cron=cfg.schedule.reevaluate_cron, parameters=args),
     ]
 

@@ -78,3 +78,16 @@ def test_scheduled_deployment_runs_on_a_real_server(tmp_path, model_dir):
             p.wait(timeout=60)
         for f in logs:
             f.close()
+
+
+def test_the_scheduled_pipeline_runs_on_the_configured_task_runner(tmp_path):
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.deploy import scheduled_pipeline
+    from gamma.config import load_config
+
+    threads = scheduled_pipeline(load_config(tmp_path / "none.yaml", {"pipeline.workers": 3})).task_runner
+    assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
+    dask = load_config(tmp_path / "none.yaml", {"pipeline.task_runner": "dask"})
+    assert isinstance(scheduled_pipeline(dask).task_runner, DaskTaskRunner)
