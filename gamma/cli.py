@@ -174,8 +174,14 @@ def cmd_quantize(cfg: GammaConfig, args) -> dict:
     path = Path(args.assignment) if args.assignment else out / "assignments" / f"{args.budget:g}.json"
     if not path.exists():
         raise SystemExit(f"error: no assignment at {path}; run `gamma allocate --budgets {args.budget:g}` first")
-    data = json.loads(path.read_text())
-    assignment = data.get("assignment", data)
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{path} is not an assignment file (not JSON: {err})") from None
+    assignment = data.get("assignment", data) if isinstance(data, dict) else data
+    if not isinstance(assignment, dict) or not assignment or \
+            not all(isinstance(b, int) and not isinstance(b, bool) for b in assignment.values()):
+        raise ConfigError(f"{path} is not an assignment file: expected {{module: bits}}, got {str(data)[:60]!r}")
     name = path.stem
     row = quantize_and_evaluate(Workspace(cfg), assignment, save_to=out / "models" / name)
     row["method"] = f"gamma-{name}"

@@ -141,3 +141,17 @@ def test_allocate_exits_non_zero_when_every_budget_failed(tmp_path, capsys, mode
     out = "".join(capsys.readouterr())
     assert code == 1 and "no budget could be allocated (1.5, 9)" in out and out.count("FAILED") == 2
     assert not list((tmp_path / "assignments").glob("*.json"))
+
+
+BAD_JSON = {"garbage": "not json at all", "truncated": '{"modules": ["a"], "sizes"', "list": "[1, 2, 3]",
+            "missing": '{"modules": ["a"]}', "empty": ""}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_JSON))
+def test_a_broken_score_table_or_assignment_is_one_clear_line(tmp_path, capsys, kind):
+    bad = tmp_path / f"{kind}.json"
+    bad.write_text(BAD_JSON[kind])
+    for argv in (["allocate", "--scores", str(bad)], ["quantize", "--assignment", str(bad)]):
+        code = cli.main([*argv, "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}"])
+        out = "".join(capsys.readouterr())
+        assert code == 2 and str(bad) in out.replace("\n", "") and "Traceback" not in out, (argv, out)

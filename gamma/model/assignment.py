@@ -70,6 +70,8 @@ def unquantized_parameters(model: nn.Module, quantized: Iterable[str]) -> list[n
 
 
 def validate_assignment(model: nn.Module, assignment: dict[str, int]) -> None:
+    if not isinstance(assignment, dict) or not assignment:
+        raise QuantizationError(f"an assignment maps module names to bit widths; got {str(assignment)[:80]!r}")
     modules = quantizable_modules(model)
     unknown = sorted(set(assignment) - set(modules))
     if unknown:

@@ -60,9 +60,16 @@ class ScoreTable:
         path = Path(path)
         if not path.exists():
             raise ScoreTableError(f"no score table at {path}; run `gamma learn` first")
-        data = json.loads(path.read_text())
-        data["sizes"] = [tuple(s) for s in data["sizes"]]
-        return cls(**data)
+        try:
+            data = json.loads(path.read_text())
+            data["sizes"] = [tuple(s) for s in data["sizes"]]
+            table = cls(**data)
+        except (ValueError, KeyError, TypeError) as err:  # not JSON, not an object, fields missing or foreign
+            raise ScoreTableError(f"{path} is not a gamma score table ({type(err).__name__}: {err})") from None
+        if not table.modules or len(table.scores) != len(table.modules) or len(table.sizes) != len(table.modules):
+            raise ScoreTableError(f"{path} is not a gamma score table: {len(table.modules)} modules, "
+                                  f"{len(table.scores)} score rows, {len(table.sizes)} sizes")
+        return table
 
     def check_matches(self, modules: list[str], sizes: list[tuple[int, int]], model_hash: str | None = None,
                       bits: list[int] | None = None, quantizer: dict | None = None) -> None:
