@@ -154,3 +154,16 @@ def test_large_checkpoints_are_sharded_and_read_back_by_both_loaders(model_dir, 
     assert len(list((tmp_path / "sharded-input").glob("model-*.safetensors"))) > 1
     again, _ = load_model(tmp_path / "sharded-input")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_the_same_inputs_give_the_same_checkpoint_hash(tmp_path, model_dir):
+    """Nothing run-dependent (a timing) is inside the checksummed files."""
+    from gamma.config import load_config
+    from gamma.run.variant import quantize_and_evaluate
+    from gamma.run.workspace import Workspace
+
+    cfg = load_config(tmp_path / "none.yaml", {"evaluation.max_tokens": 256, "evaluation.context_length": 128,
+                                               "evaluation.zero_shot_items": 0})
+    ws = Workspace(cfg)
+    first, second = (quantize_and_evaluate(ws, 3, save_to=tmp_path / name) for name in ("a", "b"))
+    assert first["checkpoint_sha256"] == second["checkpoint_sha256"]

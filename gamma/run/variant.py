@@ -79,7 +79,10 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
     if save_to:
         ckpt = export_checkpoint(model, tokenizer, records, save_to, {
             ASSIGNMENT_FILE: json.dumps(assignment, indent=1) + "\n",
-            SUMMARY_FILE: json.dumps(row, indent=1, default=str) + "\n"})
+            # run-dependent figures (timings) stay out of the checksummed files: the same inputs and
+            # seed give the same checkpoint hash
+            SUMMARY_FILE: json.dumps({k: v for k, v in row.items() if not k.endswith("_seconds")}, indent=1,
+                                     default=str) + "\n"})
         row.update({"checkpoint_bytes": ckpt.weights_bytes, "checkpoint_total_bytes": ckpt.total_bytes,
                     "checkpoint_sha256": ckpt.sha256,
                     "checkpoint_over_predicted": ckpt.weights_bytes / acct.total_bytes})
