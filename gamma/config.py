@@ -129,6 +129,8 @@ class Stage1Config(_Section):
         "proxy init: logits clipped to this many units below each module's best (keeps every candidate's "
         "gradient alive, but a clipped table no longer ranks like the proxy); 0: no clip"))
     checkpoint_every: int = Field(20, ge=1)
+    checkpoint_seconds: float = Field(120.0, gt=0.0, description="also checkpoint when this long has passed since "
+                                                                 "the last checkpoint (slow steps of a large model)")
     max_host_activations_gb: float = Field(
         16.0, gt=0.0, description="teacher hidden states and gradients beyond this go to memory-mapped files "
                                   "in the run directory instead of host memory")

@@ -82,6 +82,16 @@ def test_resumed_run_equals_uninterrupted(setup, tmp_path):
     assert other.resumed_from == 0 and len(other.history["loss"]) == c.steps
 
 
+def test_slow_steps_are_checkpointed_by_time_and_the_resume_says_from_where(setup, tmp_path, capsys):
+    """A kill between step checkpoints of a slow model loses at most ``checkpoint_seconds``."""
+    model, teacher, cands, _, _ = setup
+    c = cfg(steps=5, checkpoint_every=100, checkpoint_seconds=1e-6)
+    init, rows, ckpt = init_for(setup, c), LogitRows(model, cands, BITS), tmp_path / "stage1.ckpt"
+    learn_preferences(model, teacher, rows, c, init, checkpoint=Checkpoint(ckpt, stop_after=3))
+    resumed = learn_preferences(model, teacher, rows, c, init, checkpoint=Checkpoint(ckpt))
+    assert resumed.resumed_from == 3 and "resumed from step 3 of 5" in "".join(capsys.readouterr())
+
+
 def test_temperature_schedule_is_applied():
     c = cfg(temperature=2.0, temperature_end=0.5, steps=5)
     assert temperature_at(c, 0) == 2.0 and temperature_at(c, 4) == pytest.approx(0.5)

@@ -69,7 +69,8 @@ def stage1_settings(stage1: Stage1Config, bits: list[int], provenance: Provenanc
     # the process count changes only float summation order, not the result; every table has its
     # own training budget, whatever other tables a run learns beside it; where the teacher's
     # activations are held changes nothing: none of them is part of the key
-    kept = stage1.model_dump(exclude={"processes", "extra_budgets", "max_host_activations_gb"})
+    kept = stage1.model_dump(exclude={"processes", "extra_budgets", "max_host_activations_gb", "checkpoint_every",
+                                      "checkpoint_seconds"})
     return {"stage1": kept, "candidates": list(bits), "quantizer": provenance.quantizer, "text": provenance.text,
             "dtype": provenance.dtype}
 

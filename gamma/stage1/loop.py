@@ -21,7 +21,7 @@ from torch import nn
 
 from gamma.config import Stage1Config
 from gamma.model.blocks import BlockRunner
-from gamma.progress import track
+from gamma.progress import console, track
 from gamma.stage1.checkpoint import Checkpoint
 from gamma.stage1.lagrangian import AugmentedLagrangian, price_shift
 from gamma.stage1.loss import block_error, channel_fisher
@@ -76,6 +76,9 @@ def learn_preferences(model: nn.Module, teacher: TeacherData, rows: LogitRows, c
                                      cfg.multiplier_interval)
     history, start = checkpoint.resume(logits, optimizer, lagrangian) if checkpoint else (None, 0)
     history = history or {k: [] for k in HISTORY}
+    if start:
+        console.print(f"Stage I (B={cfg.budget}): resumed from step {start} of {cfg.steps} ({checkpoint.path})")
+    last_save = time.perf_counter()
     forcing = TeacherForcing(BlockRunner(model, dev), teacher, rows, cfg, shard)
 
     steps = range(start, cfg.steps)
@@ -102,8 +105,11 @@ def learn_preferences(model: nn.Module, teacher: TeacherData, rows: LogitRows, c
                                   float(expected.detach()), temperature)):
             history[k].append(v)
         done = step + 1
-        if checkpoint and shard.rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+        due = done % cfg.checkpoint_every == 0 or done == cfg.steps or \
+            time.perf_counter() - last_save >= cfg.checkpoint_seconds
+        if checkpoint and shard.rank == 0 and due:
             checkpoint.save(logits, optimizer, lagrangian, history, done)
+            last_save = time.perf_counter()
         if checkpoint and checkpoint.stop_after is not None and done - start >= checkpoint.stop_after:
             break
     return finish(logits, lagrangian, history, rows, cfg, (t_start, start))
