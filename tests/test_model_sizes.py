@@ -140,7 +140,8 @@ def test_a_run_that_would_not_fit_is_refused_before_the_model_loads(tmp_path, mo
     monkeypatch.setattr(gamma.run.workspace, "load_model", lambda *a, **k: loads.append(1))
     monkeypatch.setattr(gamma.run.tables, "available_memory", lambda device: (2 * 1024**3, None))
     code = cli.main(["learn", "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}",
-                     "--set", "text.calibration_sequences=64", "--set", "text.sequence_length=2048"])
+                     "--set", "text.calibration_sequences=64", "--set", "text.sequence_length=2048",
+                     "--set", "stage1.max_host_activations_gb=100"])
     out = "".join(capsys.readouterr())
     assert code == 2 and not loads
     assert "2.0 GB are free" in out and "teacher hidden states" in out and "text.calibration_sequences" in out

@@ -19,15 +19,17 @@ def build_candidates(
     hessians: dict[str, torch.Tensor] | None = None,
     modules: list[str] | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict[str, list[PackedWeight]]:
-    """``{module: [Q_b(W) for b in bits]}``, packed: b/8 bytes per weight per candidate width b."""
+    """``{module: [Q_b(W) for b in bits]}``, quantized on ``device`` and held packed on the host:
+    b/8 bytes per weight per candidate width b."""
     found = quantizable_modules(model)
     names = modules or list(found)
     out = {}
     for name in track(names, f"candidates ({quantizer.name}, bits {bits})") if progress else names:
         h = hessians.get(name) if hessians else None
-        out[name] = [quantizer.quantize(found[name].weight, QuantSpec(b, group_size, symmetric), h).pack()
-                     for b in bits]
+        w = found[name].weight.detach().to(device, torch.float32)
+        out[name] = [quantizer.quantize(w, QuantSpec(b, group_size, symmetric), h).pack() for b in bits]
     return out
 
 

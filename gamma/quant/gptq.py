@@ -63,29 +63,29 @@ class GPTQ:
         n_groups, width = spec.groups(cols), spec.group_width(cols)
         spec, specs = _group_specs(spec, group_bits, n_groups, width)
         W = weight.detach().to(torch.float32).clone()
-        H = hessian.to(torch.float32).clone()
+        H = hessian.to(W.device, torch.float32).clone()
 
         dead = torch.diag(H) == 0
         diag = torch.diag(H).clone()
         H[dead, dead] = 1
         W[:, dead] = 0
 
-        scales = torch.zeros(rows, n_groups)
-        zeros = torch.zeros(rows, n_groups, dtype=torch.int32)
+        scales = torch.zeros(rows, n_groups, device=W.device)
+        zeros = torch.zeros(rows, n_groups, dtype=torch.int32, device=W.device)
         if self.act_order:
             for g in range(n_groups):
                 scales[:, g], zeros[:, g] = self._group_params(W[:, g * width : (g + 1) * width], specs[g],
                                                                diag[g * width : (g + 1) * width])
             perm = torch.argsort(torch.diag(H), descending=True)
         else:
-            perm = torch.arange(cols)
+            perm = torch.arange(cols, device=W.device)
         W = W[:, perm]
         H = H[perm][:, perm]
 
-        H += self.damping * torch.mean(torch.diag(H)) * torch.eye(cols)
+        H += self.damping * torch.mean(torch.diag(H)) * torch.eye(cols, device=W.device)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-        codes = torch.zeros(rows, cols)
+        codes = torch.zeros(rows, cols, device=W.device)
         # Blocks are whole groups, so a group's scale is always found on updated weights.
         block = max(1, self.block_size // width) * width if not self.act_order else self.block_size
         for i1 in range(0, cols, block):

@@ -71,10 +71,10 @@ class QuantizedWeight:
         return (self.codes.to(torch.float32) - zeros) * scales
 
     def pack(self) -> PackedWeight:
-        """The same weight with its codes in ``bits`` bit planes: bits/8 bytes per weight, not 1."""
-        codes = self.codes.reshape(-1).numpy()
+        """The same weight on the host with its codes in ``bits`` bit planes: bits/8 bytes per weight, not 1."""
+        codes = self.codes.reshape(-1).cpu().numpy()
         planes = np.stack([np.packbits((codes >> k) & 1) for k in range(self.spec.bits)])
-        return PackedWeight(torch.from_numpy(planes), self.shape, self.scales, self.zeros, self.spec)
+        return PackedWeight(torch.from_numpy(planes), self.shape, self.scales.cpu(), self.zeros.cpu(), self.spec)
 
 
 @dataclass
@@ -138,8 +138,8 @@ def search_group_params(
     by the Hessian diagonal)."""
     w = w.to(torch.float32)
     best_scale, best_zero = group_params(w, spec)
-    best_err = torch.full((w.shape[0],), float("inf"))
-    weights = torch.ones(w.shape[1]) if weights is None else weights.to(torch.float32)
+    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+    weights = torch.ones(w.shape[1], device=w.device) if weights is None else weights.to(w.device, torch.float32)
     for step in range(int(max_shrink * grid) + 1):
         shrink = 1 - step / grid
         scale, zero = group_params(w * shrink, spec)

@@ -138,12 +138,12 @@ class Workspace:
         takes the block's full-precision Hessians, which are then dropped: never all of them at once."""
         cfg, q, quantizer = self.cfg, self.cfg.quantizer, self.quantizer()
         if not quantizer.needs_hessians:
-            return build_candidates(model, quantizer, cfg.candidates, q.group_size, q.symmetric)
+            return build_candidates(model, quantizer, cfg.candidates, q.group_size, q.symmetric, device=self.device)
         built: dict = {}
 
         def build_block(_index: int, hessians: dict) -> None:
             built.update(build_candidates(model, quantizer, cfg.candidates, q.group_size, q.symmetric, hessians,
-                                          sorted(hessians), progress=False))
+                                          sorted(hessians), progress=False, device=self.device))
 
         g = q.gptq
         collect_hessians(model, self.calibration, token_clip=g.token_clip, sink_weight=g.sink_weight,
