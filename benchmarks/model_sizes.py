@@ -55,6 +55,14 @@ def build(name: str, where: Path) -> Path:
     return where
 
 
+def code_commit(code: str) -> str:
+    """The commit of the checkout whose command runs (the row's own ``commit`` is this script's)."""
+    run = subprocess.run(["git", "-C", code, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", code, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return run.stdout.strip() + ("+changes" if dirty else "") if run.returncode == 0 else "unknown"
+
+
 def learn(model_dir: Path, out: Path, code: Path, dtype: str) -> dict:
     sets = {**SETTINGS, "model.path": str(model_dir), "model.data_dir": str(ROOT / "data"), "output_dir": str(out),
             **({} if dtype == "auto" else {"model.dtype": dtype})}  # older checkouts know no model.dtype
@@ -86,7 +94,8 @@ def main() -> None:
             console.rule(f"{name}: building a random-weight model ({args.label})")
             model_dir = build(name, Path(tmp) / name)
             size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1024**3
-            row = {"model": name, "dtype": args.dtype, "code": args.label, "checkpoint_gb": round(size, 2),
+            row = {"model": name, "dtype": args.dtype, "code": args.label, "code_commit": code_commit(args.code),
+                   "checkpoint_gb": round(size, 2),
                    **learn(model_dir, Path(tmp) / "out", Path(args.code), args.dtype)}
         console.print(row)
         rows.append(row)
