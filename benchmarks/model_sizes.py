@@ -35,6 +35,8 @@ SHAPES = {  # the published configs' shapes
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
 SETTINGS = {"text.calibration_sequences": 4, "text.sequence_length": 256, "stage1.steps": 2,
             "stage1.extra_budgets": [], "stage1.checkpoint_every": 1000}
@@ -80,16 +82,37 @@ def learn(model_dir: Path, out: Path, code: Path, dtype: str) -> dict:
             "estimate_host_gb": json.loads(estimate.read_text())["host_gb"] if estimate.exists() else None}
 
 
+def estimate_row(name: str) -> dict:
+    """gamma's estimate for ``name``'s shapes in bfloat16 under params.yaml, computing on a CUDA
+    device (from config.json alone: nothing is built or run)."""
+    from gamma.model.memory import estimate_memory
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps({**SHAPES[name], "torch_dtype": "bfloat16"}))
+        row = {"model": name, "dtype": "auto", "code": "estimate only"}
+        for method in ("rtn", "gptq"):
+            cfg = load_config(ROOT / "params.yaml", {"quantizer.method": method})
+            estimate = estimate_memory(cfg, tmp)
+            estimate.device_name = "cuda"  # where the product runs an 8B model; nothing is allocated
+            host, device = estimate.totals()
+            row.update({f"estimate_host_gb_{method}": round(host / 1024**3, 2),
+                        f"estimate_device_gb_{method}": round(device / 1024**3, 2)})
+    console.print(row)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="llama-3.2-1b")
     ap.add_argument("--dtype", default="auto", help="model.dtype for the run")
     ap.add_argument("--code", default=str(ROOT), help="checkout whose `gamma learn` runs (default: this one)")
     ap.add_argument("--label", default="current", help="row label for --code (e.g. before)")
+    ap.add_argument("--estimate-only", default="", help="models whose memory estimate is recorded without a run "
+                                                        "(the product's defaults, on a CUDA device), e.g. llama-3.1-8b")
     args = ap.parse_args()
     load_config(ROOT / "params.yaml", {"model.dtype": args.dtype})  # a bad value fails here
-    rows = []
-    for name in args.models.split(","):
+    rows = [estimate_row(name) for name in args.estimate_only.split(",") if name]
+    for name in filter(None, args.models.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             console.rule(f"{name}: building a random-weight model ({args.label})")
             model_dir = build(name, Path(tmp) / name)

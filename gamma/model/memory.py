@@ -1,10 +1,10 @@
 """What a run will need, estimated from the model's config.json and the settings before anything
 heavy is loaded, printed, recorded, and checked against what the host and device have.
 
-Host: the weights in ``model.dtype``, the packed candidates, the teacher's hidden states and gradients, and
-GPTQ's Hessians. Device: one block in float32 with its Fisher, its dense candidates (all of them
-while they fit the cache) and one step's activations, and the head. When the device is the CPU
-both live in the same memory.
+Host: the weights in ``model.dtype``, the packed candidates, the teacher's hidden states and
+gradients. Device: one block in float32 with its Fisher, its dense candidates (all of them while
+they fit the cache), one step's activations, the head, and one block's GPTQ Hessians. When the
+device is the CPU both live in the same memory.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ LOWERED_BY = {
     "candidates (packed)": "fewer candidates",
     "teacher hidden states": "text.calibration_sequences, text.sequence_length or stage1.max_host_activations_gb",
     "teacher gradients": "text.calibration_sequences, text.sequence_length or stage1.max_host_activations_gb",
-    "GPTQ Hessians": "quantizer.method=rtn",
+    "one block's GPTQ Hessians": "quantizer.method=rtn",
     "one block (float32) and its Fisher": "a device with more memory",
     "dense candidates": "fewer candidates",
     "one step's activations": "stage1.sequences_per_step or stage1.tokens_per_sequence",
@@ -144,7 +144,6 @@ def estimate_memory(cfg: GammaConfig, model_dir: str | Path, sequences: int | No
         "candidates (packed)": quantized * sum(cfg.candidates) / 8 + groups * 8 * k,
         "teacher hidden states": activations * itemsize,
         "teacher gradients": s.layers * n * t * s.hidden * max(itemsize, 2) if with_grads else 0.0,
-        "GPTQ Hessians": s.layers * s.block_hessians * 4 if cfg.quantizer.method == "gptq" else 0.0,
     }
     b, tokens = cfg.stage1.sequences_per_step, min(cfg.stage1.tokens_per_sequence, t)
     device = {
@@ -152,6 +151,8 @@ def estimate_memory(cfg: GammaConfig, model_dir: str | Path, sequences: int | No
         "dense candidates": dense if dense <= DENSE_CACHE_BYTES else k * s.block_linear * 4,
         "one step's activations": b * tokens * (12 * s.hidden + 4 * s.intermediate) * 4 + b * s.heads * tokens**2 * 4,
         "embedding and head (float32)": s.vocab * s.hidden * 4 * (1 if s.tied else 2) + t * s.vocab * 4 * 3,
+        # GPTQ's candidates are built block by block: one block's Hessians (float64 sums) at a time
+        "one block's GPTQ Hessians": s.block_hessians * 8 if cfg.quantizer.method == "gptq" else 0.0,
     }
     estimate = MemoryEstimate(host, device, str(resolve_device(cfg.model.device)))
     if sum(host[p] for p in SPILLED) > cfg.stage1.max_host_activations_gb * GB:
