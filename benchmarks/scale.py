@@ -1,0 +1,213 @@
+"""Scale: wall time and peak host memory of every phase on random-weight models with real shapes.
+
+Builds Llama-style models from configs (no download; bf16 on disk, the embedded tokenizer):
+Llama-3.2-1B at full depth, Llama-3.1-8B block shapes with 1, 2 and 4 blocks, one Llama-3.1-70B
+block. Each model runs in a fresh process, phase by phase through the library as the pipeline
+calls it (load, candidates RTN and GPTQ, teacher capture with gradients, one Stage I step,
+Stage II, quantize and export, perplexity on 2k tokens); a sampler thread reads the process's
+resident memory every 20 ms, so each phase gets its own peak. Over the 8B block sweep it fits
+peak host memory and Stage I step time against the number of blocks and projects both to the
+full 8B model (32 blocks). Writes benchmarks/results/scale.json (rows keyed by model and phase)
+and benchmarks/results/scale.png (peak memory against blocks).
+
+    python benchmarks/scale.py [--models llama-3.2-1b,llama-3.1-8b:1,llama-3.1-8b:2] [--gptq llama-3.2-1b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_results
+from model_sizes import SHAPES
+
+from gamma.progress import console
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {**SHAPES, "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                          num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                                          tie_word_embeddings=False)}
+DEFAULT_MODELS = "llama-3.2-1b,llama-3.1-8b:1,llama-3.1-8b:2,llama-3.1-8b:4,llama-3.1-70b:1"
+GB = 1024**3
+
+
+class PeakMemory:
+    """Resident memory of this process, sampled every ``interval`` seconds: the peak of each phase."""
+
+    def __init__(self, interval: float = 0.02):
+        import psutil
+
+        self.process, self.interval, self.peak = psutil.Process(), interval, 0
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    @contextmanager
+    def phase(self, rows: list, name: str):
+        self.peak = self.process.memory_info().rss
+        t0 = time.perf_counter()
+        yield
+        rows.append({"phase": name, "seconds": round(time.perf_counter() - t0, 2),
+                     "peak_host_gb": round(max(self.peak, self.process.memory_info().rss) / GB, 3)})
+        console.print(rows[-1])
+
+
+def build(spec: str, where: Path) -> Path:
+    """``name`` or ``name:blocks``: a random-weight model with those shapes (``blocks`` of them), bf16."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from gamma.model.loading import resolve_model_path
+
+    name, _, blocks = spec.partition(":")
+    shapes = {**SHAPES[name], **({"num_hidden_layers": int(blocks)} if blocks else {})}
+    torch.manual_seed(0)
+    config = LlamaConfig(**shapes, max_position_embeddings=4096, torch_dtype="bfloat16")
+    torch.set_default_dtype(torch.bfloat16)  # initialised in bf16: no float32 copy of a 70B block's model
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.save_pretrained(where)
+    AutoTokenizer.from_pretrained(resolve_model_path("embedded", ROOT / "data")).save_pretrained(where)
+    return where
+
+
+def run_phases(model_dir: str, gptq: bool, sequences: int, length: int) -> list[dict]:
+    """Every phase on the model at ``model_dir``, in this process."""
+    from gamma.config import load_config
+    from gamma.evaluation.metrics import perplexity
+    from gamma.model.assignment import apply_assignment
+    from gamma.model.export import export_checkpoint, round_to_storage
+    from gamma.problem import AllocationProblem
+    from gamma.run.workspace import Workspace
+    from gamma.stage1.learn import learn_score_table
+    from gamma.stage2.projection import project
+
+    memory, rows = PeakMemory(), []
+    sets = {"model.path": model_dir, "model.data_dir": str(ROOT / "data"), "text.calibration_sequences": sequences,
+            "text.sequence_length": length, "stage1.steps": 1, "stage1.extra_budgets": [],
+            "evaluation.max_tokens": 2048, "evaluation.context_length": 512}
+    cfg = load_config(ROOT / "params.yaml", sets)
+    ws = Workspace(cfg)
+    _ = ws.calibration, ws.evaluation  # tokenized before the clock starts
+    with memory.phase(rows, "load"):
+        model, tokenizer = ws.load()
+    with memory.phase(rows, "candidates rtn"):
+        candidates = ws.candidates(model)
+    if gptq:
+        with memory.phase(rows, "candidates gptq"):
+            Workspace(load_config(ROOT / "params.yaml", {**sets, "quantizer.method": "gptq"})).candidates(model)
+    problem = AllocationProblem(model, ws.calibration, candidates, cfg.candidates, cfg.quantizer.group_size,
+                                cfg.quantizer.symmetric, provenance=ws.provenance(), device=str(ws.device))
+    with memory.phase(rows, "teacher capture with gradients"):
+        teacher = problem.capture(True, proxy=True)
+    with memory.phase(rows, "one Stage I step"):
+        table = learn_score_table(problem, cfg.stage1, teacher=teacher)
+    del teacher
+    with memory.phase(rows, "Stage II"):
+        assignment = project(table, 3.0, cfg.stage2, group_size=cfg.quantizer.group_size).assignment
+    with tempfile.TemporaryDirectory() as tmp, memory.phase(rows, "quantize and export"):
+        records, _ = apply_assignment(model, assignment, ws.quantizer(), cfg.quantizer.group_size,
+                                      cfg.quantizer.symmetric)
+        round_to_storage(model, set(records))
+        export_checkpoint(model, tokenizer, records, Path(tmp) / "variant")
+    with memory.phase(rows, "perplexity (2k tokens)"):
+        perplexity(model, ws.evaluation, device=str(ws.device))
+    return rows
+
+
+def measure(spec: str, gptq: bool, sequences: int, length: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        console.rule(f"{spec}: building")
+        model_dir = build(spec, Path(tmp) / "model")
+        size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / GB
+        out = Path(tmp) / "phases.json"
+        cmd = [sys.executable, __file__, "--child", str(model_dir), "--out", str(out), "--sequences", str(sequences),
+               "--length", str(length)] + (["--with-gptq"] if gptq else [])
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        name, _, blocks = spec.partition(":")
+        n_blocks = int(blocks) if blocks else SHAPES[name]["num_hidden_layers"]
+        return [{"model": spec, "blocks": n_blocks, "checkpoint_gb": round(size, 3), **r}
+                for r in json.loads(out.read_text())]
+
+
+def project_8b(rows: list[dict]) -> dict | None:
+    """Linear fits over the 8B block sweep: peak host memory and Stage I step time against blocks,
+    and their values at the full model's 32 blocks."""
+    sweep = [r for r in rows if r["model"].startswith("llama-3.1-8b:")]
+    if len({r["blocks"] for r in sweep}) < 2:
+        return None
+    blocks = sorted({r["blocks"] for r in sweep})
+    peak = [max(r["peak_host_gb"] for r in sweep if r["blocks"] == b) for b in blocks]
+    step = [next(r["seconds"] for r in sweep if r["blocks"] == b and r["phase"] == "one Stage I step")
+            for b in blocks]
+    fit = {}
+    for name, ys in (("peak_host_gb", peak), ("stage1_step_seconds", step)):
+        slope, intercept = np.polyfit(blocks, ys, 1)
+        worst = max(abs(y - (slope * b + intercept)) / y for b, y in zip(blocks, ys))
+        fit[name] = {"per_block": round(float(slope), 3), "fixed": round(float(intercept), 3),
+                     "largest_fit_error": round(float(worst), 3),
+                     "projected_32_blocks": round(float(slope * 32 + intercept), 2)}
+    return fit
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in sorted({r["model"].split(":")[0] for r in rows}):
+        mine = [r for r in rows if r["model"].split(":")[0] == name]
+        blocks = sorted({r["blocks"] for r in mine})
+        ax.plot(blocks, [max(r["peak_host_gb"] for r in mine if r["blocks"] == b) for b in blocks], "o-", label=name)
+    ax.set_xlabel("decoder blocks")
+    ax.set_ylabel("peak host memory, GB (all phases)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=DEFAULT_MODELS)
+    ap.add_argument("--gptq", default="llama-3.2-1b", help="models that also time GPTQ's candidates (slow on "
+                                                           "CPU: a 14336-column GPTQ per module and width)")
+    ap.add_argument("--sequences", type=int, default=4, help="calibration sequences")
+    ap.add_argument("--length", type=int, default=256, help="tokens per calibration sequence")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--with-gptq", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        rows = run_phases(args.child, args.with_gptq, args.sequences, args.length)
+        Path(args.out).write_text(json.dumps(rows))
+        return
+    gptq = set(filter(None, args.gptq.split(",")))
+    rows = [r for spec in args.models.split(",") for r in measure(spec, spec in gptq, args.sequences, args.length)]
+    fit = project_8b(rows)
+    if fit:
+        console.print({"8B fit": fit})
+    settings = {"sequences": args.sequences, "length": args.length, "gptq": sorted(gptq), "device": "cpu",
+                "fit_8b": fit}
+    console.print(f"wrote {write_results('scale', settings, rows, key=('model', 'phase'))}")
+    plot(json.loads((RESULTS / "scale.json").read_text())["rows"], RESULTS / "scale.png")
+
+
+if __name__ == "__main__":
+    main()
