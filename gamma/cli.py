@@ -38,6 +38,9 @@ def _parse_list(text: str, kind=float) -> list:
     return values
 
 
+DEFAULT_PARAMS = "params.yaml"
+
+
 class AllFailed(Exception):
     """Every item a command was asked for failed (each was reported): the command exits 1."""
 
@@ -255,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__,
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
+    common.add_argument("--params", default=DEFAULT_PARAMS, help="configuration file (default: params.yaml)")
     common.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a setting, e.g. --set stage1.steps=20 (repeatable)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -299,6 +302,9 @@ COMMANDS = {"prepare": cmd_prepare, "uniform": cmd_uniform, "learn": cmd_learn, 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.params != DEFAULT_PARAMS and not Path(args.params).is_file():  # a typo must not run on defaults
+            raise ConfigError(f"--params {args.params}: no such file (without --params, ./{DEFAULT_PARAMS} is read "
+                              "when it exists, and every default applies when it does not)")
         cfg = load_config(args.params, parse_overrides(args.set))
         COMMANDS[args.command](cfg, args)
     except ConfigError as err:

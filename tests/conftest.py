@@ -37,3 +37,10 @@ def calibration(model_and_tokenizer, text):
 
     tokens = tokenize_file(text.calibration, model_and_tokenizer[1])
     return sample_sequences(tokens, 4, 128, seed=0)
+
+
+def defaults(tmp_path: Path) -> Path:
+    """An empty params file: every setting at its default."""
+    path = tmp_path / "defaults.yaml"
+    path.touch()
+    return path

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import defaults
 
 from gamma import cli
 from gamma.stage2.scores import ScoreTable
@@ -16,7 +17,7 @@ def test_help_lists_every_command(capsys):
 
 
 def test_bad_config_value_fails_before_work(tmp_path, capsys):
-    assert cli.main(["allocate", "--params", str(tmp_path / "none.yaml"), "--set", "stage2.window=-1"]) == 2
+    assert cli.main(["allocate", "--params", str(defaults(tmp_path)), "--set", "stage2.window=-1"]) == 2
     captured = capsys.readouterr()
     assert "stage2.window" in captured.out + captured.err
 
@@ -42,14 +43,14 @@ def test_allocate_reuses_scores_and_never_runs_stage1(tmp_path, monkeypatch, cap
     foreign = ScoreTable(modules[:-1], sizes[:-1], [2, 3, 4], scores[:-1], ws.model_hash, "t", {"name": "rtn"}, 3.0,
                          {}, 0, 0.0, 10.0, 0.0)
     foreign.save(tmp_path / "foreign.json")
-    code = cli.main(["allocate", "--params", str(tmp_path / "none.yaml"), "--scores", str(tmp_path / "foreign.json"),
+    code = cli.main(["allocate", "--params", str(defaults(tmp_path)), "--scores", str(tmp_path / "foreign.json"),
                      "--set", f"output_dir={tmp_path}", "--budgets", "2.5"])
     captured = capsys.readouterr()
     assert code == 2 and "different module set" in captured.out + captured.err  # refused, clearly
     table = ScoreTable(modules, sizes, [2, 3, 4], scores, ws.model_hash, "t", {"name": "rtn"}, 3.0, {}, 0, 0.0,
                        10.0, 0.0)
     table.save(tmp_path / "scores.json")
-    code = cli.main(["allocate", "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}",
+    code = cli.main(["allocate", "--params", str(defaults(tmp_path)), "--set", f"output_dir={tmp_path}",
                      "--budgets", "2.25,2.5,3,1.5"])
     assert code == 0
     captured = capsys.readouterr()
@@ -64,7 +65,7 @@ def test_allocate_reuses_scores_and_never_runs_stage1(tmp_path, monkeypatch, cap
     other = ScoreTable(modules, sizes, [2, 3, 4], np.log(rng2.dirichlet([1, 1, 1], len(modules))).tolist(),
                        ws.model_hash, "t", {"name": "rtn"}, 3.5, {}, 0, 0.0, 10.0, 0.0)
     other.save(tmp_path / "stage1-3.5" / "scores.json")
-    code = cli.main(["allocate", "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}",
+    code = cli.main(["allocate", "--params", str(defaults(tmp_path)), "--set", f"output_dir={tmp_path}",
                      "--set", "stage1.extra_budgets=[3.5]", "--budgets", "3,3.25,3.5"])
     assert code == 0
     learned_at = {b: json.loads((tmp_path / "assignments" / f"{b}.json").read_text())["training_budget"]
@@ -79,7 +80,7 @@ def test_allocate_reuses_scores_and_never_runs_stage1(tmp_path, monkeypatch, cap
 
 
 def test_allocate_with_another_allocator_quantizes_and_evaluates(tmp_path, capsys):
-    base = ["allocate", "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}",
+    base = ["allocate", "--params", str(defaults(tmp_path)), "--set", f"output_dir={tmp_path}",
             "--set", "text.calibration_sequences=2", "--set", "text.sequence_length=64",
             "--set", "evaluation.max_tokens=512", "--set", "evaluation.context_length=256",
             "--set", "evaluation.zero_shot_items=0"]
@@ -107,7 +108,7 @@ def test_learn_gives_the_band_its_tables_from_one_teacher_capture(tmp_path, monk
     captures = []
     capture = gamma.problem.capture_teacher
     monkeypatch.setattr(gamma.problem, "capture_teacher", lambda *a, **k: captures.append(1) or capture(*a, **k))
-    code = cli.main(["learn", "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}",
+    code = cli.main(["learn", "--params", str(defaults(tmp_path)), "--set", f"output_dir={tmp_path}",
                      "--set", "text.calibration_sequences=2", "--set", "text.sequence_length=64",
                      "--set", "stage1.steps=1", "--set", "stage1.extra_budgets=[2.75]"])
     assert code == 0 and len(captures) == 1
@@ -118,12 +119,12 @@ def test_learn_gives_the_band_its_tables_from_one_teacher_capture(tmp_path, monk
 
 @pytest.mark.parametrize("budgets", [",", "nan", "inf", "x"])
 def test_a_budget_list_that_is_no_list_of_numbers_is_refused_by_value(tmp_path, capsys, budgets):
-    code = cli.main(["allocate", "--params", str(tmp_path / "none.yaml"), "--budgets", budgets])
+    code = cli.main(["allocate", "--params", str(defaults(tmp_path)), "--budgets", budgets])
     assert code == 2 and repr(budgets) in "".join(capsys.readouterr())
 
 
 def test_an_empty_budget_list_is_a_configuration_error(tmp_path, capsys):
-    code = cli.main(["allocate", "--params", str(tmp_path / "none.yaml"), "--set", "stage2.budgets=[]"])
+    code = cli.main(["allocate", "--params", str(defaults(tmp_path)), "--set", "stage2.budgets=[]"])
     assert code == 2 and "stage2.budgets" in "".join(capsys.readouterr())
 
 
@@ -136,7 +137,7 @@ def test_allocate_exits_non_zero_when_every_budget_failed(tmp_path, capsys, mode
     scores = np.log(np.random.default_rng(0).dirichlet([1, 1, 1], len(modules))).tolist()
     ScoreTable(modules, sizes, [2, 3, 4], scores, ws.model_hash, "t", {"name": "rtn"}, 3.0, {}, 0, 0.0, 10.0,
                0.0).save(tmp_path / "scores.json")
-    code = cli.main(["allocate", "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}",
+    code = cli.main(["allocate", "--params", str(defaults(tmp_path)), "--set", f"output_dir={tmp_path}",
                      "--budgets", "1.5,9"])
     out = "".join(capsys.readouterr())
     assert code == 1 and "no budget could be allocated (1.5, 9)" in out and out.count("FAILED") == 2
@@ -152,6 +153,11 @@ def test_a_broken_score_table_or_assignment_is_one_clear_line(tmp_path, capsys, 
     bad = tmp_path / f"{kind}.json"
     bad.write_text(BAD_JSON[kind])
     for argv in (["allocate", "--scores", str(bad)], ["quantize", "--assignment", str(bad)]):
-        code = cli.main([*argv, "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}"])
+        code = cli.main([*argv, "--params", str(defaults(tmp_path)), "--set", f"output_dir={tmp_path}"])
         out = "".join(capsys.readouterr())
         assert code == 2 and str(bad) in out.replace("\n", "") and "Traceback" not in out, (argv, out)
+
+
+def test_a_params_file_that_is_not_there_is_refused_not_replaced_by_defaults(tmp_path, capsys):
+    code = cli.main(["allocate", "--params", str(tmp_path / "no_such_params.yaml")])
+    assert code == 2 and "no_such_params.yaml: no such file" in "".join(capsys.readouterr())

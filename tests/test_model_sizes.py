@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import defaults
 
 from gamma.config import ConfigError, load_config
 from gamma.model.candidates import build_candidates
-from gamma.model.device import DeviceError, on_device, resolve_device, resolve_dtype
-from gamma.model.loading import load_model, quantizable_modules
+from gamma.model.device import DeviceError, on_device, resolve_device
+from gamma.model.loading import load_model, quantizable_modules, resolve_dtype
 from gamma.problem import AllocationProblem
 from gamma.quant import get_quantizer
 from gamma.stage1.proxy import KeepFisher
@@ -139,7 +140,7 @@ def test_a_run_that_would_not_fit_is_refused_before_the_model_loads(tmp_path, mo
     loads = []
     monkeypatch.setattr(gamma.run.workspace, "load_model", lambda *a, **k: loads.append(1))
     monkeypatch.setattr(gamma.run.tables, "available_memory", lambda device: (2 * 1024**3, None))
-    code = cli.main(["learn", "--params", str(tmp_path / "none.yaml"), "--set", f"output_dir={tmp_path}",
+    code = cli.main(["learn", "--params", str(defaults(tmp_path)), "--set", f"output_dir={tmp_path}",
                      "--set", "text.calibration_sequences=64", "--set", "text.sequence_length=2048",
                      "--set", "stage1.max_host_activations_gb=100"])
     out = "".join(capsys.readouterr())
@@ -227,3 +228,11 @@ def test_a_table_learned_on_other_weights_dtype_is_another_table():
     keys = {stage1_key(p, stage1_settings(Stage1Config(), [2, 3, 4], p))
             for p in (Provenance("m", "t", dtype="float32"), Provenance("m", "t", dtype="bfloat16"))}
     assert len(keys) == 2
+
+
+def test_an_unreadable_config_json_is_one_clear_error(tmp_path):
+    from gamma.model.loading import ModelInputError
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelInputError, match="config.json"):
+        resolve_dtype("auto", tmp_path)

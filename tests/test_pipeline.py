@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import defaults
 
 from gamma.model.export import verify_checkpoint
 from gamma.operations.promotion import decide_promotion
@@ -229,7 +230,7 @@ def test_stage1_task_fails_with_the_dead_workers_error_and_registers_nothing(tmp
 
     broken = tmp_path / "broken-model"
     broken.mkdir()
-    (broken / "config.json").write_text("{not json")
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')  # read, then unloadable
     cfg = load_config(tmp_path / "none.yaml", {
         "model.path": str(broken), "stage1.processes": 2, "output_dir": str(tmp_path / "runs"),
         "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.artifacts": str(tmp_path / "art")})
@@ -313,7 +314,7 @@ def test_competing_allocators_fan_out_and_register_under_their_names(project, pr
 def test_promote_with_nothing_registered_says_so_and_exits_non_zero(tmp_path, prefect_api, capsys):
     from gamma import cli
 
-    code = cli.main(["promote", "--params", str(tmp_path / "none.yaml"), "--alias", "production",
+    code = cli.main(["promote", "--params", str(defaults(tmp_path)), "--alias", "production",
                      "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                      "--set", f"tracking.artifacts={tmp_path / 'art'}"])
     assert code == 1 and "nothing is registered to promote to alias 'production'" in "".join(capsys.readouterr())

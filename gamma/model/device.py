@@ -8,9 +8,7 @@ model keeps in float32 (rotary frequencies) stay float32.
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,18 +33,6 @@ def resolve_device(name: str) -> torch.device:
             raise DeviceError(f"model.device={name!r}, but this machine has {torch.cuda.device_count()} CUDA "
                               "device(s)")
     return device
-
-
-def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
-    """The dtype a Hugging Face directory's config.json declares (float32 when it declares none)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
-
-
-def resolve_dtype(name: str, model_dir: str | Path) -> torch.dtype:
-    """``auto``: the checkpoint's own dtype; otherwise the named one."""
-    return checkpoint_dtype(model_dir) if name == "auto" else DTYPES[name]
 
 
 def _tensors(module: nn.Module):

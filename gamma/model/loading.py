@@ -7,6 +7,7 @@ user passes.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from gamma.config import EMBEDDED
-from gamma.model.device import checkpoint_dtype
+from gamma.model.device import DTYPES
 from gamma.packaged import package_dir
 from gamma.progress import status
 
@@ -25,6 +26,22 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelInputError(ValueError):
     """The model input cannot be used; the message says why and what to do."""
+
+
+def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
+    """The dtype a Hugging Face directory's config.json declares (float32 when it declares none)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelInputError(f"cannot read {path}: {err}") from None
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def resolve_dtype(name: str, model_dir: str | Path) -> torch.dtype:
+    """``model.dtype``: ``auto`` is the checkpoint's own dtype; otherwise the named one."""
+    return checkpoint_dtype(model_dir) if name == "auto" else DTYPES[name]
 
 
 def embedded_model_dir(data_dir: str | Path) -> Path:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from gamma.config import GammaConfig
-from gamma.model.device import resolve_device, resolve_dtype
+from gamma.model.device import resolve_device
+from gamma.model.loading import ModelInputError, resolve_dtype
 
 GB = 1024**3
 DENSE_CACHE_BYTES = 4e9  # stage1.rows.LogitRows keeps every dense candidate while they fit this
@@ -54,12 +55,16 @@ class Shapes:
 
     @classmethod
     def of(cls, model_dir: str | Path) -> Shapes:
-        c = json.loads((Path(model_dir) / "config.json").read_text())
-        c = c.get("text_config", c)
-        heads = c["num_attention_heads"]
-        return cls(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
-                   c.get("num_key_value_heads", heads), c.get("head_dim") or c["hidden_size"] // heads,
-                   c["vocab_size"], bool(c.get("tie_word_embeddings", False)))
+        path = Path(model_dir) / "config.json"
+        try:
+            c = json.loads(path.read_text())
+            c = c.get("text_config", c)
+            heads = c["num_attention_heads"]
+            return cls(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
+                       c.get("num_key_value_heads", heads), c.get("head_dim") or c["hidden_size"] // heads,
+                       c["vocab_size"], bool(c.get("tie_word_embeddings", False)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelInputError(f"{path} does not give a decoder's shapes ({type(err).__name__}: {err})") from None
 
     @property
     def block_linear(self) -> int:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from gamma.config import GammaConfig
+from gamma.model.loading import ModelInputError
 from gamma.model.memory import MemoryEstimate, available_memory, estimate_memory
 from gamma.progress import console
 from gamma.run.workspace import Workspace
@@ -74,7 +75,7 @@ class Band:
         if self._capture is None:
             estimate = check_memory(self.ws, out, on_line)
             problem, s1 = self.ws.problem(), cfg.stage1
-            spill = out / "teacher" if estimate.spills else None
+            spill = out / "teacher" if estimate is not None and estimate.spills else None
             self._capture = problem, problem.capture(s1.loss == "fisher", proxy=s1.init == "proxy", spill_dir=spill)
         problem, teacher = self._capture
         table = learn_score_table(problem, cfg.stage1, teacher=teacher, checkpoint=out / CHECKPOINT_FILE)
@@ -82,13 +83,20 @@ class Band:
         return table
 
 
-def check_memory(ws: Workspace, out_dir: Path, on_line=None, sequences: int | None = None) -> MemoryEstimate:
+def check_memory(ws: Workspace, out_dir: Path, on_line=None, sequences: int | None = None) -> MemoryEstimate | None:
     """Stage I's memory estimate, printed and written to ``<out_dir>/memory_estimate.json`` before
-    the model is loaded; ``MemoryRefusal`` when the host or the device cannot hold it."""
-    estimate = estimate_memory(ws.cfg, ws.model_dir, sequences)
-    for line in estimate.lines():
-        (on_line or console.print)(line)
+    the model is loaded; ``MemoryRefusal`` when the host or the device cannot hold it. A config.json
+    without a decoder's shapes gets no estimate: said, recorded, and the run goes on."""
+    say = on_line or console.print
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        estimate = estimate_memory(ws.cfg, ws.model_dir, sequences)
+    except ModelInputError as err:
+        say(f"no memory estimate: {err}")
+        (Path(out_dir) / MEMORY_FILE).write_text(json.dumps({"unavailable": str(err)}) + "\n")
+        return None
+    for line in estimate.lines():
+        say(line)
     (Path(out_dir) / MEMORY_FILE).write_text(json.dumps(estimate.record(), indent=1) + "\n")
     estimate.check(*available_memory(estimate.device_name))
     return estimate

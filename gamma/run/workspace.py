@@ -13,8 +13,8 @@ import torch
 from gamma.config import GammaConfig
 from gamma.hashing import content_md5
 from gamma.model.candidates import build_candidates
-from gamma.model.device import resolve_device, resolve_dtype
-from gamma.model.loading import load_model, quantizable_modules, resolve_model_path
+from gamma.model.device import resolve_device
+from gamma.model.loading import load_model, quantizable_modules, resolve_dtype, resolve_model_path
 from gamma.model.text import PreparedText, evaluation_windows, prepare_text, sample_sequences, tokenize_file
 from gamma.problem import AllocationProblem, Provenance
 from gamma.quant import get_quantizer
