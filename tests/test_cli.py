@@ -161,3 +161,36 @@ def test_a_broken_score_table_or_assignment_is_one_clear_line(tmp_path, capsys, 
 def test_a_params_file_that_is_not_there_is_refused_not_replaced_by_defaults(tmp_path, capsys):
     code = cli.main(["allocate", "--params", str(tmp_path / "no_such_params.yaml")])
     assert code == 2 and "no_such_params.yaml: no such file" in "".join(capsys.readouterr())
+
+
+def test_a_killed_learn_process_resumes_to_the_uninterrupted_table(tmp_path):
+    """SIGKILL a real `gamma learn` after its first checkpoint: the rerun says where it resumed and
+    ends with the table an uninterrupted run learns (scores, multiplier and history)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from gamma.config import command_line
+
+    sets = {"text.calibration_sequences": 2, "text.sequence_length": 64, "stage1.steps": 20,
+            "stage1.checkpoint_every": 1, "stage1.extra_budgets": []}
+    params = str(defaults(tmp_path))
+    subprocess.run(command_line("learn", {**sets, "output_dir": str(tmp_path / "full")}, "--params", params),
+                   check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command_line("learn", {**sets, "output_dir": str(killed)}, "--params", params),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed / "stage1.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "scores.json").exists()  # killed mid-run
+    rerun = subprocess.run(command_line("learn", {**sets, "output_dir": str(killed)}, "--params", params),
+                           check=True, capture_output=True, text=True)
+    assert "resumed from step" in rerun.stdout + rerun.stderr
+    full, resumed = (ScoreTable.load(tmp_path / d / "scores.json") for d in ("full", "killed"))
+    np.testing.assert_allclose(resumed.array(), full.array(), rtol=0, atol=1e-6)
+    assert resumed.multiplier == pytest.approx(full.multiplier) and resumed.history["loss"] == pytest.approx(
+        full.history["loss"])

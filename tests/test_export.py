@@ -167,3 +167,45 @@ def test_the_same_inputs_give_the_same_checkpoint_hash(tmp_path, model_dir):
     ws = Workspace(cfg)
     first, second = (quantize_and_evaluate(ws, 3, save_to=tmp_path / name) for name in ("a", "b"))
     assert first["checkpoint_sha256"] == second["checkpoint_sha256"]
+
+
+EXPORT_SCRIPT = """
+import sys
+from gamma.model.export import export_checkpoint
+from gamma.model.loading import load_model, quantizable_modules
+from gamma.quant.interface import QuantSpec
+from gamma.quant.rtn import RTN
+model, tokenizer = load_model(sys.argv[1])
+records = {n: RTN().quantize(m.weight, QuantSpec(4)) for n, m in quantizable_modules(model).items()}
+print("writing", flush=True)
+export_checkpoint(model, tokenizer, records, sys.argv[2], max_shard_bytes=256 * 1024)
+"""
+
+
+def test_an_export_killed_while_writing_tensors_leaves_nothing_that_looks_complete(model_dir, tmp_path):
+    """SIGKILL a real process between shards: no checkpoint at the path (only the stale .partial),
+    and the next export of the same path succeeds and leaves no partial."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "ckpt"
+    partial = tmp_path / "ckpt.partial"
+    proc = subprocess.Popen([sys.executable, "-c", EXPORT_SCRIPT, str(model_dir), str(target)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    deadline = time.monotonic() + 120
+    while len(list(partial.glob("model-*.safetensors"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the export finished before it could be killed"
+    assert not target.exists() and partial.exists()  # killed mid-write: nothing looks complete
+    with pytest.raises(CheckpointError):
+        load_checkpoint(target)
+    model, tokenizer = load_model(model_dir)
+    name, module = next(iter(quantizable_modules(model).items()))
+    ckpt = export_checkpoint(model, tokenizer, {name: RTN().quantize(module.weight, QuantSpec(4))}, target)
+    assert verify_checkpoint(ckpt.path) == ckpt.sha256 and not partial.exists()
