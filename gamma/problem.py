@@ -102,8 +102,9 @@ class AllocationProblem:
         by block on ``device``. ``proxy``: with the Fisher proxy's [M, K] cost table
         (``proxy_costs``); ``keep_fisher``: every module's Fisher diagonal kept for ``fisher()``;
         ``spill_dir``: the hidden states and gradients memory-mapped there, not in host memory."""
-        consumers = ([FisherCosts(self.model, self.candidates)] if proxy else []) + \
-                    ([KeepFisher()] if keep_fisher else [])
+        costs = FisherCosts(self.model, self.candidates) if proxy else None
+        kept = KeepFisher() if keep_fisher else None
+        consumers = [c for c in (costs, kept) if c is not None]
 
         def consume(index: int, fisher: dict[str, torch.Tensor]) -> None:
             for consumer in consumers:
@@ -112,13 +113,12 @@ class AllocationProblem:
         teacher = capture_teacher(self.model, self.calibration if sequences is None else sequences,
                                   with_grads or bool(consumers), device=device or self.device,
                                   on_fisher=consume if consumers else None, spill_dir=spill_dir)
-        for consumer in consumers:
-            if isinstance(consumer, FisherCosts):
-                teacher.proxy_costs = consumer.table
-                if sequences is None:
-                    self._proxy_costs = teacher.proxy_costs
-            elif sequences is None:
-                self._fisher = consumer.fisher
+        whole = sequences is None  # a shard's Fisher is not the problem's
+        if costs is not None:
+            teacher.proxy_costs = costs.table
+            self._proxy_costs = teacher.proxy_costs if whole else self._proxy_costs
+        if kept is not None and whole:
+            self._fisher = kept.fisher
         return teacher
 
     def fisher(self) -> dict[str, torch.Tensor]:

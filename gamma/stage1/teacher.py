@@ -58,9 +58,13 @@ def capture_teacher(model, sequences: torch.Tensor, with_grads: bool = True, *, 
     if not with_grads:
         return TeacherData(hidden=hidden, grads=None, losses=losses)
     grads: list[torch.Tensor] = [grad_out] * len(runner.blocks)
+    modules = quantizable_modules(model)
     for index in track(range(len(runner.blocks) - 1, -1, -1), "teacher capture (backward)", total=len(grads)):
         grads[index] = keep(grad_out, f"grad-{index}")
-        grad_out = _block_backward(runner, index, hidden[index], grad_out, on_fisher, needs_input_grad=index > 0)
+        prefix = f"model.layers.{index}."
+        linear = {name: m for name, m in modules.items() if name.startswith(prefix)}
+        grad_out = _block_backward(runner, index, linear, hidden[index], grad_out, on_fisher,
+                                   needs_input_grad=index > 0)
     return TeacherData(hidden=hidden, grads=grads, losses=losses)
 
 
@@ -95,14 +99,12 @@ def _head(runner: BlockRunner, last: torch.Tensor, sequences: torch.Tensor, with
     return (torch.cat(grads) if with_grads else None), torch.stack(losses)
 
 
-def _block_backward(runner: BlockRunner, index: int, inputs: torch.Tensor, grad_out: torch.Tensor,
+def _block_backward(runner: BlockRunner, index: int, linear: dict, inputs: torch.Tensor, grad_out: torch.Tensor,
                     on_fisher: FisherConsumer | None, needs_input_grad: bool) -> torch.Tensor | None:
     """Recompute block ``index`` on each stored input and backpropagate ``grad_out`` through it:
-    the gradient at its input (the previous block's output) and, to ``on_fisher``, its modules'
-    Fisher diagonals."""
+    the gradient at its input (the previous block's output) and, to ``on_fisher``, the Fisher
+    diagonals of its modules ``linear``."""
     block = runner.blocks[index]
-    prefix = f"model.layers.{index}."
-    linear = {name: m for name, m in quantizable_modules(runner.model).items() if name.startswith(prefix)}
     n = inputs.shape[0]
     grad_in = []
     with runner.resident(block):
