@@ -199,13 +199,9 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(rows))
         return
     gptq = set(filter(None, args.gptq.split(",")))
-    rows = [r for spec in args.models.split(",") for r in measure(spec, spec in gptq, args.sequences, args.length)]
-    fit = project_8b(rows)
-    if fit:
-        console.print({"8B fit": fit})
-    settings = {"sequences": args.sequences, "length": args.length, "gptq": sorted(gptq), "device": "cpu",
-                "fit_8b": fit}
-    console.print(f"wrote {write_results('scale', settings, rows, key=('model', 'phase'))}")
+    settings = {"sequences": args.sequences, "length": args.length, "gptq": sorted(gptq), "device": "cpu"}
+    for spec in args.models.split(","):  # written after each model: a later failure loses nothing measured
+        console.print(f"wrote {write_results('scale', settings, measure(spec, spec in gptq, args.sequences, args.length), key=('model', 'phase'))}")
     plot(json.loads((RESULTS / "scale.json").read_text())["rows"], RESULTS / "scale.png")
 
 

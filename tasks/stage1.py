@@ -72,7 +72,8 @@ def _learn_one(cfg: GammaConfig, inputs: dict, parent_run: str, budget: float, b
         version = tracking.register_scores(
             client, run_id, names, [path, curves, *([out / MEMORY_FILE] if (out / MEMORY_FILE).exists() else [])],
             {**lineage(inputs), "cache_key": key, "quantizer": json.dumps(table.quantizer),
-             "training_budget": table.training_budget, "settings": json.dumps(settings)[:4000]})
+             "training_budget": table.training_budget, "settings": json.dumps(settings)[:4000],
+             "devices": json.dumps(table.devices)})
     log.info("registered %s v%s", names.scores, version.version)
     return {"path": str(path), "name": names.scores, "version": version.version, "cached": False,
             "training_budget": budget}

@@ -133,7 +133,8 @@ def register_variant(client: MlflowClient, run_id: str, name: str, row: dict, fi
         client.log_artifact(run_id, str(f), VARIANT_ARTIFACT)
     if checkpoint is not None:
         client.log_artifacts(run_id, str(checkpoint), f"{VARIANT_ARTIFACT}/checkpoint")
-    for k, v in tags.items():
+    where = {k: row[k] for k in ("quantize_devices", "eval_devices") if k in row}  # the devices each phase ran on
+    for k, v in {**where, **tags}.items():
         client.set_tag(run_id, k, str(v))
     _ensure_registered(client, name, "GAMMA mixed-precision variant")
     source = f"{client.get_run(run_id).info.artifact_uri}/{VARIANT_ARTIFACT}"

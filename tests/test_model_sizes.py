@@ -236,3 +236,31 @@ def test_an_unreadable_config_json_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelInputError, match="config.json"):
         resolve_dtype("auto", tmp_path)
+
+
+def test_every_phase_records_the_device_it_computed_on(tmp_path, bf16_dir):
+    """Noted by the code that moves the work (not copied from the settings): on this CPU-only
+    machine, every phase of learning, quantizing and evaluating says cpu, and a phase that moved
+    nothing anywhere would say "none noted"."""
+    from conftest import DATA
+
+    from gamma.run.tables import Band
+    from gamma.run.variant import quantize_and_evaluate
+    from gamma.run.workspace import Workspace
+
+    for method in ("rtn", "gptq"):
+        cfg = load_config(defaults(tmp_path), {
+            "model.path": str(bf16_dir), "model.data_dir": str(DATA), "model.device": "cpu",
+            "quantizer.method": method, "quantizer.group_size": 32, "text.calibration_sequences": 2,
+            "text.sequence_length": 32, "stage1.steps": 2, "stage1.extra_budgets": [],
+            "evaluation.max_tokens": 128, "evaluation.context_length": 32, "evaluation.zero_shot_items": 2,
+            "output_dir": str(tmp_path / method)})
+        ws = Workspace(cfg)
+        table = Band(ws).learn(3.0)
+        assert table.devices == {"candidates": "cpu", "teacher capture": "cpu", "Stage I": "cpu"}
+        row = quantize_and_evaluate(ws, 3)
+        assert row["quantize_devices"] == "cpu"
+        assert row["eval_devices"] == "cpu (block walk: the whole model does not fit)"  # bf16 on the host
+    float32 = Workspace(load_config(defaults(tmp_path), {**cfg.model_dump(), "model": {
+        **cfg.model.model_dump(), "dtype": "float32"}, "quantizer": {"method": "rtn", "group_size": 32}}))
+    assert quantize_and_evaluate(float32, 4)["eval_devices"] == "cpu (whole model)"

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from gamma.model.device import computed_on
 from gamma.model.loading import block_index, quantizable_modules
 from gamma.progress import track
 from gamma.quant.hessians import collect_hessians
@@ -94,22 +95,26 @@ def apply_assignment(
     symmetric: bool = False,
     hessians: dict[str, torch.Tensor] | None = None,
     calibration: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[dict[str, QuantizedWeight], SizeAccount]:
     """Quantize every assigned module of ``model`` in place (weights become their dequantized
-    values). GPTQ needs ``hessians`` (from ``collect_hessians``) or, when it is ``sequential``,
-    the ``calibration`` sequences to take them block by block from the quantized prefix.
+    values), one module at a time on ``device`` in float32, the records kept on the host. GPTQ
+    needs ``hessians`` (from ``collect_hessians``) or, when it is ``sequential``, the
+    ``calibration`` sequences to take them block by block from the quantized prefix.
     Returns the records and the size account."""
     validate_assignment(model, assignment)
     modules = quantizable_modules(model)
     records: dict[str, QuantizedWeight] = {}
+    computed_on(device)
 
     def quantize(names, block_hessians=None) -> None:
         for name in names:
             module = modules[name]
             spec = QuantSpec(assignment[name], group_size, symmetric)
-            record = quantizer.quantize(module.weight, spec, block_hessians.get(name) if block_hessians else None)
+            weight = module.weight.detach().to(device, torch.float32)
+            record = quantizer.quantize(weight, spec, block_hessians.get(name) if block_hessians else None)
             module.weight.copy_(record.dequantize().to(module.weight.dtype))
-            records[name] = record
+            records[name] = record.to("cpu")
 
     if quantizer.sequential:
         if calibration is None:
@@ -118,7 +123,7 @@ def apply_assignment(
         for name in assignment:
             by_block.setdefault(block_index(name), []).append(name)
         collect_hessians(model, calibration, modules=set(assignment), token_clip=quantizer.token_clip,
-                         sink_weight=quantizer.sink_weight,
+                         sink_weight=quantizer.sink_weight, device=device,
                          on_block=lambda index, h: quantize(sorted(by_block.get(index, [])), h))
         # progress: collect_hessians shows the block walk, which now includes the quantization
     else:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from gamma.model.device import COMPUTE_DTYPE, on_device
+from gamma.model.device import COMPUTE_DTYPE, computed_on, on_device
 from gamma.model.loading import decoder_blocks
 
 
@@ -127,10 +127,12 @@ def batch_logits(model: nn.Module, batches: list[torch.Tensor], device: torch.de
     whole model on ``device`` when it fits there, else the block walk (every batch through one
     resident block before the next block comes)."""
     if whole_model_fits(model, device):
+        computed_on(device, "whole model")
         with on_device(model, device):
             for batch in batches:
                 yield model(input_ids=batch.to(device)).logits.float()
         return
+    computed_on(device, "block walk: the whole model does not fit")
     runner = BlockRunner(model, device)
     hidden = [runner.embed_all(b) for b in batches]
     for index in range(len(runner.blocks)):

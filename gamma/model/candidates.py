@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gamma.model.device import computed_on
 from gamma.model.loading import quantizable_modules
 from gamma.progress import track
 from gamma.quant.interface import PackedWeight, QuantizedWeight, QuantSpec
@@ -25,6 +26,7 @@ def build_candidates(
     b/8 bytes per weight per candidate width b."""
     found = quantizable_modules(model)
     names = modules or list(found)
+    computed_on(device)
     out = {}
     for name in track(names, f"candidates ({quantizer.name}, bits {bits})") if progress else names:
         h = hessians.get(name) if hessians else None

@@ -9,12 +9,55 @@ model keeps in float32 (rotary frequencies) stay float32.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 COMPUTE_DTYPE = torch.float32
+
+
+_PHASE: ContextVar[tuple[ComputeRecord, str] | None] = ContextVar("gamma_compute_phase", default=None)
+
+
+class ComputeRecord:
+    """The device each phase of a run computed on, noted by the code that moves the work there
+    (``on_device``, the candidates and the quantization) rather than copied from the settings: a
+    phase that stayed on the host while ``model.device`` names a GPU shows up, and so does a phase
+    that computed nowhere it would note."""
+
+    def __init__(self):
+        self.devices: dict[str, set[str]] = {}
+        self.modes: dict[str, str] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        self.devices.setdefault(name, set())
+        token = _PHASE.set((self, name))
+        try:
+            yield self
+        finally:
+            _PHASE.reset(token)
+
+    def as_dict(self) -> dict[str, str]:
+        """``{phase: "cuda:0"}``, with how it ran where that was a choice (``"cpu (block walk)"``);
+        ``"none noted"`` for a phase that moved nothing anywhere."""
+        return {phase: (", ".join(sorted(devices)) or "none noted") +
+                (f" ({self.modes[phase]})" if phase in self.modes else "") for phase, devices in self.devices.items()}
+
+    def line(self) -> str:
+        return "; ".join(f"{phase}: {where}" for phase, where in self.as_dict().items())
+
+
+def computed_on(device: torch.device | str, mode: str | None = None) -> None:
+    """Note that the current phase (if one is open) computes on ``device``, ``mode`` saying how."""
+    current = _PHASE.get()
+    if current is not None:
+        record, name = current
+        record.devices[name].add(str(torch.device(device)))
+        if mode:
+            record.modes[name] = mode
 
 
 class DeviceError(ValueError):
@@ -47,6 +90,7 @@ def on_device(module: nn.Module, device: torch.device | str, dtype: torch.dtype 
     nested uses cost nothing). The module is read-only inside: the host tensors come back as they
     were, so a change made to a moved tensor is dropped."""
     device = torch.device(device)
+    computed_on(device)
     moved = [(t, t.data) for t in _tensors(module)
              if t.is_floating_point() and (t.device != device or t.dtype != dtype)]
     for t, data in moved:

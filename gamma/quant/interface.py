@@ -70,6 +70,9 @@ class QuantizedWeight:
         zeros = self.zeros.repeat_interleave(width, dim=1).to(torch.float32)
         return (self.codes.to(torch.float32) - zeros) * scales
 
+    def to(self, device: str | torch.device) -> QuantizedWeight:
+        return QuantizedWeight(self.codes.to(device), self.scales.to(device), self.zeros.to(device), self.spec)
+
     def pack(self) -> PackedWeight:
         """The same weight on the host with its codes in ``bits`` bit planes: bits/8 bytes per weight, not 1."""
         codes = self.codes.reshape(-1).cpu().numpy()

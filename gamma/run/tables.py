@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from gamma.config import GammaConfig
+from gamma.model.device import ComputeRecord
 from gamma.model.loading import ModelInputError
 from gamma.model.memory import MemoryEstimate, available_memory, estimate_memory
 from gamma.progress import console
@@ -43,8 +44,15 @@ def run_key(ws: Workspace) -> str:
 
 def learn_table(ws: Workspace, checkpoint: str | Path | Checkpoint | None = None, shard=None,
                 device: str | None = None) -> ScoreTable:
-    """Stage I of ``ws.cfg.stage1`` on the workspace's problem."""
-    return learn_score_table(ws.problem(), ws.cfg.stage1, shard=shard, checkpoint=checkpoint, device=device)
+    """Stage I of ``ws.cfg.stage1`` on the workspace's problem; the table records where each phase
+    computed."""
+    compute = ComputeRecord()
+    with compute.phase("candidates"):
+        problem = ws.problem()
+    with compute.phase("teacher capture and Stage I"):
+        table = learn_score_table(problem, ws.cfg.stage1, shard=shard, checkpoint=checkpoint, device=device)
+    table.devices = compute.as_dict()
+    return table
 
 
 def learn_with_processes(ws: Workspace, out_dir: str | Path, on_line=None) -> ScoreTable:
@@ -74,11 +82,19 @@ class Band:
             return learn_with_processes(Workspace.shared(cfg, self.ws.model_hash, self.ws.text_hash), out, on_line)
         if self._capture is None:
             estimate = check_memory(self.ws, out, on_line)
-            problem, s1 = self.ws.problem(), cfg.stage1
+            compute, s1 = ComputeRecord(), cfg.stage1
+            with compute.phase("candidates"):
+                problem = self.ws.problem()
             spill = out / "teacher" if estimate is not None and estimate.spills else None
-            self._capture = problem, problem.capture(s1.loss == "fisher", proxy=s1.init == "proxy", spill_dir=spill)
-        problem, teacher = self._capture
-        table = learn_score_table(problem, cfg.stage1, teacher=teacher, checkpoint=out / CHECKPOINT_FILE)
+            with compute.phase("teacher capture"):
+                teacher = problem.capture(s1.loss == "fisher", proxy=s1.init == "proxy", spill_dir=spill)
+            self._capture = problem, teacher, compute
+        problem, teacher, compute = self._capture
+        with compute.phase("Stage I"):
+            compute.devices["Stage I"] = set()  # this table's, not the band's previous one's
+            table = learn_score_table(problem, cfg.stage1, teacher=teacher, checkpoint=out / CHECKPOINT_FILE)
+        table.devices = compute.as_dict()
+        (on_line or console.print)(f"computed on: {compute.line()}")
         table.save(out / SCORES_FILE)
         return table
 

@@ -14,6 +14,7 @@ from gamma.allocators.column_blocks import block_account
 from gamma.evaluation.backends import BackendUnavailable, VllmBackend, evaluate_with_vllm
 from gamma.evaluation.metrics import figures, perplexity, zero_shot_suite
 from gamma.model.assignment import UNQUANTIZED_BITS, apply_assignment, uniform_assignment, unquantized_parameters
+from gamma.model.device import ComputeRecord
 from gamma.model.export import export_checkpoint, export_fake_quantized, round_to_storage
 from gamma.progress import console
 from gamma.run.workspace import Workspace
@@ -40,20 +41,25 @@ def evaluate_model(ws: Workspace, model, tokenizer, zero_shot_items: int | None 
         try:
             if checkpoint is None:
                 raise BackendUnavailable("vLLM evaluates an exported checkpoint and this step saved none")
-            return evaluate_with_vllm(VllmBackend(e.vllm, e.context_length + 1), checkpoint, ws.evaluation,
-                                      tokenizer, e.zero_shot_tasks, items, e.context_length)
+            backend = VllmBackend(e.vllm, e.context_length + 1)
+            return {**evaluate_with_vllm(backend, checkpoint, ws.evaluation, tokenizer, e.zero_shot_tasks, items,
+                                         e.context_length), "eval_devices": "cuda (vLLM)"}
         except BackendUnavailable as err:
             if e.vllm.fallback == "fail":
                 raise
             fallback_reason = str(err)
             console.log(f"[yellow]vLLM backend unavailable, evaluating with transformers: {err}")
     t0 = time.perf_counter()
-    device = str(ws.device)
-    ppl = perplexity(model, ws.evaluation, batch_size=max(1, e.batch_size // 2), device=device)
-    zs = zero_shot_suite(model, tokenizer, e.zero_shot_tasks, items, e.context_length, e.batch_size,
-                         device=device) if items else None
-    return figures(ppl, zs, time.perf_counter() - t0,
-                   "transformers" + (f" (vLLM fallback: {fallback_reason})" if fallback_reason else ""))
+    device, compute = str(ws.device), ComputeRecord()
+    with compute.phase("evaluation"):
+        ppl = perplexity(model, ws.evaluation, batch_size=max(1, e.batch_size // 2), device=device)
+        zs = zero_shot_suite(model, tokenizer, e.zero_shot_tasks, items, e.context_length, e.batch_size,
+                             device=device) if items else None
+    where = compute.as_dict()["evaluation"]
+    console.log(f"evaluated on {where}")
+    return {**figures(ppl, zs, time.perf_counter() - t0,
+                      "transformers" + (f" (vLLM fallback: {fallback_reason})" if fallback_reason else "")),
+            "eval_devices": where}
 
 
 def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessians=None,
@@ -66,13 +72,15 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
         assignment = uniform_assignment(model, assignment)
     q = ws.cfg.quantizer
     t0 = time.perf_counter()
-    quantizer = ws.quantizer()
-    if quantizer.sequential:
-        hessians = None  # taken block by block from the quantized prefix instead
-    elif quantizer.needs_hessians and hessians is None:
-        hessians = ws.hessians(model)
-    records, acct = apply_assignment(model, assignment, quantizer, q.group_size, q.symmetric, hessians,
-                                     calibration=ws.calibration if quantizer.sequential else None)
+    quantizer, compute = ws.quantizer(), ComputeRecord()
+    with compute.phase("quantization"):
+        if quantizer.sequential:
+            hessians = None  # taken block by block from the quantized prefix instead
+        elif quantizer.needs_hessians and hessians is None:
+            hessians = ws.hessians(model)
+        records, acct = apply_assignment(model, assignment, quantizer, q.group_size, q.symmetric, hessians,
+                                         calibration=ws.calibration if quantizer.sequential else None,
+                                         device=ws.device)
     round_to_storage(model, set(records))  # evaluate exactly what the checkpoint stores
     row = {"quantizer": q.method, "quantize_seconds": time.perf_counter() - t0, **acct.as_dict()}
     row["avg_bits"] = acct.nominal_bits
@@ -86,6 +94,7 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
         row.update({"checkpoint_bytes": ckpt.weights_bytes, "checkpoint_total_bytes": ckpt.total_bytes,
                     "checkpoint_sha256": ckpt.sha256,
                     "checkpoint_over_predicted": ckpt.weights_bytes / acct.total_bytes})
+    row["quantize_devices"] = compute.as_dict()["quantization"]  # after the export: not part of its checksum
     row.update(evaluate_model(ws, model, tokenizer, checkpoint=save_to))
     return row
 

@@ -43,6 +43,7 @@ class ScoreTable:
     history: dict = field(default_factory=dict)  # loss, violation, multiplier, ... per step
     wall_seconds: float = 0.0
     peak_memory_mb: float = 0.0
+    devices: dict = field(default_factory=dict)  # phase -> the device it computed on (ComputeRecord)
 
     def array(self) -> np.ndarray:
         return np.array(self.scores, dtype=np.float64)
