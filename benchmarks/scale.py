@@ -31,12 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results
 from model_sizes import SHAPES
 
+from gamma.model.memory import Shapes
 from gamma.progress import console
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {**SHAPES, "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                                          num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
-                                          tie_word_embeddings=False)}
+SHAPES = {**SHAPES,
+          "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                              num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+          "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                                tie_word_embeddings=False)}
+STEP = "one Stage I step"
 DEFAULT_MODELS = "llama-3.2-1b,llama-3.1-8b:1,llama-3.1-8b:2,llama-3.1-8b:4,llama-3.1-70b:1"
 GB = 1024**3
 
@@ -115,7 +120,7 @@ def run_phases(model_dir: str, gptq: bool, sequences: int, length: int) -> list[
                                 cfg.quantizer.symmetric, provenance=ws.provenance(), device=str(ws.device))
     with memory.phase(rows, "teacher capture with gradients"):
         teacher = problem.capture(True, proxy=True)
-    with memory.phase(rows, "one Stage I step"):
+    with memory.phase(rows, STEP):
         table = learn_score_table(problem, cfg.stage1, teacher=teacher)
     del teacher
     with memory.phase(rows, "Stage II"):
@@ -145,24 +150,87 @@ def measure(spec: str, gptq: bool, sequences: int, length: int) -> list[dict]:
                 for r in json.loads(out.read_text())]
 
 
-def project_8b(rows: list[dict]) -> dict | None:
-    """Linear fits over the 8B block sweep: peak host memory and Stage I step time against blocks,
-    and their values at the full model's 32 blocks."""
-    sweep = [r for r in rows if r["model"].startswith("llama-3.1-8b:")]
-    if len({r["blocks"] for r in sweep}) < 2:
-        return None
-    blocks = sorted({r["blocks"] for r in sweep})
-    peak = [max(r["peak_host_gb"] for r in sweep if r["blocks"] == b) for b in blocks]
-    step = [next(r["seconds"] for r in sweep if r["blocks"] == b and r["phase"] == "one Stage I step")
-            for b in blocks]
-    fit = {}
-    for name, ys in (("peak_host_gb", peak), ("stage1_step_seconds", step)):
-        slope, intercept = np.polyfit(blocks, ys, 1)
-        worst = max(abs(y - (slope * b + intercept)) / y for b, y in zip(blocks, ys))
-        fit[name] = {"per_block": round(float(slope), 3), "fixed": round(float(intercept), 3),
-                     "largest_fit_error": round(float(worst), 3),
-                     "projected_32_blocks": round(float(slope * 32 + intercept), 2)}
-    return fit
+def config_shapes(name: str) -> Shapes:
+    c = SHAPES[name]
+    heads = c["num_attention_heads"]
+    return Shapes(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads, c["num_key_value_heads"],
+                  c["hidden_size"] // heads, c["vocab_size"], c["tie_word_embeddings"])
+
+
+def per_block_expected_gb(s: Shapes, sequences: int, length: int, bits: list[int], group_size: int) -> float:
+    """One block's bf16 weights + its packed candidates + its teacher activations (hidden states
+    and gradients in bf16): what each added block should cost the host."""
+    weights = s.block_linear * 2
+    candidates = s.block_linear * sum(bits) / 8 + s.block_linear / group_size * 8 * len(bits)
+    activations = 2 * sequences * length * s.hidden * 2
+    return (weights + candidates + activations) / GB
+
+
+def host_goal_gb(s: Shapes, sequences: int, length: int) -> float:
+    """1.3 x the model's bf16 size + the teacher activations + 2 GB."""
+    activations = ((s.layers + 1) + s.layers) * sequences * length * s.hidden * 2
+    return (1.3 * s.parameters * 2 + activations) / GB + 2
+
+
+def linear_fit(xs: list[int], ys: list[float]) -> dict:
+    slope, intercept = np.polyfit(xs, ys, 1)
+    worst = max(abs(y - (slope * x + intercept)) / y for x, y in zip(xs, ys))
+    return {"per_block": round(float(slope), 3), "fixed": round(float(intercept), 3),
+            "largest_fit_error": round(float(worst), 3)}
+
+
+def summarize(rows: list[dict], sequences: int, length: int) -> dict:
+    """The goals of issue 23 against the measured rows, and the projections to full 8B/32B/70B models."""
+    from gamma.config import load_config
+
+    cfg = load_config(ROOT / "params.yaml")
+    bits, group = cfg.candidates, cfg.quantizer.group_size
+    out: dict = {"host_goal": {}}
+    for model in sorted({r["model"] for r in rows}):
+        name, _, blocks = model.partition(":")
+        s = config_shapes(name)
+        s = Shapes(**{**vars(s), "layers": int(blocks) if blocks else s.layers})
+        peak = max(r["peak_host_gb"] for r in rows if r["model"] == model)
+        goal = host_goal_gb(s, sequences, length)
+        out["host_goal"][model] = {"peak_host_gb": peak, "goal_gb": round(goal, 2), "met": peak <= goal}
+    sweep = sorted({r["blocks"] for r in rows if r["model"].startswith("llama-3.1-8b:")})
+    if len(sweep) >= 2:
+        peaks = [max(r["peak_host_gb"] for r in rows if r["model"] == f"llama-3.1-8b:{b}") for b in sweep]
+        steps = [next(r["seconds"] for r in rows if r["model"] == f"llama-3.1-8b:{b}" and r["phase"] == STEP)
+                 for b in sweep]
+        host, step = linear_fit(sweep, peaks), linear_fit(sweep, steps)
+        expected = per_block_expected_gb(config_shapes("llama-3.1-8b"), sequences, length, bits, group)
+        host["expected_per_block"] = round(expected, 3)
+        host["slope_over_expected"] = round(host["per_block"] / expected, 3)
+        out["fit_8b"] = {"peak_host_gb": host, "stage1_step_seconds": step}
+        out["projected"] = project(step, cfg)
+    return out
+
+
+def project(step_fit: dict, cfg) -> dict:
+    """Full models at the default calibration size (params.yaml): host and device memory from
+    gamma's own estimate (the one every run prints), Stage I step time from the 8B block sweep's
+    per-block slope, scaled by each block's weights (a step's work is the block's weights times
+    the step's tokens)."""
+    from gamma.config import load_config
+    from gamma.model.memory import estimate_memory
+
+    per_weight = step_fit["per_block"] / config_shapes("llama-3.1-8b").block_linear
+    out = {}
+    for name in ("llama-3.1-8b", "qwen2.5-32b", "llama-3.1-70b"):
+        s = config_shapes(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.json").write_text(json.dumps({**SHAPES[name], "torch_dtype": "bfloat16"}))
+            row = {}
+            for method in ("rtn", "gptq"):
+                est = estimate_memory(load_config(ROOT / "params.yaml", {"quantizer.method": method}), tmp)
+                row[method] = {"host_gb": round(sum(est.host.values()) / GB, 2),
+                               "device_gb": round(sum(est.device.values()) / GB, 2),
+                               "disk_gb": round(sum(est.disk.values()) / GB, 2)}
+        out[name] = {"blocks": s.layers, "bf16_gb": round(s.parameters * 2 / GB, 2), **row,
+                     "stage1_step_seconds_cpu": round(per_weight * s.block_linear * s.layers + step_fit["fixed"], 1),
+                     "calibration": f"{cfg.text.calibration_sequences} x {cfg.text.sequence_length}"}
+    return out
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -200,8 +268,14 @@ def main() -> None:
         return
     gptq = set(filter(None, args.gptq.split(",")))
     settings = {"sequences": args.sequences, "length": args.length, "gptq": sorted(gptq), "device": "cpu"}
-    for spec in args.models.split(","):  # written after each model: a later failure loses nothing measured
-        console.print(f"wrote {write_results('scale', settings, measure(spec, spec in gptq, args.sequences, args.length), key=('model', 'phase'))}")
+    for spec in filter(None, args.models.split(",")):  # written after each model: a later failure loses nothing
+        path = write_results("scale", settings, measure(spec, spec in gptq, args.sequences, args.length),
+                             key=("model", "phase"))
+        console.print(f"wrote {path}")
+    data = json.loads((RESULTS / "scale.json").read_text())
+    data["settings"]["summary"] = summarize(data["rows"], args.sequences, args.length)
+    (RESULTS / "scale.json").write_text(json.dumps(data, indent=1) + "\n")
+    console.print(data["settings"]["summary"])
     plot(json.loads((RESULTS / "scale.json").read_text())["rows"], RESULTS / "scale.png")
 
 
