@@ -258,6 +258,7 @@ def test_every_phase_records_the_device_it_computed_on(tmp_path, bf16_dir):
         ws = Workspace(cfg)
         table = Band(ws).learn(3.0)
         assert table.devices == {"candidates": "cpu", "teacher capture": "cpu", "Stage I": "cpu"}
+        assert table.walk_error is not None and table.walk_error < 1e-5  # checked against model() on load
         row = quantize_and_evaluate(ws, 3)
         assert row["quantize_devices"] == "cpu"
         assert row["eval_devices"] == "cpu (block walk: the whole model does not fit)"  # bf16 on the host

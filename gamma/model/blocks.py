@@ -1,15 +1,19 @@
 """The one block-by-block walk that GPTQ, Stage I's teacher forcing, the Fisher proxy and
 evaluation share (GPTQ's ``llama.py`` pattern, written once).
 
-Hidden states enter block 0 after the embedding; each block is called alone with the model's
-rotary position embeddings, which reproduces the model's own hidden states exactly and stays
-causal. The model stays on the host in its own dtype; each piece (embedding, block, head) computes
-on the runner's device in float32 while it runs (``gamma.model.device.on_device``), and the
-hidden states a walk keeps on the host are stored in the model's dtype.
+Hidden states enter block 0 after the embedding; each block is called alone exactly as the
+model's own forward calls it: with the attention mask that transformers' mask utilities build for
+the block's layer type under the model's attention implementation (causal, sliding window,
+chunked), and with the rotary position embeddings of that layer type; the head applies the final
+norm and the model's logit soft-capping. ``walk_error`` checks all of this against ``model()``
+once per run. The model stays on the host in its own dtype; each piece (embedding, block, head)
+computes on the runner's device in float32 while it runs (``gamma.model.device.on_device``), and
+the hidden states a walk keeps on the host are stored in the model's dtype.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -17,6 +21,22 @@ from torch import nn
 
 from gamma.model.device import COMPUTE_DTYPE, computed_on, on_device
 from gamma.model.loading import decoder_blocks
+
+
+def layer_types(config, n_blocks: int) -> list[str]:
+    """Each block's attention type as the model's forward picks its mask: the config's
+    ``layer_types`` where it has them, else a sliding window for all when it sets one (Mistral)."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)[:n_blocks]
+    return ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * n_blocks
+
+
+def _mask_builders() -> dict:
+    from transformers import masking_utils as m
+
+    return {"full_attention": m.create_causal_mask, "sliding_attention": m.create_sliding_window_causal_mask,
+            "chunked_attention": m.create_chunked_causal_mask}
 
 
 class BlockRunner:
@@ -28,6 +48,9 @@ class BlockRunner:
         self.blocks = decoder_blocks(model)
         self.device = torch.device(device)
         self.store_dtype = model.model.embed_tokens.weight.dtype
+        self.config = model.model.config
+        self.types = layer_types(self.config, len(self.blocks))
+        self._inputs: dict = {}  # (batch, length) -> {layer type: (mask, position embeddings)}
 
     def resident(self, module: nn.Module):
         """``module`` on the compute device in float32 while the context lasts."""
@@ -37,20 +60,37 @@ class BlockRunner:
         with self.resident(self.model.model.embed_tokens) as embed:
             return embed(input_ids.to(self.device))
 
-    def _positions(self, hidden: torch.Tensor):
-        pos = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
-        with self.resident(self.model.model.rotary_emb) as rotary:
-            return rotary(hidden, pos)
+    def _block_inputs(self, hidden: torch.Tensor, layer_type: str):
+        """The attention mask and position embeddings the model's forward gives a block of
+        ``layer_type`` for unpadded sequences shaped like ``hidden``, built once per shape."""
+        key = (hidden.shape[0], hidden.shape[1], hidden.device)
+        if key not in self._inputs:
+            pos = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
+            builders, inputs = _mask_builders(), {}
+            with self.resident(self.model.model.rotary_emb) as rotary:
+                per_type = "layer_type" in inspect.signature(rotary.forward).parameters  # Gemma3: local/global
+                for t in set(self.types):
+                    if t not in builders:
+                        raise ValueError(f"{type(self.model).__name__}: layer type {t!r} has no mask gamma can build")
+                    mask = builders[t](config=self.config, inputs_embeds=hidden, attention_mask=None,
+                                       past_key_values=None, position_ids=pos)
+                    inputs[t] = mask, (rotary(hidden, pos, t) if per_type else rotary(hidden, pos)), pos
+            self._inputs = {key: inputs}  # one shape at a time: the walk's batches share it
+        return self._inputs[key][layer_type]
 
     def run_block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Block ``index`` on ``hidden`` (on the device, float32); the block moves there if it is not."""
+        mask, positions, ids = self._block_inputs(hidden, self.types[index])
         with self.resident(self.blocks[index]) as block:
-            out = block(hidden, attention_mask=None, position_embeddings=self._positions(hidden))
+            out = block(hidden, attention_mask=mask, position_embeddings=positions, position_ids=ids)
         return out[0] if isinstance(out, tuple) else out
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm, the language-model head and the model's logit soft-capping (Gemma2/3)."""
         with self.resident(self.model.model.norm) as norm, self.resident(self.model.lm_head) as lm_head:
-            return lm_head(norm(hidden))
+            logits = lm_head(norm(hidden))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     def to_device(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.to(self.device, COMPUTE_DTYPE)
@@ -66,6 +106,40 @@ class BlockRunner:
     def run_block_all(self, index: int, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         with self.resident(self.blocks[index]):
             return torch.cat([self.to_host(self.run_block(index, self.to_device(h))) for h in hidden.split(batch_size)])
+
+
+class WalkMismatch(ValueError):
+    """The block walk does not reproduce the model's own logits: its blocks need a call gamma does not make."""
+
+
+@torch.no_grad()
+def walk_error(model: nn.Module, input_ids: torch.Tensor, device: torch.device | str = "cpu",
+               tolerance: float = 1e-3) -> float:
+    """The walk's logits against ``model()``'s on ``input_ids`` (one sequence, say), both in float32
+    on ``device``, over the first blocks up to one of every layer type, and the head: the largest
+    difference relative to the largest logit. ``WalkMismatch`` naming the architecture above
+    ``tolerance``. Only those blocks (not the whole model) need the device."""
+    runner = BlockRunner(model, device)
+    k = max(runner.types.index(t) for t in set(runner.types)) + 1
+    layers, depth = model.model.layers, model.model.config.num_hidden_layers
+    model.model.layers, model.model.config.num_hidden_layers = layers[:k], k
+    try:
+        with on_device(model, device):
+            ids = input_ids.to(device)
+            expected = model(input_ids=ids).logits.float()
+            hidden = runner.embed(ids)
+            for index in range(k):
+                hidden = runner.run_block(index, hidden)
+            error = float((runner.head(hidden) - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+    finally:
+        model.model.layers, model.model.config.num_hidden_layers = layers, depth
+    if not error <= tolerance:
+        raise WalkMismatch(
+            f"{type(model).__name__}: gamma's block-by-block walk does not reproduce the model's own logits "
+            f"(largest difference {error:.2g} of the largest logit over {k} block(s) and the head, tolerance "
+            f"{tolerance:g}): its blocks need inputs gamma does not give them, so teacher forcing, GPTQ and "
+            "evaluation would all be wrong for it")
+    return error
 
 
 def walk_blocks(

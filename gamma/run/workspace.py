@@ -12,11 +12,13 @@ import torch
 
 from gamma.config import GammaConfig
 from gamma.hashing import content_md5
+from gamma.model.blocks import walk_error
 from gamma.model.candidates import build_candidates
 from gamma.model.device import resolve_device
 from gamma.model.loading import load_model, quantizable_modules, resolve_dtype, resolve_model_path
 from gamma.model.text import PreparedText, evaluation_windows, prepare_text, sample_sequences, tokenize_file
 from gamma.problem import AllocationProblem, Provenance
+from gamma.progress import console
 from gamma.quant import get_quantizer
 from gamma.quant.hessians import collect_hessians
 
@@ -30,6 +32,7 @@ class Workspace:
     cfg: GammaConfig
     # prepared allocators and their problem, shared by every budget this workspace serves
     allocators: dict = field(default_factory=dict, repr=False, compare=False)
+    walk_error: float | None = field(default=None, repr=False, compare=False)  # set by the first load
 
     @cached_property
     def model_dir(self) -> Path:
@@ -67,8 +70,14 @@ class Workspace:
             return _SHARED[key]
 
     def load(self):
-        """A fresh copy of the full-precision model (on the host, in ``model.dtype``) and its tokenizer."""
-        return load_model(self.model_dir, self.dtype)
+        """A fresh copy of the full-precision model (on the host, in ``model.dtype``) and its tokenizer.
+        The first load of a workspace checks the block walk against the model's own forward."""
+        model, tokenizer = load_model(self.model_dir, self.dtype)
+        if self.walk_error is None:
+            self.walk_error = walk_error(model, self.calibration[:1], self.device)
+            console.print(f"block walk checked against {type(model).__name__}'s own forward on one calibration "
+                          f"sequence: largest logit difference {self.walk_error:.1g} of the largest logit")
+        return model, tokenizer
 
     @cached_property
     def dtype(self) -> torch.dtype:

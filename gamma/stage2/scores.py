@@ -44,6 +44,7 @@ class ScoreTable:
     wall_seconds: float = 0.0
     peak_memory_mb: float = 0.0
     devices: dict = field(default_factory=dict)  # phase -> the device it computed on (ComputeRecord)
+    walk_error: float | None = None  # the block walk's logits against the model's own (blocks.walk_error)
 
     def array(self) -> np.ndarray:
         return np.array(self.scores, dtype=np.float64)

@@ -1,0 +1,51 @@
+"""Any decoder a user brings: the block walk calls every block exactly as the model's own forward
+does (its attention masks: causal, sliding window, alternating layer types; its rotary embeddings;
+its logit soft-capping), checked against ``model()`` (tiny random-weight models built from
+configs, the embedded tokenizer)."""
+
+import pytest
+import torch
+from gamma.model.blocks import BlockRunner, WalkMismatch, walk_error
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny(arch: str, **extra):
+    import transformers
+
+    config = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**{**SMALL, "vocab_size": 512, **extra})
+    torch.manual_seed(0)
+    return getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+
+
+ARCHITECTURES = {  # what each one's forward does beyond plain causal attention
+    "Llama": {},
+    "Qwen2": {},
+    "Mistral": {"sliding_window": 16},  # a window shorter than the sequences
+    "Gemma2": {"sliding_window": 16, "attn_implementation": "eager", "head_dim": 16},  # alternating, soft-capped
+    "Gemma3": {"sliding_window": 16, "head_dim": 16, "sliding_window_pattern": 2},  # local/global rotary
+    "Phi3": {"sliding_window": 16, "pad_token_id": 0},
+}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_walk_reproduces_the_models_own_hidden_states_and_logits(arch):
+    model = tiny(arch, **ARCHITECTURES[arch])
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        runner = BlockRunner(model)
+        hidden = runner.embed(ids)
+        for index in range(len(runner.blocks)):
+            torch.testing.assert_close(hidden, out.hidden_states[index], rtol=1e-4, atol=1e-5)
+            hidden = runner.run_block(index, hidden)
+        torch.testing.assert_close(runner.head(hidden), out.logits, rtol=1e-4, atol=1e-5)
+    assert walk_error(model, ids[:1]) < 1e-5
+
+
+def test_a_walk_that_does_not_reproduce_the_model_is_refused_naming_the_architecture(monkeypatch):
+    model = tiny("Mistral", sliding_window=16)
+    monkeypatch.setattr("gamma.model.blocks.layer_types", lambda config, n: ["full_attention"] * n)  # window lost
+    with pytest.raises(WalkMismatch, match="MistralForCausalLM.*does not reproduce"):
+        walk_error(model, torch.randint(0, 512, (1, 48)))
