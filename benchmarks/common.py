@@ -9,6 +9,19 @@ import subprocess
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parents[1]
+SHAPES = {  # the published configs' shapes
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                        num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
 
 
 def commit() -> str:
@@ -33,6 +46,51 @@ def write_results(name: str, settings: dict, rows: list[dict], key: tuple[str, .
         rows = [r for r in old if tuple(r.get(k) for k in key) not in new] + list(new.values())
     path.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1, default=str) + "\n")
     return path
+
+
+def build_model(spec: str, where: Path) -> Path:
+    """``name`` or ``name:blocks`` of ``SHAPES``: a random-weight Llama-style model with those shapes
+    (``blocks`` of its blocks), initialised and saved in bfloat16 like the real checkpoints (no
+    float32 copy of a 70B block's model), with the embedded tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from gamma.model.loading import resolve_model_path
+
+    name, _, blocks = spec.partition(":")
+    shapes = {**SHAPES[name], **({"num_hidden_layers": int(blocks)} if blocks else {})}
+    torch.manual_seed(0)
+    config = LlamaConfig(**shapes, max_position_embeddings=4096, torch_dtype="bfloat16")
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.save_pretrained(where)
+    AutoTokenizer.from_pretrained(resolve_model_path("embedded", ROOT / "data")).save_pretrained(where)
+    return where
+
+
+def memory_estimates(name: str) -> dict:
+    """gamma's own memory estimate (the one every run prints) for ``name``'s shapes in bfloat16
+    under params.yaml, RTN and GPTQ, computing on a CUDA device: from config.json alone, nothing is
+    built or run."""
+    import tempfile
+
+    from gamma.config import load_config
+    from gamma.model.memory import estimate_memory
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps({**SHAPES[name], "torch_dtype": "bfloat16"}))
+        for method in ("rtn", "gptq"):
+            estimate = estimate_memory(load_config(ROOT / "params.yaml", {"quantizer.method": method}), tmp)
+            estimate.device_name = "cuda"  # where the product runs these models; nothing is allocated
+            host, device = estimate.totals()
+            out.update({f"estimate_host_gb_{method}": round(host / 1024**3, 2),
+                        f"estimate_device_gb_{method}": round(device / 1024**3, 2),
+                        f"estimate_disk_gb_{method}": round(sum(estimate.disk.values()) / 1024**3, 2)})
+    return out
 
 
 def quantizer_arguments(doc: str) -> argparse.ArgumentParser:

@@ -28,19 +28,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results
-from model_sizes import SHAPES
+from common import RESULTS, ROOT, SHAPES, build_model, memory_estimates, write_results
 
 from gamma.model.memory import Shapes
 from gamma.progress import console
 
-ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {**SHAPES,
-          "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
-                              num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
-          "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                                num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
-                                tie_word_embeddings=False)}
 STEP = "one Stage I step"
 DEFAULT_MODELS = "llama-3.2-1b,llama-3.1-8b:1,llama-3.1-8b:2,llama-3.1-8b:4,llama-3.1-70b:1"
 GB = 1024**3
@@ -68,27 +60,6 @@ class PeakMemory:
         rows.append({"phase": name, "seconds": round(time.perf_counter() - t0, 2),
                      "peak_host_gb": round(max(self.peak, self.process.memory_info().rss) / GB, 3)})
         console.print(rows[-1])
-
-
-def build(spec: str, where: Path) -> Path:
-    """``name`` or ``name:blocks``: a random-weight model with those shapes (``blocks`` of them), bf16."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from gamma.model.loading import resolve_model_path
-
-    name, _, blocks = spec.partition(":")
-    shapes = {**SHAPES[name], **({"num_hidden_layers": int(blocks)} if blocks else {})}
-    torch.manual_seed(0)
-    config = LlamaConfig(**shapes, max_position_embeddings=4096, torch_dtype="bfloat16")
-    torch.set_default_dtype(torch.bfloat16)  # initialised in bf16: no float32 copy of a 70B block's model
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model.save_pretrained(where)
-    AutoTokenizer.from_pretrained(resolve_model_path("embedded", ROOT / "data")).save_pretrained(where)
-    return where
 
 
 def run_phases(model_dir: str, gptq: bool, sequences: int, length: int) -> list[dict]:
@@ -138,7 +109,7 @@ def run_phases(model_dir: str, gptq: bool, sequences: int, length: int) -> list[
 def measure(spec: str, gptq: bool, sequences: int, length: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         console.rule(f"{spec}: building")
-        model_dir = build(spec, Path(tmp) / "model")
+        model_dir = build_model(spec, Path(tmp) / "model")
         size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / GB
         out = Path(tmp) / "phases.json"
         cmd = [sys.executable, __file__, "--child", str(model_dir), "--out", str(out), "--sequences", str(sequences),
@@ -209,25 +180,13 @@ def summarize(rows: list[dict], sequences: int, length: int) -> dict:
 
 def project(step_fit: dict, cfg) -> dict:
     """Full models at the default calibration size (params.yaml): host and device memory from
-    gamma's own estimate (the one every run prints), Stage I step time from the 8B block sweep's
-    per-block slope, scaled by each block's weights (a step's work is the block's weights times
-    the step's tokens)."""
-    from gamma.config import load_config
-    from gamma.model.memory import estimate_memory
-
+    gamma's own estimate, Stage I step time on this CPU from the 8B block sweep's per-block slope
+    scaled by each block's weights (a step's work is the block's weights times the step's tokens)."""
     per_weight = step_fit["per_block"] / config_shapes("llama-3.1-8b").block_linear
     out = {}
     for name in ("llama-3.1-8b", "qwen2.5-32b", "llama-3.1-70b"):
         s = config_shapes(name)
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "config.json").write_text(json.dumps({**SHAPES[name], "torch_dtype": "bfloat16"}))
-            row = {}
-            for method in ("rtn", "gptq"):
-                est = estimate_memory(load_config(ROOT / "params.yaml", {"quantizer.method": method}), tmp)
-                row[method] = {"host_gb": round(sum(est.host.values()) / GB, 2),
-                               "device_gb": round(sum(est.device.values()) / GB, 2),
-                               "disk_gb": round(sum(est.disk.values()) / GB, 2)}
-        out[name] = {"blocks": s.layers, "bf16_gb": round(s.parameters * 2 / GB, 2), **row,
+        out[name] = {"blocks": s.layers, "bf16_gb": round(s.parameters * 2 / GB, 2), **memory_estimates(name),
                      "stage1_step_seconds_cpu": round(per_weight * s.block_linear * s.layers + step_fit["fixed"], 1),
                      "calibration": f"{cfg.text.calibration_sequences} x {cfg.text.sequence_length}"}
     return out

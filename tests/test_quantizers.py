@@ -160,3 +160,13 @@ def test_gptq_per_group_widths_in_one_pass(model_and_tokenizer, calibration):
     assert out_err(mixed.dequantize()) < out_err(spliced)
     with pytest.raises(QuantizationError, match=f"group_bits has 3 widths for {groups} groups"):
         gptq.quantize(w, QuantSpec(4), h, group_bits=[2, 3, 4])
+
+
+def test_packed_candidates_keep_their_groups_in_three_bytes_and_lose_nothing(weight):
+    rtn = get_quantizer("rtn")
+    for symmetric in (False, True):
+        q = rtn.quantize(weight, QuantSpec(3, 64, symmetric))
+        packed = q.pack()
+        assert packed.scales.dtype == torch.float16 and packed.zeros.dtype == torch.uint8
+        assert torch.equal(packed.dequantize(), q.dequantize())
+        assert torch.equal(packed.unpack().scales, q.scales) and torch.equal(packed.unpack().zeros, q.zeros)

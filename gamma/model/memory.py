@@ -146,7 +146,7 @@ def estimate_memory(cfg: GammaConfig, model_dir: str | Path, sequences: int | No
     host = {
         "runtime": RUNTIME_BYTES,
         "weights": s.parameters * itemsize,
-        "candidates (packed)": quantized * sum(cfg.candidates) / 8 + groups * 8 * k,
+        "candidates (packed)": quantized * sum(cfg.candidates) / 8 + groups * 3 * k,  # float16 scale, uint8 zero
         "teacher hidden states": activations * itemsize,
         "teacher gradients": s.layers * n * t * s.hidden * max(itemsize, 2) if with_grads else 0.0,
     }

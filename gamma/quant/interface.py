@@ -77,7 +77,15 @@ class QuantizedWeight:
         """The same weight on the host with its codes in ``bits`` bit planes: bits/8 bytes per weight, not 1."""
         codes = self.codes.reshape(-1).cpu().numpy()
         planes = np.stack([np.packbits((codes >> k) & 1) for k in range(self.spec.bits)])
-        return PackedWeight(torch.from_numpy(planes), self.shape, self.scales.cpu(), self.zeros.cpu(), self.spec)
+        return PackedWeight(torch.from_numpy(planes), self.shape, _narrowest(self.scales.cpu(), torch.float16),
+                            _narrowest(self.zeros.cpu(), torch.uint8), self.spec)
+
+
+def _narrowest(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` when that holds it exactly (scales are float16-exact, zero-points fit a
+    byte: 3 bytes per group instead of 8), else as it is."""
+    narrow = t.to(dtype)
+    return narrow if torch.equal(narrow.to(t.dtype), t) else t
 
 
 @dataclass
@@ -87,8 +95,8 @@ class PackedWeight:
 
     planes: torch.Tensor  # uint8 [bits, ceil(out * in / 8)]
     shape: tuple[int, int]
-    scales: torch.Tensor
-    zeros: torch.Tensor
+    scales: torch.Tensor  # float16 where that is exact (always, for gamma's quantizers), else float32
+    zeros: torch.Tensor  # uint8 where that is exact, else int32
     spec: QuantSpec
 
     @property
@@ -100,7 +108,7 @@ class PackedWeight:
         return torch.from_numpy(codes).reshape(self.shape)
 
     def unpack(self) -> QuantizedWeight:
-        return QuantizedWeight(self.codes, self.scales, self.zeros, self.spec)
+        return QuantizedWeight(self.codes, self.scales.to(torch.float32), self.zeros.to(torch.int32), self.spec)
 
     def dequantize(self) -> torch.Tensor:
         return self.unpack().dequantize()
