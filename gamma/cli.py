@@ -149,6 +149,7 @@ def allocate_with(cfg: GammaConfig, allocator: str, budgets: list[float]) -> dic
     if allocator not in ALLOCATORS:
         raise AllocatorError(f"unknown allocator {allocator!r}; choose one of {sorted(ALLOCATORS)}")
     ws, out, rows = Workspace(cfg), _out(cfg), {}
+    ws.check_shapes()  # the same for every budget: refused once, before any
     (out / "assignments").mkdir(exist_ok=True)
     for b in budgets:
         try:

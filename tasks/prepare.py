@@ -22,6 +22,7 @@ def prepare(cfg: GammaConfig, use_dvc: bool = True) -> dict:
         dvc = reproduce_and_push(root)
         log.info("DVC: stage 'prepare' of %s reproduced, %s file(s) pushed to the default remote", root, dvc["pushed"])
     ws = Workspace(cfg)
+    ws.check_shapes()  # a group size the model's widths refuse: before any model load or Stage I
     inputs = {"model_dir": str(ws.model_dir), "model_md5": ws.model_hash, "text_md5": ws.text_hash,
               "text_dir_md5": content_md5(ws.text.calibration.parent), "git_commit": tracking.git_commit()}
     if dvc:

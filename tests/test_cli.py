@@ -194,3 +194,18 @@ def test_a_killed_learn_process_resumes_to_the_uninterrupted_table(tmp_path):
     np.testing.assert_allclose(resumed.array(), full.array(), rtol=0, atol=1e-6)
     assert resumed.multiplier == pytest.approx(full.multiplier) and resumed.history["loss"] == pytest.approx(
         full.history["loss"])
+
+
+@pytest.mark.parametrize("command", [["learn"], ["allocate", "--allocator", "hawq", "--budgets", "3"]])
+def test_a_group_size_that_divides_no_width_is_refused_before_the_model_loads(command, tmp_path, monkeypatch,
+                                                                              capsys):
+    import gamma.run.workspace
+
+    loads = []
+    monkeypatch.setattr(gamma.run.workspace, "load_model", lambda *a, **k: loads.append(1))
+    code = cli.main([*command, "--params", str(defaults(tmp_path)), "--set", f"output_dir={tmp_path}",
+                     "--set", "quantizer.group_size=100"])
+    out = " ".join("".join(capsys.readouterr()).split())
+    assert code == 2 and not loads
+    assert "quantizer.group_size=100 does not divide" in out and "down_proj (intermediate size): 1536" in out
+    assert "(32, 64)" in out

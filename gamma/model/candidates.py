@@ -8,7 +8,7 @@ from torch import nn
 from gamma.model.device import computed_on
 from gamma.model.loading import quantizable_modules
 from gamma.progress import track
-from gamma.quant.interface import PackedWeight, QuantizedWeight, QuantSpec
+from gamma.quant.interface import PackedWeight, QuantizationError, QuantizedWeight, QuantSpec
 
 
 def build_candidates(
@@ -31,7 +31,10 @@ def build_candidates(
     for name in track(names, f"candidates ({quantizer.name}, bits {bits})") if progress else names:
         h = hessians.get(name) if hessians else None
         w = found[name].weight.detach().to(device, torch.float32)
-        out[name] = [quantizer.quantize(w, QuantSpec(b, group_size, symmetric), h).pack() for b in bits]
+        try:
+            out[name] = [quantizer.quantize(w, QuantSpec(b, group_size, symmetric), h).pack() for b in bits]
+        except QuantizationError as err:
+            raise QuantizationError(f"{name} {tuple(w.shape)}: {err}") from None
     return out
 
 

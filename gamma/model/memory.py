@@ -73,6 +73,23 @@ class Shapes:
         return attn + 3 * self.hidden * self.intermediate
 
     @property
+    def input_widths(self) -> dict[str, int]:
+        """The input width of each kind of projection, by the modules that have it."""
+        return {"q/k/v, gate and up projections (hidden size)": self.hidden,
+                "o_proj (heads x head_dim)": self.heads * self.head_dim,
+                "down_proj (intermediate size)": self.intermediate}
+
+    def check_group_size(self, group_size: int) -> None:
+        """Refuse a group size that does not divide every projection's input width, naming them."""
+        bad = {kind: w for kind, w in self.input_widths.items() if group_size > 0 and w % group_size}
+        if bad:
+            widths = ", ".join(f"{kind}: {w}" for kind, w in bad.items())
+            fits = [str(g) for g in (32, 64, 128, 256) if all(w % g == 0 for w in self.input_widths.values())]
+            raise ModelInputError(f"quantizer.group_size={group_size} does not divide the input width of {widths}; "
+                                  f"pick one that divides them all ({', '.join(fits) or 'none of 32/64/128/256 does'})"
+                                  " or -1 for one group per row")
+
+    @property
     def block_hessians(self) -> int:
         """Entries of one block's distinct Hessians (q/k/v and gate/up share their input)."""
         return 2 * self.hidden**2 + (self.heads * self.head_dim) ** 2 + self.intermediate**2

@@ -15,7 +15,8 @@ from gamma.hashing import content_md5
 from gamma.model.blocks import walk_error
 from gamma.model.candidates import build_candidates
 from gamma.model.device import resolve_device
-from gamma.model.loading import load_model, quantizable_modules, resolve_dtype, resolve_model_path
+from gamma.model.loading import ModelInputError, load_model, quantizable_modules, resolve_dtype, resolve_model_path
+from gamma.model.memory import Shapes
 from gamma.model.text import PreparedText, evaluation_windows, prepare_text, sample_sequences, tokenize_file
 from gamma.problem import AllocationProblem, Provenance
 from gamma.progress import console
@@ -72,12 +73,24 @@ class Workspace:
     def load(self):
         """A fresh copy of the full-precision model (on the host, in ``model.dtype``) and its tokenizer.
         The first load of a workspace checks the block walk against the model's own forward."""
+        if self.walk_error is None:
+            self.check_shapes()
         model, tokenizer = load_model(self.model_dir, self.dtype)
         if self.walk_error is None:
             self.walk_error = walk_error(model, self.calibration[:1], self.device)
             console.print(f"block walk checked against {type(model).__name__}'s own forward on one calibration "
                           f"sequence: largest logit difference {self.walk_error:.1g} of the largest logit")
         return model, tokenizer
+
+    def check_shapes(self) -> None:
+        """Settings that the model's shapes refuse (a group size that divides no width), from
+        config.json before anything heavy; a config without a decoder's shapes is checked module by
+        module when it is quantized."""
+        try:
+            shapes = Shapes.of(self.model_dir)
+        except ModelInputError:
+            return
+        shapes.check_group_size(self.cfg.quantizer.group_size)
 
     @cached_property
     def dtype(self) -> torch.dtype:
