@@ -49,3 +49,24 @@ def test_a_walk_that_does_not_reproduce_the_model_is_refused_naming_the_architec
     monkeypatch.setattr("gamma.model.blocks.layer_types", lambda config, n: ["full_attention"] * n)  # window lost
     with pytest.raises(WalkMismatch, match="MistralForCausalLM.*does not reproduce"):
         walk_error(model, torch.randint(0, 512, (1, 48)))
+
+
+MOE = {"Mixtral": {"num_local_experts": 4},
+       "Qwen2Moe": {"num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}}
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2", "Phi3", *MOE])
+def test_every_weight_is_accounted_for_and_nothing_is_skipped_silently(arch):
+    from gamma.model.coverage import coverage
+    from gamma.model.loading import quantizable_modules
+
+    model = tiny(arch, **{**ARCHITECTURES.get(arch, {}), **MOE.get(arch, {})})
+    cov = coverage(model)
+    assert cov.quantized + sum(cov.kept.values()) == cov.total == sum(p.numel() for p in model.parameters())
+    assert not any(".gate" in n and not n.endswith("_proj") for n in quantizable_modules(model))  # routers: 16 bits
+    if arch in MOE:  # experts stored as 3-D tensors: listed by name, never silently left out
+        assert cov.unknown and all("experts" in n for n in cov.unknown)
+        assert cov.block_fraction < 0.6 and "NOT quantized" in cov.line() and "experts" in cov.line()
+        assert cov.kept["routers"] > 0
+    else:
+        assert not cov.unknown and cov.block_fraction > 0.99 and "NOT quantized" not in cov.line()

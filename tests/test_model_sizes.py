@@ -261,6 +261,7 @@ def test_every_phase_records_the_device_it_computed_on(tmp_path, bf16_dir):
         assert table.walk_error is not None and table.walk_error < 1e-5  # checked against model() on load
         row = quantize_and_evaluate(ws, 3)
         assert row["quantize_devices"] == "cpu"
+        assert row["coverage"]["quantized_fraction_of_blocks"] > 0.99 and not row["coverage"]["not_quantizable"]
         assert row["eval_devices"] == "cpu (block walk: the whole model does not fit)"  # bf16 on the host
     float32 = Workspace(load_config(defaults(tmp_path), {**cfg.model_dump(), "model": {
         **cfg.model.model_dump(), "dtype": "float32"}, "quantizer": {"method": "rtn", "group_size": 32}}))

@@ -129,13 +129,23 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # the last part of a module name (not gate_proj)
+
+
+def is_router(module_name: str, module: nn.Module) -> bool:
+    """A mixture-of-experts router or scalar gate (Mixtral's ``block_sparse_moe.gate``, Qwen2-MoE's
+    ``mlp.gate`` and ``shared_expert_gate``): kept at 16 bits by rule."""
+    return module_name.rsplit(".", 1)[-1] in ROUTER_NAMES or "router" in type(module).__name__.lower()
+
+
 def quantizable_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside the decoder blocks, by full module name, in depth order."""
+    """Every ``nn.Linear`` projection inside the decoder blocks (routers and gates excepted), by
+    full module name, in depth order."""
     decoder_blocks(model)
     found = {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and ".layers." in f".{name}"
+        if isinstance(m, nn.Linear) and ".layers." in f".{name}" and not is_router(name, m)
     }
     if not found:
         raise ModelInputError(f"{type(model).__name__} has no nn.Linear modules inside its decoder blocks")

@@ -14,6 +14,7 @@ from gamma.allocators.column_blocks import block_account
 from gamma.evaluation.backends import BackendUnavailable, VllmBackend, evaluate_with_vllm
 from gamma.evaluation.metrics import figures, perplexity, zero_shot_suite
 from gamma.model.assignment import UNQUANTIZED_BITS, apply_assignment, uniform_assignment, unquantized_parameters
+from gamma.model.coverage import coverage
 from gamma.model.device import ComputeRecord
 from gamma.model.export import export_checkpoint, export_fake_quantized, round_to_storage
 from gamma.progress import console
@@ -82,7 +83,10 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
                                          calibration=ws.calibration if quantizer.sequential else None,
                                          device=ws.device)
     round_to_storage(model, set(records))  # evaluate exactly what the checkpoint stores
-    row = {"quantizer": q.method, "quantize_seconds": time.perf_counter() - t0, **acct.as_dict()}
+    covered = coverage(model, set(records))
+    console.log(covered.line())
+    row = {"quantizer": q.method, "quantize_seconds": time.perf_counter() - t0, **acct.as_dict(),
+           "coverage": covered.as_dict()}
     row["avg_bits"] = acct.nominal_bits
     if save_to:
         ckpt = export_checkpoint(model, tokenizer, records, save_to, {

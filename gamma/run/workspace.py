@@ -14,6 +14,7 @@ from gamma.config import GammaConfig
 from gamma.hashing import content_md5
 from gamma.model.blocks import walk_error
 from gamma.model.candidates import build_candidates
+from gamma.model.coverage import coverage
 from gamma.model.device import resolve_device
 from gamma.model.loading import ModelInputError, load_model, quantizable_modules, resolve_dtype, resolve_model_path
 from gamma.model.memory import Shapes
@@ -80,6 +81,7 @@ class Workspace:
             self.walk_error = walk_error(model, self.calibration[:1], self.device)
             console.print(f"block walk checked against {type(model).__name__}'s own forward on one calibration "
                           f"sequence: largest logit difference {self.walk_error:.1g} of the largest logit")
+            console.print(coverage(model).line())
         return model, tokenizer
 
     def check_shapes(self) -> None:
