@@ -20,7 +20,7 @@ from gamma.progress import markdown_table, print_table  # noqa: E402
 from gamma.run.plots import plot_pareto  # noqa: E402
 from gamma.run.variant import failed  # noqa: E402
 from tasks import tracking  # noqa: E402
-from tasks.prepare import prepare  # noqa: E402
+from tasks.prepare import check_inputs, prepare  # noqa: E402
 from tasks.stage1 import learn  # noqa: E402
 from tasks.variants import compared_variant, uniform, variant  # noqa: E402
 
@@ -106,6 +106,7 @@ def task_runner(cfg):
 def run_pipeline(params: str = "params.yaml", overrides: dict | None = None, use_dvc: bool = True) -> list[dict]:
     """The flow on the configured task runner (``pipeline.task_runner``, ``pipeline.workers``)."""
     cfg = load_config(params, overrides)
+    check_inputs(cfg)
     runner = task_runner(cfg)
     rows = gamma_pipeline.with_options(task_runner=runner)(params=params, overrides=overrides, use_dvc=use_dvc)
     uri = cfg.tracking.uri

@@ -24,7 +24,7 @@ import math
 import sys
 from pathlib import Path
 
-from gamma.config import ConfigError, GammaConfig, load_config, parse_overrides
+from gamma.config import SUPPORTED_BITS, ConfigError, GammaConfig, load_config, parse_overrides
 from gamma.progress import console, print_table
 
 
@@ -66,6 +66,8 @@ def cmd_uniform(cfg: GammaConfig, args) -> list[dict]:
 
     ws = Workspace(cfg)
     bits = _parse_list(args.bits, int) if getattr(args, "bits", None) else cfg.uniform_bits
+    if any(b not in SUPPORTED_BITS for b in bits):  # before the unquantized model is evaluated
+        raise ConfigError(f"--bits {args.bits}: bit widths must be among {SUPPORTED_BITS}")
     model, tok = ws.load()
     rows = [{"method": "unquantized", "avg_bits": 16.0, **evaluate_model(ws, model, tok)}]
     hessians = ws.reusable_hessians(model)

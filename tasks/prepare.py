@@ -31,6 +31,13 @@ def prepare(cfg: GammaConfig, use_dvc: bool = True) -> dict:
     return inputs
 
 
+def check_inputs(cfg: GammaConfig) -> None:
+    """What can be refused from the configuration, the model's config.json and the tracking store,
+    in seconds and before a flow starts (one clear line, no flow traceback)."""
+    tracking.check_tracking(cfg.tracking.uri)
+    Workspace(cfg).check_shapes()  # resolves the model path first: a missing one is named
+
+
 def workspace(cfg: GammaConfig, inputs: dict) -> Workspace:
     """The run's workspace, shared by every task of this process, keyed on the recorded inputs."""
     return Workspace.shared(cfg, inputs["model_md5"], inputs["text_md5"])

@@ -63,8 +63,41 @@ def names_for(cfg: GammaConfig, model_dir: str | Path) -> Names:
     return Names(cfg.tracking.model_name or Path(model_dir).name)
 
 
+class TrackingError(ValueError):
+    """The tracking URI cannot be used; the message names it."""
+
+
+STORE_SCHEMES = {"file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc"}
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """Refuse, in seconds and before any work, a tracking URI that MLflow cannot use or a server
+    that does not answer (MLflow's own client retries for minutes)."""
+    import socket
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else "file"
+    if scheme not in STORE_SCHEMES:
+        raise TrackingError(f"tracking.uri={uri!r}: {scheme!r} is not a store MLflow knows; use sqlite:///mlflow.db, "
+                            "a directory, postgresql://user@host/db or http://host:5000")
+    try:
+        if scheme in ("http", "https"):
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout)  # noqa: S310 (http(s) only)
+        elif scheme in DATABASE_PORTS:
+            parts = urlsplit(uri)
+            socket.create_connection((parts.hostname or "localhost", parts.port or DATABASE_PORTS[scheme]),
+                                     timeout=timeout).close()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise TrackingError(f"tracking.uri={uri!r}: nothing answers there ({getattr(err, 'reason', err)}); start "
+                            "the server or use sqlite:///mlflow.db") from None
+
+
 def client_for(cfg: GammaConfig) -> tuple[MlflowClient, str]:
     """The client and the experiment id (created here, once, with its artifact root)."""
+    check_tracking(cfg.tracking.uri)
     client = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:

@@ -102,6 +102,7 @@ _LOAD_LOCK = threading.Lock()
 def load_model(path: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
     """Load a causal LM on the host for inference, with its tokenizer; weights frozen. ``dtype``:
     None keeps the checkpoint's own (``model.dtype: auto``)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or checkpoint_dtype(path)
@@ -109,8 +110,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.M
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError, KeyError) as err:
-            raise ModelInputError(f"cannot load a causal LM from {path}: {err}") from None
+        except (OSError, ValueError, KeyError, SafetensorError) as err:  # SafetensorError: a truncated file
+            raise ModelInputError(f"cannot load a causal LM from {path}: {type(err).__name__}: {err}") from None
     model.eval()
     model.requires_grad_(False)
     quantizable_modules(model)  # fail early on a model with nothing to quantize

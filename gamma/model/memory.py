@@ -52,6 +52,7 @@ class Shapes:
     head_dim: int
     vocab: int
     tied: bool
+    max_positions: int | None = None
 
     @classmethod
     def of(cls, model_dir: str | Path) -> Shapes:
@@ -62,7 +63,7 @@ class Shapes:
             heads = c["num_attention_heads"]
             return cls(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
                        c.get("num_key_value_heads", heads), c.get("head_dim") or c["hidden_size"] // heads,
-                       c["vocab_size"], bool(c.get("tie_word_embeddings", False)))
+                       c["vocab_size"], bool(c.get("tie_word_embeddings", False)), c.get("max_position_embeddings"))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise ModelInputError(f"{path} does not give a decoder's shapes ({type(err).__name__}: {err})") from None
 
@@ -88,6 +89,14 @@ class Shapes:
             raise ModelInputError(f"quantizer.group_size={group_size} does not divide the input width of {widths}; "
                                   f"pick one that divides them all ({', '.join(fits) or 'none of 32/64/128/256 does'})"
                                   " or -1 for one group per row")
+
+    def check_lengths(self, lengths: dict[str, int]) -> None:
+        """Refuse a setting (``{name: tokens}``) longer than the model's positions."""
+        long = {k: v for k, v in lengths.items() if self.max_positions and v > self.max_positions}
+        if long:
+            said = ", ".join(f"{k}={v}" for k, v in long.items())
+            raise ModelInputError(f"{said} is beyond the model's {self.max_positions} positions "
+                                  "(max_position_embeddings in its config.json): lower it")
 
     @property
     def block_hessians(self) -> int:

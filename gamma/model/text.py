@@ -71,6 +71,17 @@ def _wiki_articles(dump: Path) -> Iterator[tuple[str, str]]:
                 yield title, plain
 
 
+def _read_text(path: Path) -> str:
+    """A text file's content; binary data (a NUL byte, or more than 1% of it not UTF-8) is refused."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    bad, nul = text.count("\ufffd"), b"\x00" in raw
+    if nul or bad > 0.01 * max(1, len(text)):
+        raise TextInputError(f"text.source file {str(path)!r} is not UTF-8 text ({bad} undecodable characters"
+                             f"{', NUL bytes' if nul else ''}): a binary file?")
+    return text
+
+
 def _user_documents(source: Path) -> list[tuple[str, str]]:
     if not source.exists():
         raise TextInputError(f"text.source={str(source)!r} does not exist")
@@ -78,9 +89,9 @@ def _user_documents(source: Path) -> list[tuple[str, str]]:
         files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
             raise TextInputError(f"text.source={str(source)!r} holds no {'/'.join(TEXT_SUFFIXES)} files")
-        docs = [(str(p.relative_to(source)), p.read_text(errors="replace").strip()) for p in files]
+        docs = [(str(p.relative_to(source)), _read_text(p).strip()) for p in files]
     else:
-        blocks = [b.strip() for b in source.read_text(errors="replace").split("\n\n")]
+        blocks = [b.strip() for b in _read_text(source).split("\n\n")]
         docs = [(f"block-{i}", b) for i, b in enumerate(blocks) if b]
     docs = [d for d in docs if d[1]]
     if len(docs) < 2:
@@ -164,6 +175,14 @@ def sample_sequences(tokens: torch.Tensor, n: int, length: int, seed: int) -> to
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - length, (n,), generator=g)
     return torch.stack([tokens[s : s + length] for s in starts.tolist()])
+
+
+def overlap_note(tokens: int, n: int, length: int) -> str | None:
+    """What to say when ``n`` sequences of ``length`` cannot all be distinct in ``tokens`` tokens."""
+    if n * length <= tokens:
+        return None
+    return (f"the calibration text has {tokens} tokens, fewer than {n} sequences x {length}: the sequences overlap "
+            "(a larger text gives more distinct ones)")
 
 
 def evaluation_windows(tokens: torch.Tensor, context_length: int, max_tokens: int) -> torch.Tensor:

@@ -53,6 +53,11 @@ def load_fleet(path: str | Path) -> Fleet:
         fleet = Fleet.model_validate(yaml.safe_load(path.read_text()) or {})
     except (yaml.YAMLError, ValidationError) as err:
         raise FleetError(f"{path}: {err}") from None
+    names = [c.name for c in fleet.classes]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise FleetError(f"{path}: device class name(s) {', '.join(map(repr, repeated))} appear more than once: "
+                         "each class needs its own name (its variant is chosen and reported by name)")
     for c in fleet.classes:
         if c.kv_cache_reserve_mb >= c.memory_mb:
             raise FleetError(f"{path}: class {c.name!r}: kv_cache_reserve_mb={c.kv_cache_reserve_mb} leaves no "

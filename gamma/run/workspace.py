@@ -18,7 +18,14 @@ from gamma.model.coverage import coverage
 from gamma.model.device import resolve_device
 from gamma.model.loading import ModelInputError, load_model, quantizable_modules, resolve_dtype, resolve_model_path
 from gamma.model.memory import Shapes
-from gamma.model.text import PreparedText, evaluation_windows, prepare_text, sample_sequences, tokenize_file
+from gamma.model.text import (
+    PreparedText,
+    evaluation_windows,
+    overlap_note,
+    prepare_text,
+    sample_sequences,
+    tokenize_file,
+)
 from gamma.problem import AllocationProblem, Provenance
 from gamma.progress import console
 from gamma.quant import get_quantizer
@@ -35,6 +42,7 @@ class Workspace:
     # prepared allocators and their problem, shared by every budget this workspace serves
     allocators: dict = field(default_factory=dict, repr=False, compare=False)
     walk_error: float | None = field(default=None, repr=False, compare=False)  # set by the first load
+    notes: list[str] = field(default_factory=list, repr=False, compare=False)  # warnings, recorded with the tables
 
     @cached_property
     def model_dir(self) -> Path:
@@ -85,14 +93,16 @@ class Workspace:
         return model, tokenizer
 
     def check_shapes(self) -> None:
-        """Settings that the model's shapes refuse (a group size that divides no width), from
-        config.json before anything heavy; a config without a decoder's shapes is checked module by
-        module when it is quantized."""
+        """Settings that the model's shapes refuse (a group size that divides no width, sequences
+        longer than its positions), from config.json before anything heavy; a config without a
+        decoder's shapes is checked module by module when it is quantized."""
         try:
             shapes = Shapes.of(self.model_dir)
         except ModelInputError:
             return
         shapes.check_group_size(self.cfg.quantizer.group_size)
+        shapes.check_lengths({"text.sequence_length": self.cfg.text.sequence_length,
+                              "evaluation.context_length": self.cfg.evaluation.context_length})
 
     @cached_property
     def dtype(self) -> torch.dtype:
@@ -112,6 +122,10 @@ class Workspace:
     def calibration(self) -> torch.Tensor:
         t = self.cfg.text
         tokens = tokenize_file(self.text.calibration, self.tokenizer)
+        note = overlap_note(tokens.numel(), t.calibration_sequences, t.sequence_length)
+        if note:
+            console.print(f"[yellow]warning: {note}")
+            self.notes.append(note)
         return sample_sequences(tokens, t.calibration_sequences, t.sequence_length, t.seed)
 
     @cached_property

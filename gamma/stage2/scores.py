@@ -45,6 +45,7 @@ class ScoreTable:
     peak_memory_mb: float = 0.0
     devices: dict = field(default_factory=dict)  # phase -> the device it computed on (ComputeRecord)
     walk_error: float | None = None  # the block walk's logits against the model's own (blocks.walk_error)
+    notes: list = field(default_factory=list)  # warnings of the run (Workspace.notes)
 
     def array(self) -> np.ndarray:
         return np.array(self.scores, dtype=np.float64)
