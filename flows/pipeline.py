@@ -5,24 +5,20 @@ Prefect's ephemeral API, MLflow on SQLite, DVC's local remote."""
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from prefect import flow  # noqa: E402
-from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
-
-from gamma.config import load_config  # noqa: E402
-from gamma.progress import markdown_table, print_table  # noqa: E402
-from gamma.run.plots import plot_pareto  # noqa: E402
-from gamma.run.variant import failed  # noqa: E402
-from tasks import tracking  # noqa: E402
-from tasks.prepare import check_inputs, prepare  # noqa: E402
-from tasks.stage1 import learn  # noqa: E402
-from tasks.variants import compared_variant, uniform, variant  # noqa: E402
+from gamma.config import load_config
+from gamma.progress import markdown_table, print_table
+from gamma.run.plots import plot_pareto
+from gamma.run.variant import failed
+from tasks import tracking
+from tasks.prepare import check_inputs, prepare
+from tasks.stage1 import learn
+from tasks.variants import compared_variant, uniform, variant
 
 SUMMARY_COLUMNS = ["method", "budget", "avg_bits", "effective_bits", "total_bytes", "checkpoint_bytes", "perplexity",
                    "zero_shot", "registered"]

@@ -243,7 +243,11 @@ def cmd_serve(cfg: GammaConfig, args) -> None:
 
 def cmd_rollout(cfg: GammaConfig, args) -> None:
     from flows.rollout import MANIFEST_FILE, fleet_rollout
+    from gamma.operations.fleet import load_fleet
+    from tasks.prepare import check_inputs
 
+    load_fleet(args.fleet)  # a bad fleet file or setting is refused before the flow (and its server) starts
+    check_inputs(cfg)
     manifest = fleet_rollout(args.fleet, params=args.params, overrides=parse_overrides(args.set))
     for e in manifest["classes"]:
         v = e["variant"]

@@ -114,23 +114,27 @@ class WalkMismatch(ValueError):
 
 @torch.no_grad()
 def walk_error(model: nn.Module, input_ids: torch.Tensor, device: torch.device | str = "cpu",
-               tolerance: float = 1e-3) -> float:
-    """The walk's logits against ``model()``'s on ``input_ids`` (one sequence, say), both in float32
-    on ``device``, over the first blocks up to one of every layer type, and the head: the largest
-    difference relative to the largest logit. ``WalkMismatch`` naming the architecture above
-    ``tolerance``. Only those blocks (not the whole model) need the device."""
+               tolerance: float | None = None) -> float:
+    """The walk's logits (float32) against ``model()``'s (in the model's own dtype) on ``input_ids``
+    (one sequence, say) on ``device``, over the first blocks up to one of every layer type, and the
+    head: the largest difference relative to the largest logit. ``WalkMismatch`` naming the
+    architecture above ``tolerance`` (default: 1e-3 for a float32 model, 5e-2 for 16-bit ones,
+    whose own forward rounds; a lost mask or soft-cap is off by 25% and more). Only those blocks
+    need the device, and nothing is copied to float32 at once."""
     runner = BlockRunner(model, device)
+    if tolerance is None:
+        tolerance = 1e-3 if runner.store_dtype == torch.float32 else 5e-2
     k = max(runner.types.index(t) for t in set(runner.types)) + 1
     layers, depth = model.model.layers, model.model.config.num_hidden_layers
     model.model.layers, model.model.config.num_hidden_layers = layers[:k], k
     try:
-        with on_device(model, device):
-            ids = input_ids.to(device)
+        ids = input_ids.to(device)
+        with on_device(model, device, dtype=None):  # the model's own forward, in its own dtypes
             expected = model(input_ids=ids).logits.float()
-            hidden = runner.embed(ids)
-            for index in range(k):
-                hidden = runner.run_block(index, hidden)
-            error = float((runner.head(hidden) - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+        hidden = runner.embed(ids)
+        for index in range(k):
+            hidden = runner.run_block(index, hidden)
+        error = float((runner.head(hidden) - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
     finally:
         model.model.layers, model.model.config.num_hidden_layers = layers, depth
     if not error <= tolerance:

@@ -84,17 +84,17 @@ def _tensors(module: nn.Module):
 
 
 @contextmanager
-def on_device(module: nn.Module, device: torch.device | str, dtype: torch.dtype = COMPUTE_DTYPE):
-    """``module`` with its floating-point tensors on ``device`` in ``dtype`` for the duration, then
-    every tensor back where and as it was (a no-op when all of them are there already, so that
-    nested uses cost nothing). The module is read-only inside: the host tensors come back as they
-    were, so a change made to a moved tensor is dropped."""
+def on_device(module: nn.Module, device: torch.device | str, dtype: torch.dtype | None = COMPUTE_DTYPE):
+    """``module`` with its floating-point tensors on ``device`` in ``dtype`` (None: each in its own)
+    for the duration, then every tensor back where and as it was (a no-op when all of them are
+    there already, so that nested uses cost nothing). The module is read-only inside: the host
+    tensors come back as they were, so a change made to a moved tensor is dropped."""
     device = torch.device(device)
     computed_on(device)
     moved = [(t, t.data) for t in _tensors(module)
-             if t.is_floating_point() and (t.device != device or t.dtype != dtype)]
+             if t.is_floating_point() and (t.device != device or t.dtype != (dtype or t.dtype))]
     for t, data in moved:
-        t.data = data.to(device=device, dtype=dtype)
+        t.data = data.to(device=device, dtype=dtype or data.dtype)
     try:
         yield module
     finally:
