@@ -7,7 +7,7 @@ reaches each group; with ``act_order`` columns go by decreasing ``diag(H)`` and 
 scales are fixed up front from the original weights (static groups) so that the stored groups
 stay contiguous in the original column order.
 
-Two choices decide whether GPTQ beats RTN at 2-3 bits on a small model (README, "GPTQ"):
+Two choices decide whether GPTQ beats RTN at 2-3 bits on a small model (docs/results.md, "GPTQ on this model"):
 ``clip_search`` picks each
 group's range by minimising its ``diag(H)``-weighted error instead of taking min/max, and
 ``sequential`` takes each block's Hessians from the inputs the already-quantized blocks produce,

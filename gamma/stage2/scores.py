@@ -104,7 +104,7 @@ class ScoreTable:
 def nearest_table(tables: list[ScoreTable], budget: float) -> ScoreTable:
     """The table learned at the training budget nearest ``budget`` (the higher one on a tie): a
     table ranks candidates best near the budget it was learned at, and reuses better upward
-    than downward (README, "Score bands")."""
+    than downward (docs/results.md, "Score bands")."""
     if not tables:
         raise ScoreTableError("no score table to project from; run `gamma learn` first")
     return min(tables, key=lambda t: (abs(t.training_budget - budget), -t.training_budget))
