@@ -3,14 +3,17 @@
 Builds Llama-style models from configs (no download; bf16 on disk, the embedded tokenizer):
 Llama-3.2-1B at full depth, Llama-3.1-8B block shapes with 1, 2 and 4 blocks, one Llama-3.1-70B
 block. Each model runs in a fresh process, phase by phase through the library as the pipeline
-calls it (load, candidates RTN and GPTQ, teacher capture with gradients, one Stage I step,
-Stage II, quantize and export, perplexity on 2k tokens); a sampler thread reads the process's
-resident memory every 20 ms, so each phase gets its own peak. Over the 8B block sweep it fits
-peak host memory and Stage I step time against the number of blocks and projects both to the
-full 8B model (32 blocks). Writes benchmarks/results/scale.json (rows keyed by model and phase)
-and benchmarks/results/scale.png (peak memory against blocks).
+calls it (load with the walk check, candidates RTN and GPTQ, teacher capture with gradients,
+Stage I: one step and three, Stage II, quantize and export, perplexity on 2k tokens); a sampler
+thread reads the process's resident memory every 20 ms, so each phase gets its own peak. Over the
+8B block sweep it fits peak host memory and the steady Stage I step (after the first) against
+the number of blocks, checks them against the goals of issue 23, and projects host and device
+memory (gamma's own estimate) and time per step to full 8B, 32B and 70B models at the default
+calibration size. Writes benchmarks/results/scale.json (rows keyed by model and phase, the
+summary in its settings) and benchmarks/results/scale.png (peak memory against blocks).
 
     python benchmarks/scale.py [--models llama-3.2-1b,llama-3.1-8b:1,llama-3.1-8b:2] [--gptq llama-3.2-1b]
+    python benchmarks/scale.py --models ""     # the summary and the plot again, from the rows there
 """
 
 from __future__ import annotations
@@ -64,8 +67,15 @@ class PeakMemory:
         console.print(rows[-1])
 
 
-def run_phases(model_dir: str, gptq: bool, sequences: int, length: int) -> list[dict]:
-    """Every phase on the model at ``model_dir``, in this process."""
+def run_phases(model_dir: str, gptq: bool, sequences: int, length: int, spec: str) -> list[dict]:
+    """Every phase on the model at ``model_dir`` (``spec``'s blocks), in this process. Stage I caches
+    the dense candidates only when the whole model's fit ``DENSE_CACHE_BYTES``: a few blocks of a
+    large model run as the whole model does (uncached), so that time per step scales to it."""
+    from gamma.model import memory as model_memory
+
+    full = config_shapes(spec.partition(":")[0])
+    if full.layers * full.block_linear * 3 * 4 > model_memory.DENSE_CACHE_BYTES:
+        model_memory.DENSE_CACHE_BYTES = 0
     from gamma.config import load_config
     from gamma.evaluation.metrics import perplexity
     from gamma.model.assignment import apply_assignment
@@ -117,7 +127,7 @@ def measure(spec: str, gptq: bool, sequences: int, length: int) -> list[dict]:
         size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / GB
         out = Path(tmp) / "phases.json"
         cmd = [sys.executable, __file__, "--child", str(model_dir), "--out", str(out), "--sequences", str(sequences),
-               "--length", str(length)] + (["--with-gptq"] if gptq else [])
+               "--length", str(length), "--spec", spec] + (["--with-gptq"] if gptq else [])
         subprocess.run(cmd, cwd=ROOT, check=True)
         name, _, blocks = spec.partition(":")
         n_blocks = int(blocks) if blocks else SHAPES[name]["num_hidden_layers"]
@@ -229,9 +239,10 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--with-gptq", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        rows = run_phases(args.child, args.with_gptq, args.sequences, args.length)
+        rows = run_phases(args.child, args.with_gptq, args.sequences, args.length, args.spec)
         Path(args.out).write_text(json.dumps(rows))
         return
     gptq = set(filter(None, args.gptq.split(",")))

@@ -5,6 +5,7 @@ configs, the embedded tokenizer)."""
 
 import pytest
 import torch
+
 from gamma.model.blocks import BlockRunner, WalkMismatch, walk_error
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -14,7 +15,8 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_att
 def tiny(arch: str, **extra):
     import transformers
 
-    config = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**{**SMALL, "vocab_size": 512, **extra})
+    config_class = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")
+    config = config_class(**{**SMALL, "vocab_size": 512, **extra})
     torch.manual_seed(0)
     return getattr(transformers, f"{arch}ForCausalLM")(config).eval()
 

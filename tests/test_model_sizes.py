@@ -189,7 +189,8 @@ def test_gptq_candidates_built_block_by_block_equal_those_from_all_hessians_at_o
 
     cfg = load_config(overrides={"model": {"path": str(bf16_dir), "data_dir": str(Path(model_dir).parents[1])},
                                  "quantizer": {"method": "gptq", "group_size": 32},
-                                 "text": {"calibration_sequences": 2, "sequence_length": 32}})
+                                 "text": {"calibration_sequences": 2, "sequence_length": 32},
+                                 "evaluation": {"context_length": 32, "max_tokens": 128}})
     ws = Workspace(cfg)
     model, _ = ws.load()
     streamed = ws.candidates(model)
@@ -258,7 +259,7 @@ def test_every_phase_records_the_device_it_computed_on(tmp_path, bf16_dir):
         ws = Workspace(cfg)
         table = Band(ws).learn(3.0)
         assert table.devices == {"candidates": "cpu", "teacher capture": "cpu", "Stage I": "cpu"}
-        assert table.walk_error is not None and table.walk_error < 1e-5  # checked against model() on load
+        assert table.walk_error is not None and table.walk_error < 2e-2  # against model() in bf16, on load
         row = quantize_and_evaluate(ws, 3)
         assert row["quantize_devices"] == "cpu"
         assert row["coverage"]["quantized_fraction_of_blocks"] > 0.99 and not row["coverage"]["not_quantizable"]

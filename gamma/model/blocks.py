@@ -57,8 +57,10 @@ class BlockRunner:
         return on_device(module, self.device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        with self.resident(self.model.model.embed_tokens) as embed:
-            return embed(input_ids.to(self.device))
+        """Float32 embeddings, looked up in the table's own dtype (as the model's forward does; no
+        float32 copy of a vocabulary-sized table)."""
+        with on_device(self.model.model.embed_tokens, self.device, dtype=None) as embed:
+            return embed(input_ids.to(self.device)).to(COMPUTE_DTYPE)
 
     def _block_inputs(self, hidden: torch.Tensor, layer_type: str):
         """The attention mask and position embeddings the model's forward gives a block of
@@ -100,7 +102,8 @@ class BlockRunner:
 
     @torch.no_grad()
     def embed_all(self, input_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        return torch.cat([self.to_host(self.embed(b)) for b in input_ids.split(batch_size)])
+        with on_device(self.model.model.embed_tokens, self.device, dtype=None):  # moved once for all batches
+            return torch.cat([self.to_host(self.embed(b)) for b in input_ids.split(batch_size)])
 
     @torch.no_grad()
     def run_block_all(self, index: int, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:

@@ -20,7 +20,7 @@ from gamma.model.device import resolve_device
 from gamma.model.loading import ModelInputError, resolve_dtype
 
 GB = 1024**3
-DENSE_CACHE_BYTES = 4e9  # stage1.rows.LogitRows keeps every dense candidate while they fit this
+DENSE_CACHE_BYTES = 4e9  # stage1.rows.LogitRows keeps every dense candidate on the device while all fit this
 RUNTIME_BYTES = 0.3 * GB  # Python with torch, transformers and gamma imported (0.26 GB measured on CPU)
 
 # the setting that lowers each part most directly, for the refusal message
@@ -34,7 +34,7 @@ LOWERED_BY = {
     "one block (float32) and its Fisher": "a device with more memory",
     "dense candidates": "fewer candidates",
     "one step's activations": "stage1.sequences_per_step or stage1.tokens_per_sequence",
-    "embedding and head (float32)": "a device with more memory",
+    "the head (float32) and its logits": "a device with more memory",
 }
 
 
@@ -179,9 +179,10 @@ def estimate_memory(cfg: GammaConfig, model_dir: str | Path, sequences: int | No
     b, tokens = cfg.stage1.sequences_per_step, min(cfg.stage1.tokens_per_sequence, t)
     device = {
         "one block (float32) and its Fisher": (s.block_linear + 2 * s.hidden) * 4 + s.block_linear * 4,
-        "dense candidates": dense if dense <= DENSE_CACHE_BYTES else k * s.block_linear * 4,
+        "dense candidates": dense if dense <= DENSE_CACHE_BYTES else k * s.block_linear * 4,  # else one block's
         "one step's activations": b * tokens * (12 * s.hidden + 4 * s.intermediate) * 4 + b * s.heads * tokens**2 * 4,
-        "embedding and head (float32)": s.vocab * s.hidden * 4 * (1 if s.tied else 2) + t * s.vocab * 4 * 3,
+        # one at a time: the embedding is looked up in its own dtype, the head runs in float32
+        "the head (float32) and its logits": s.vocab * s.hidden * 4 + t * s.vocab * 4 * 3,
         # GPTQ's candidates are built block by block: one block's Hessians (float64 sums) at a time
         "one block's GPTQ Hessians": s.block_hessians * 8 if cfg.quantizer.method == "gptq" else 0.0,
     }

@@ -64,8 +64,10 @@ def collect_hessians(
 
     ``on_block(index, hessians)`` runs after each block's Hessians are taken and before the block
     makes the next block's inputs: quantizing the block there gives GPTQ's sequential Hessians
-    (each block sees the inputs the quantized prefix really produces). Each block runs on
-    ``device``; the Hessians are accumulated there and handed back on the host."""
+    (each block sees the inputs the quantized prefix really produces); with ``on_block`` the
+    Hessians are handed over block by block and not kept (an 8B model's are 33 GB), and the
+    result is empty. Each block runs on ``device``; the Hessians are accumulated there (float64)
+    and handed over on the host in float32."""
     runner = BlockRunner(model, device)
     wanted = modules or set(quantizable_modules(model))
     deepest = max(block_index(n) for n in wanted)
@@ -92,7 +94,8 @@ def collect_hessians(
         results.update({n: results[leader] for n, leader in shares.items()})
         if on_block is not None:
             on_block(index, results)
-        hessians.update(results)
+        else:
+            hessians.update(results)
         if index >= deepest:
             break  # no wanted module deeper down: skip the rest of the walk
     return hessians

@@ -64,11 +64,10 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
-    def dequantize(self) -> torch.Tensor:
-        width = self.spec.group_width(self.codes.shape[1])
-        scales = self.scales.repeat_interleave(width, dim=1)
-        zeros = self.zeros.repeat_interleave(width, dim=1).to(torch.float32)
-        return (self.codes.to(torch.float32) - zeros) * scales
+    def dequantize(self, device: str | torch.device | None = None) -> torch.Tensor:
+        """The float32 weight, on ``device`` (default: where the codes are; the codes travel, not floats)."""
+        return dequantize_codes(self.codes if device is None else self.codes.to(device), self.scales, self.zeros,
+                                self.spec)
 
     def to(self, device: str | torch.device) -> QuantizedWeight:
         return QuantizedWeight(self.codes.to(device), self.scales.to(device), self.zeros.to(device), self.spec)
@@ -99,19 +98,35 @@ class PackedWeight:
     zeros: torch.Tensor  # uint8 where that is exact, else int32
     spec: QuantSpec
 
+    def unpacked_codes(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The codes [out, in], unpacked on ``device`` (only b/8 bytes per weight travel there)."""
+        n = self.shape[0] * self.shape[1]
+        planes = self.planes.to(device)
+        shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=planes.device)  # np.packbits: first bit highest
+        codes = torch.zeros(n, dtype=torch.uint8, device=planes.device)
+        for k in range(planes.shape[0]):
+            codes |= ((planes[k, :, None] >> shifts) & 1).reshape(-1)[:n] << k
+        return codes.reshape(self.shape)
+
     @property
     def codes(self) -> torch.Tensor:
-        n = self.shape[0] * self.shape[1]
-        codes = np.zeros(n, dtype=np.uint8)
-        for k, plane in enumerate(self.planes.numpy()):
-            codes |= np.unpackbits(plane, count=n) << k
-        return torch.from_numpy(codes).reshape(self.shape)
+        return self.unpacked_codes()
 
     def unpack(self) -> QuantizedWeight:
         return QuantizedWeight(self.codes, self.scales.to(torch.float32), self.zeros.to(torch.int32), self.spec)
 
-    def dequantize(self) -> torch.Tensor:
-        return self.unpack().dequantize()
+    def dequantize(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The float32 weight, unpacked and dequantized on ``device``."""
+        return dequantize_codes(self.unpacked_codes(device), self.scales.to(device), self.zeros.to(device), self.spec)
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``(code - zero) * scale`` per group, in float32, where ``codes`` are."""
+    rows, cols = codes.shape
+    width = spec.group_width(cols)
+    grouped = codes.to(torch.float32).view(rows, cols // width, width)
+    zeros, scales = zeros.to(codes.device, torch.float32)[..., None], scales.to(codes.device, torch.float32)[..., None]
+    return ((grouped - zeros) * scales).view(rows, cols)
 
 
 class Quantizer(Protocol):

@@ -51,6 +51,12 @@ def learn_table(ws: Workspace, checkpoint: str | Path | Checkpoint | None = None
         problem = ws.problem()
     with compute.phase("teacher capture and Stage I"):
         table = learn_score_table(problem, ws.cfg.stage1, shard=shard, checkpoint=checkpoint, device=device)
+    return recorded(table, compute, ws)
+
+
+def recorded(table: ScoreTable, compute: ComputeRecord, ws: Workspace) -> ScoreTable:
+    """``table`` with what its run checked and noted: the devices each phase computed on, the walk
+    check, the warnings."""
     table.devices, table.walk_error, table.notes = compute.as_dict(), ws.walk_error, list(ws.notes)
     return table
 
@@ -93,7 +99,7 @@ class Band:
         with compute.phase("Stage I"):
             compute.devices["Stage I"] = set()  # this table's, not the band's previous one's
             table = learn_score_table(problem, cfg.stage1, teacher=teacher, checkpoint=out / CHECKPOINT_FILE)
-        table.devices, table.walk_error, table.notes = compute.as_dict(), self.ws.walk_error, list(self.ws.notes)
+        recorded(table, compute, self.ws)
         (on_line or console.print)(f"computed on: {compute.line()}")
         table.save(out / SCORES_FILE)
         return table

@@ -31,7 +31,7 @@ class FisherCosts:
             if name not in self.candidates:
                 continue
             w = self.weights[name].weight.to(f.device, torch.float32)
-            self.rows[name] = [float((f * (w - q.dequantize().to(f.device)) ** 2).sum())
+            self.rows[name] = [float((f * (w - q.dequantize(f.device)) ** 2).sum())
                                for q in self.candidates[name]]
 
     @property

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gamma.model import memory
 from gamma.model.loading import block_index
 from gamma.quant.interface import QuantizedWeight
 
@@ -43,7 +44,7 @@ class LogitRows:
     row per column block of each module (named ``module#j``), in module order."""
 
     def __init__(self, model: nn.Module, candidates: dict[str, list[QuantizedWeight]], bits: list[int],
-                 layouts: dict[str, ColumnLayout] | None = None, cache_limit_bytes: float = 4e9):
+                 layouts: dict[str, ColumnLayout] | None = None, cache_limit_bytes: float | None = None):
         self.candidates, self.bits, self.layouts = candidates, list(bits), layouts
         self.modules = list(candidates)
         self.of_module: list[int | slice] = []  # the row (or slice of rows) of each module
@@ -65,17 +66,17 @@ class LogitRows:
         for i, name in enumerate(self.modules):
             self.by_block.setdefault(block_index(name), []).append(i)
         total = sum(q.shape[0] * q.shape[1] * 4 for qs in candidates.values() for q in qs)
-        self.cache: dict[str, torch.Tensor] | None = {} if total <= cache_limit_bytes else None
+        limit = memory.DENSE_CACHE_BYTES if cache_limit_bytes is None else cache_limit_bytes
+        self.cache: dict[str, torch.Tensor] | None = {} if total <= limit else None
 
     def dense(self, name: str, device: torch.device) -> torch.Tensor:
         """Module ``name``'s candidates [K, out, in], dequantized, in the model's channel order
-        (cached while all of them fit in ``cache_limit_bytes``)."""
+        (cached while all of them fit in ``cache_limit_bytes``, default ``memory.DENSE_CACHE_BYTES``)."""
         if self.cache is not None and name in self.cache:
             return self.cache[name]
-        t = torch.stack([q.dequantize() for q in self.candidates[name]])
+        t = torch.stack([q.dequantize(device) for q in self.candidates[name]])
         if self.layouts is not None and name in self.layouts:
             t = self.layouts[name].to_model_order(t)
-        t = t.to(device)
         if self.cache is not None:
             self.cache[name] = t
         return t
