@@ -326,8 +326,11 @@ def load_config(path: str | Path = "params.yaml", overrides: dict | None = None)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {'.'.join(parents[:i + 1])} is a value ({node!r}), not a "
+                                  "section with settings inside")
         node[leaf] = value
     return validate_config(data)
 

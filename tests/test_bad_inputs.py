@@ -19,7 +19,8 @@ TINY = {"text.calibration_sequences": 2, "text.sequence_length": 32, "stage1.ste
 def gamma(where, *argv, sets=None):
     settings = {**TINY, "output_dir": str(where / "out"), "tracking.uri": f"sqlite:///{where}/mlflow.db",
                 **(sets or {})}
-    command = [sys.executable, "-m", "gamma.cli", *argv, "--params", str(where / "empty.yaml"),
+    params = [] if "--params" in argv else ["--params", str(where / "empty.yaml")]
+    command = [sys.executable, "-m", "gamma.cli", *argv, *params,
                *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]]
     env = {**os.environ, "COLUMNS": "400", "GAMMA_QUIET": "1"}
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=240)
