@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, SHAPES, build_model, memory_estimates, write_results
 
-from gamma.model.memory import Shapes
+from gamma.model.memory import Shapes, packed_candidate_bytes
 from gamma.progress import console
 
 STEP = "one Stage I step"
@@ -71,12 +71,12 @@ def run_phases(model_dir: str, gptq: bool, sequences: int, length: int, spec: st
     """Every phase on the model at ``model_dir`` (``spec``'s blocks), in this process. Stage I caches
     the dense candidates only when the whole model's fit ``DENSE_CACHE_BYTES``: a few blocks of a
     large model run as the whole model does (uncached), so that time per step scales to it."""
+    from gamma.config import load_config
     from gamma.model import memory as model_memory
 
-    full = config_shapes(spec.partition(":")[0])
-    if full.layers * full.block_linear * 3 * 4 > model_memory.DENSE_CACHE_BYTES:
+    full, candidates = config_shapes(spec.partition(":")[0]), load_config(ROOT / "params.yaml").candidates
+    if full.layers * full.block_linear * len(candidates) * 4 > model_memory.DENSE_CACHE_BYTES:
         model_memory.DENSE_CACHE_BYTES = 0
-    from gamma.config import load_config
     from gamma.evaluation.metrics import perplexity
     from gamma.model.assignment import apply_assignment
     from gamma.model.export import export_checkpoint, round_to_storage
@@ -136,17 +136,14 @@ def measure(spec: str, gptq: bool, sequences: int, length: int) -> list[dict]:
 
 
 def config_shapes(name: str) -> Shapes:
-    c = SHAPES[name]
-    heads = c["num_attention_heads"]
-    return Shapes(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads, c["num_key_value_heads"],
-                  c["hidden_size"] // heads, c["vocab_size"], c["tie_word_embeddings"])
+    return Shapes.from_config(SHAPES[name])
 
 
 def per_block_expected_gb(s: Shapes, sequences: int, length: int, bits: list[int], group_size: int) -> float:
     """One block's bf16 weights + its packed candidates + its teacher activations (hidden states
     and gradients in bf16): what each added block should cost the host."""
     weights = s.block_linear * 2
-    candidates = s.block_linear * sum(bits) / 8 + s.block_linear / group_size * 8 * len(bits)
+    candidates = packed_candidate_bytes(s.block_linear, bits, group_size, s.hidden)
     activations = 2 * sequences * length * s.hidden * 2
     return (weights + candidates + activations) / GB
 

@@ -50,7 +50,7 @@ class BlockRunner:
         self.store_dtype = model.model.embed_tokens.weight.dtype
         self.config = model.model.config
         self.types = layer_types(self.config, len(self.blocks))
-        self._inputs: dict = {}  # (batch, length) -> {layer type: (mask, position embeddings)}
+        self._inputs: dict = {}  # (batch, length, device) -> {layer type: (mask, position embeddings, ids)}
 
     def resident(self, module: nn.Module):
         """``module`` on the compute device in float32 while the context lasts."""

@@ -58,14 +58,18 @@ class Shapes:
     def of(cls, model_dir: str | Path) -> Shapes:
         path = Path(model_dir) / "config.json"
         try:
-            c = json.loads(path.read_text())
-            c = c.get("text_config", c)
-            heads = c["num_attention_heads"]
-            return cls(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
-                       c.get("num_key_value_heads", heads), c.get("head_dim") or c["hidden_size"] // heads,
-                       c["vocab_size"], bool(c.get("tie_word_embeddings", False)), c.get("max_position_embeddings"))
+            return cls.from_config(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise ModelInputError(f"{path} does not give a decoder's shapes ({type(err).__name__}: {err})") from None
+
+    @classmethod
+    def from_config(cls, c: dict) -> Shapes:
+        """From a config.json's fields (a multimodal one's ``text_config``)."""
+        c = c.get("text_config", c)
+        heads = c["num_attention_heads"]
+        return cls(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
+                   c.get("num_key_value_heads", heads), c.get("head_dim") or c["hidden_size"] // heads,
+                   c["vocab_size"], bool(c.get("tie_word_embeddings", False)), c.get("max_position_embeddings"))
 
     @property
     def block_linear(self) -> int:
@@ -107,6 +111,13 @@ class Shapes:
     def parameters(self) -> int:
         embed = self.vocab * self.hidden
         return self.layers * (self.block_linear + 2 * self.hidden) + embed * (1 if self.tied else 2) + self.hidden
+
+
+def packed_candidate_bytes(weights: float, bits: list[int], group_size: int, in_features: int) -> float:
+    """Host bytes of ``weights`` weights held at every candidate width: b/8 bytes per weight for
+    width b, and per group a float16 scale and a one-byte zero-point (``PackedWeight``)."""
+    groups = weights / (group_size if group_size > 0 else in_features)
+    return weights * sum(bits) / 8 + groups * 3 * len(bits)
 
 
 SPILLED = ("teacher hidden states", "teacher gradients")
@@ -165,14 +176,13 @@ def estimate_memory(cfg: GammaConfig, model_dir: str | Path, sequences: int | No
     itemsize = resolve_dtype(cfg.model.dtype, model_dir).itemsize
     n, t = sequences or cfg.text.calibration_sequences, cfg.text.sequence_length
     quantized, k = s.layers * s.block_linear, len(cfg.candidates)
-    groups = quantized / (cfg.quantizer.group_size if cfg.quantizer.group_size > 0 else s.hidden)
     with_grads = cfg.stage1.loss == "fisher" or cfg.stage1.init == "proxy"
     activations = (s.layers + 1) * n * t * s.hidden
     dense = k * quantized * 4
     host = {
         "runtime": RUNTIME_BYTES,
         "weights": s.parameters * itemsize,
-        "candidates (packed)": quantized * sum(cfg.candidates) / 8 + groups * 3 * k,  # float16 scale, uint8 zero
+        "candidates (packed)": packed_candidate_bytes(quantized, cfg.candidates, cfg.quantizer.group_size, s.hidden),
         "teacher hidden states": activations * itemsize,
         "teacher gradients": s.layers * n * t * s.hidden * max(itemsize, 2) if with_grads else 0.0,
     }
