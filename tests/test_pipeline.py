@@ -318,3 +318,46 @@ def test_promote_with_nothing_registered_says_so_and_exits_non_zero(tmp_path, pr
                      "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                      "--set", f"tracking.artifacts={tmp_path / 'art'}"])
     assert code == 1 and "nothing is registered to promote to alias 'production'" in "".join(capsys.readouterr())
+
+
+def test_a_users_model_and_text_are_versioned_by_dvc_and_the_embedded_stage_does_not_run(
+        tmp_path, monkeypatch, model_dir, text, prefect_api):
+    """This repository's own dvc.yaml (whose `prepare` stage converts the embedded model), a user's
+    model directory and text outside the project: DVC hashes both, the lineage records DVC's md5,
+    and the embedded stage neither runs nor converts anything."""
+    import transformers
+
+    from flows.pipeline import gamma_pipeline
+    from gamma.hashing import content_md5
+
+    user = tmp_path / "user"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer))
+    transformers.LlamaForCausalLM(config).save_pretrained(user / "model")
+    tokenizer.save_pretrained(user / "model")
+    (user / "notes.txt").write_text(Path(text.calibration).read_text()[:200_000])
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "dvc.yaml").write_text((Path(__file__).parents[1] / "dvc.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump({
+        "model": {"path": str(user / "model"), "data_dir": "data"}, "text": {"source": str(user / "notes.txt"),
+        "calibration_sequences": 2, "sequence_length": 64}, "stage1": {"steps": 2, "tokens_per_sequence": 32,
+        "extra_budgets": []}, "evaluation": {"max_tokens": 256, "context_length": 64, "zero_shot_items": 0},
+        "quantizer": {"group_size": 32}, "uniform_bits": [], "stage2": {"budgets": [3.0]},
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"}, "output_dir": "runs"}))
+    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"]):
+        subprocess.run(cmd, cwd=root, check=True)
+    monkeypatch.chdir(root)
+
+    [row] = gamma_pipeline(params="params.yaml")
+    assert "error" not in row
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert "prepare" not in lock and not (root / "data" / "models").exists()  # the embedded stage: not run
+    hashed = {d["path"]: d["md5"] for d in lock["inputs"]["deps"]}
+    assert hashed == {str(user / "model"): content_md5(user / "model"), "data/text": content_md5(root / "data/text"),
+                      str(user / "notes.txt"): content_md5(user / "notes.txt")}
+    summary = json.loads((root / "runs" / "summary.json").read_text())
+    assert summary["inputs"]["dvc_inputs"] == hashed and summary["inputs"]["model_md5"] == hashed[str(user / "model")]
+    [variant] = _versions(_registry(root), "model-3bit")
+    assert json.loads(variant.tags["dvc_inputs"]) == hashed

@@ -18,7 +18,7 @@ in-memory one once that model's unquantized tensors are rounded to storage preci
 
 from __future__ import annotations
 
-import copy
+import functools
 import hashlib
 import json
 import os
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gamma.model.experts import checkpoint_name, model_name, split_experts
 from gamma.quant.interface import QuantizedWeight, QuantSpec
 
 STORAGE_DTYPE = torch.float16
@@ -92,6 +93,8 @@ def round_to_storage(model: nn.Module, quantized: set[str]) -> None:
 
 
 def _state_dict(model: nn.Module, records: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """Every tensor under its checkpoint name (``experts.checkpoint_name``)."""
+    rename = functools.partial(checkpoint_name, model.config.model_type)
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     quantized = {f"{name}.weight" for name in records}
@@ -101,11 +104,12 @@ def _state_dict(model: nn.Module, records: dict[str, QuantizedWeight]) -> dict[s
         if tensor.data_ptr() in seen:  # tied embeddings: stored once, tied again on load
             continue
         seen.add(tensor.data_ptr())
-        out[key] = tensor.detach().to(STORAGE_DTYPE if tensor.is_floating_point() else tensor.dtype).contiguous()
+        dtype = STORAGE_DTYPE if tensor.is_floating_point() else tensor.dtype
+        out[rename(key)] = tensor.detach().to(dtype).contiguous()
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    for name, rec in records.items():
-        bits = rec.spec.bits
+    for module, rec in records.items():
+        bits, name = rec.spec.bits, rename(module)
         out[f"{name}.weight_packed"] = pack_to_int32(_signed(rec.codes, bits), bits)
         out[f"{name}.weight_scale"] = rec.scales.to(STORAGE_DTYPE).contiguous()
         out[f"{name}.weight_shape"] = torch.tensor(list(rec.codes.shape), dtype=torch.int64)
@@ -143,16 +147,23 @@ def export_checkpoint(model: nn.Module, tokenizer, records: dict[str, QuantizedW
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_shards(_state_dict(model, records), tmp, max_shard_bytes)
-    config = model.config.to_dict()
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in records]
-    config["quantization_config"] = quantization_config(records, ignore)
-    config["torch_dtype"] = config["dtype"] = str(STORAGE_DTYPE).removeprefix("torch.")
-    (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+    rename = functools.partial(checkpoint_name, model.config.model_type)
+    ignore = [rename(n) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in records]
+    _write_config(model, tmp, quantization_config({rename(n): r for n, r in records.items()}, ignore))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     return _finish(tmp, path)
+
+
+def _write_config(model: nn.Module, folder: Path, quantization: dict | None) -> None:
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    if quantization is not None:
+        config["quantization_config"] = quantization
+    config["torch_dtype"] = config["dtype"] = str(STORAGE_DTYPE).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
 
 
 def save_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
@@ -228,7 +239,9 @@ def export_fake_quantized(model: nn.Module, tokenizer, path: str | Path,
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    copy.deepcopy(model).to(STORAGE_DTYPE).save_pretrained(tmp, safe_serialization=True)
+    tmp.mkdir(parents=True)
+    save_shards(_state_dict(model, {}), tmp)
+    _write_config(model, tmp, quantization=None)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for name, text in (extra_files or {}).items():
@@ -308,7 +321,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=False)
+    split_experts(model)
+    state = {model_name(config.model_type, k): v.to(torch.float32) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{path}: tensors missing {sorted(set(missing) - tied)[:5]}, "

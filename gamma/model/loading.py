@@ -17,6 +17,7 @@ from torch import nn
 
 from gamma.config import EMBEDDED
 from gamma.model.device import DTYPES
+from gamma.model.experts import ExpertSplitError, split_experts
 from gamma.packaged import package_dir
 from gamma.progress import status
 
@@ -114,6 +115,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.M
             raise ModelInputError(f"cannot load a causal LM from {path}: {type(err).__name__}: {err}") from None
     model.eval()
     model.requires_grad_(False)
+    try:
+        split_experts(model)
+    except ExpertSplitError as err:
+        raise ModelInputError(str(err)) from None
     quantizable_modules(model)  # fail early on a model with nothing to quantize
     return model, tokenizer
 

@@ -65,6 +65,10 @@ class GPTQ:
         W = weight.detach().to(torch.float32).clone()
         H = hessian.to(W.device, torch.float32).clone()
 
+        if not H.any():
+            # no calibration token reached the module (an expert the router never chose): nothing
+            # to weight errors by, so every column counts alike (round-to-nearest, clip search)
+            H = torch.eye(cols, device=W.device)
         dead = torch.diag(H) == 0
         diag = torch.diag(H).clone()
         H[dead, dead] = 1

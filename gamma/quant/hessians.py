@@ -10,7 +10,6 @@ from torch import nn
 from gamma.model.blocks import BlockRunner, linear_inputs, walk_blocks
 from gamma.model.loading import block_index, quantizable_modules
 from gamma.progress import track
-from gamma.quant.interface import QuantizationError
 
 
 class HessianAccumulator:
@@ -44,8 +43,6 @@ class HessianAccumulator:
         self.hessian += (x.T @ x).to(torch.float64) * (2.0 / self.tokens)
 
     def result(self) -> torch.Tensor:
-        if self.tokens == 0:
-            raise QuantizationError("GPTQ needs calibration inputs, but the module saw no tokens")
         return self.hessian.to("cpu", torch.float32)
 
 
@@ -88,10 +85,15 @@ def collect_hessians(
             last["x"], last["name"] = x, name
             accs.setdefault(name, HessianAccumulator(x.shape[-1], token_clip, sink_weight)).add(x)
 
-        with linear_inputs(block, f"model.layers.{index}").attach(add):
+        prefix = f"model.layers.{index}"
+        with linear_inputs(block, prefix).attach(add):
             runner.run_block_all(index, hidden, batch_size)
         results = {n: a.result() for n, a in accs.items()}
         results.update({n: results[leader] for n, leader in shares.items()})
+        # an expert the router never chose saw no token: its Hessian is zero (GPTQ: see gptq.py)
+        for name, module in block.named_modules(prefix=prefix):
+            if name in wanted and name not in results and isinstance(module, nn.Linear):
+                results[name] = torch.zeros(module.in_features, module.in_features)
         if on_block is not None:
             on_block(index, results)
         else:

@@ -180,6 +180,12 @@ class Workspace:
         built: dict = {}
 
         def build_block(_index: int, hessians: dict) -> None:
+            unseen = [name for name, h in hessians.items() if not h.any()]
+            if unseen:
+                note = (f"{len(unseen)} modules saw no calibration token ({', '.join(unseen[:3])}"
+                        f"{', ...' if len(unseen) > 3 else ''}): GPTQ rounds them to nearest (no Hessian)")
+                console.print(f"[yellow]warning: {note}")
+                self.notes.append(note)
             built.update(build_candidates(model, quantizer, cfg.candidates, q.group_size, q.symmetric, hessians,
                                           sorted(hessians), progress=False, device=self.device))
 

@@ -120,7 +120,7 @@ def _block_backward(runner: BlockRunner, index: int, linear: dict, inputs: torch
                         break  # nothing to differentiate: no input gradient wanted, no Fisher
                     y.backward(runner.to_device(grad_out[s : s + 1]))
                 for name, m in linear.items():
-                    if on_fisher:
+                    if on_fisher and m.weight.grad is not None:  # None: an expert no token was routed to
                         fisher[name] += m.weight.grad.pow(2) / n
                     m.weight.grad = None
                 if needs_input_grad:
