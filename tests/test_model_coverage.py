@@ -98,3 +98,18 @@ def test_experts_split_into_one_linear_per_expert_compute_what_the_models_expert
     split.names = (split.names[1], split.names[0], split.names[2])  # gate and up swapped: act(up) * gate
     with pytest.raises(ExpertSplitError, match=f"{model.config.model_type}: .*not supported"):
         _check_split(experts, split, model.config.model_type)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_the_memory_estimates_shapes_count_every_experts_weights(arch):
+    from gamma.model.experts import split_experts
+    from gamma.model.loading import quantizable_modules
+    from gamma.model.memory import Shapes
+
+    model = tiny(arch, **MOE[arch])
+    split_experts(model)
+    shapes = Shapes.from_config(model.config.to_dict())
+    quantizable = sum(m.weight.numel() for m in quantizable_modules(model).values())
+    assert shapes.block_linear * shapes.layers == quantizable
+    assert shapes.input_widths["experts' down projections (moe intermediate size)"] == \
+        MOE[arch].get("moe_intermediate_size", SMALL["intermediate_size"])

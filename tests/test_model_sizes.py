@@ -169,12 +169,13 @@ def test_evaluation_streams_a_model_that_cannot_run_whole_and_scores_the_same(bf
 
     streamed, _ = load_model(bf16_dir)  # bfloat16 on the host: evaluated through the block walk
     whole, _ = load_model(bf16_dir, torch.float32)  # the same weights, float32: model() as it is
-    assert not blocks.whole_model_fits(streamed, "cpu") and blocks.whole_model_fits(whole, "cpu")
+    assert blocks.why_block_walk(streamed, "cpu") == "bfloat16 weights: each block computes in float32"
+    assert blocks.why_block_walk(whole, "cpu") is None
     windows = torch.randint(0, 300, (5, 40), generator=torch.Generator().manual_seed(3))
     want, got = perplexity(whole, windows, batch_size=2), perplexity(streamed, windows, batch_size=2)
     assert got.perplexity == pytest.approx(want.perplexity, rel=2e-3)  # hidden states rounded to bfloat16
     requests = [(list(range(1, n)), 3) for n in (9, 14, 6, 20)]
-    monkeypatch.setattr(blocks, "whole_model_fits", lambda *a: False)  # the walk on float32: no rounding
+    monkeypatch.setattr(blocks, "why_block_walk", lambda *a: "forced")  # the walk on float32: no rounding
     walked = score_with_model(whole, requests, batch_size=3)
     monkeypatch.undo()
     for (a, hit_a), (b, hit_b) in zip(walked, score_with_model(whole, requests, batch_size=3)):
@@ -263,7 +264,7 @@ def test_every_phase_records_the_device_it_computed_on(tmp_path, bf16_dir):
         row = quantize_and_evaluate(ws, 3)
         assert row["quantize_devices"] == "cpu"
         assert row["coverage"]["quantized_fraction_of_blocks"] > 0.99 and not row["coverage"]["not_quantizable"]
-        assert row["eval_devices"] == "cpu (block walk: the whole model does not fit)"  # bf16 on the host
+        assert row["eval_devices"] == "cpu (block walk: bfloat16 weights: each block computes in float32)"
     float32 = Workspace(load_config(defaults(tmp_path), {**cfg.model_dump(), "model": {
         **cfg.model.model_dump(), "dtype": "float32"}, "quantizer": {"method": "rtn", "group_size": 32}}))
     assert quantize_and_evaluate(float32, 4)["eval_devices"] == "cpu (whole model)"

@@ -190,16 +190,20 @@ class _LinearHooks:
             h.remove()
 
 
-def whole_model_fits(model: nn.Module, device: torch.device | str, headroom: float = 0.8) -> bool:
-    """Whether ``model()`` can run as it is: a float32 model on the CPU, or a model whose float32
-    copy fits ``headroom`` of the CUDA device's free memory. Otherwise the walk streams it."""
+def why_block_walk(model: nn.Module, device: torch.device | str, headroom: float = 0.8) -> str | None:
+    """Why ``model()`` cannot run as it is (None: it can): on the CPU it runs a float32 model
+    (a 16-bit one goes block by block, each computed in float32); on a CUDA device, a model
+    whose float32 copy fits ``headroom`` of the free memory. Otherwise the walk streams it."""
     device = torch.device(device)
     params = list(model.parameters())
     if device.type == "cpu":
-        return all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.dtype != torch.float32})
+        return f"{'/'.join(dtypes)} weights: each block computes in float32" if dtypes else None
     if device.type != "cuda":
-        return False
-    return sum(p.numel() for p in params) * 4 < headroom * torch.cuda.mem_get_info(device)[0]
+        return f"no whole-model path on a {device.type} device"
+    if sum(p.numel() for p in params) * 4 >= headroom * torch.cuda.mem_get_info(device)[0]:
+        return "the whole model does not fit the device"
+    return None
 
 
 @torch.no_grad()
@@ -207,13 +211,14 @@ def batch_logits(model: nn.Module, batches: list[torch.Tensor], device: torch.de
     """Float32 logits of every batch of token ids (right-padded; causal, no mask), in order: the
     whole model on ``device`` when it fits there, else the block walk (every batch through one
     resident block before the next block comes)."""
-    if whole_model_fits(model, device):
+    reason = why_block_walk(model, device)
+    if reason is None:
         computed_on(device, "whole model")
         with on_device(model, device):
             for batch in batches:
                 yield model(input_ids=batch.to(device)).logits.float()
         return
-    computed_on(device, "block walk: the whole model does not fit")
+    computed_on(device, f"block walk: {reason}")
     runner = BlockRunner(model, device)
     hidden = [runner.embed_all(b) for b in batches]
     for index in range(len(runner.blocks)):

@@ -53,6 +53,9 @@ class Shapes:
     vocab: int
     tied: bool
     max_positions: int | None = None
+    experts: int = 0  # mixture of experts: experts per block (0: a dense MLP)
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0  # a shared expert beside the routed ones (Qwen2-MoE)
 
     @classmethod
     def of(cls, model_dir: str | Path) -> Shapes:
@@ -67,22 +70,32 @@ class Shapes:
         """From a config.json's fields (a multimodal one's ``text_config``)."""
         c = c.get("text_config", c)
         heads = c["num_attention_heads"]
+        experts = c.get("num_local_experts") or c.get("num_experts") or 0
         return cls(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
                    c.get("num_key_value_heads", heads), c.get("head_dim") or c["hidden_size"] // heads,
-                   c["vocab_size"], bool(c.get("tie_word_embeddings", False)), c.get("max_position_embeddings"))
+                   c["vocab_size"], bool(c.get("tie_word_embeddings", False)), c.get("max_position_embeddings"),
+                   experts, (c.get("moe_intermediate_size") or c["intermediate_size"]) if experts else 0,
+                   c.get("shared_expert_intermediate_size") or 0)
 
     @property
     def block_linear(self) -> int:
-        """Weights of one block's projections (q, k, v, o, gate, up, down)."""
+        """Weights of one block's projections (q, k, v, o, and gate, up, down of the MLP or of every
+        expert)."""
         attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
-        return attn + 3 * self.hidden * self.intermediate
+        mlp = self.experts * self.expert_intermediate + self.shared_intermediate if self.experts else self.intermediate
+        return attn + 3 * self.hidden * mlp
 
     @property
     def input_widths(self) -> dict[str, int]:
         """The input width of each kind of projection, by the modules that have it."""
-        return {"q/k/v, gate and up projections (hidden size)": self.hidden,
-                "o_proj (heads x head_dim)": self.heads * self.head_dim,
-                "down_proj (intermediate size)": self.intermediate}
+        widths = {"q/k/v, gate and up projections (hidden size)": self.hidden,
+                  "o_proj (heads x head_dim)": self.heads * self.head_dim}
+        if not self.experts:
+            return {**widths, "down_proj (intermediate size)": self.intermediate}
+        widths["experts' down projections (moe intermediate size)"] = self.expert_intermediate
+        if self.shared_intermediate:
+            widths["the shared expert's down_proj"] = self.shared_intermediate
+        return widths
 
     def check_group_size(self, group_size: int) -> None:
         """Refuse a group size that does not divide every projection's input width, naming them."""
@@ -104,8 +117,13 @@ class Shapes:
 
     @property
     def block_hessians(self) -> int:
-        """Entries of one block's distinct Hessians (q/k/v and gate/up share their input)."""
-        return 2 * self.hidden**2 + (self.heads * self.head_dim) ** 2 + self.intermediate**2
+        """Entries of one block's distinct Hessians (q/k/v and gate/up share their input; each
+        expert sees its own tokens)."""
+        attn = self.hidden**2 + (self.heads * self.head_dim) ** 2
+        if not self.experts:
+            return attn + self.hidden**2 + self.intermediate**2
+        shared = self.hidden**2 + self.shared_intermediate**2 if self.shared_intermediate else 0
+        return attn + self.experts * (self.hidden**2 + self.expert_intermediate**2) + shared
 
     @property
     def parameters(self) -> int:
