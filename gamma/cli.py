@@ -145,11 +145,13 @@ def cmd_allocate(cfg: GammaConfig, args) -> dict:
 def allocate_with(cfg: GammaConfig, allocator: str, budgets: list[float]) -> dict:
     """Another allocator than GAMMA: allocate, quantize, export and evaluate each budget."""
     from gamma.allocators import ALLOCATORS, AllocatorError
+    from gamma.config import check_keeps_units
     from gamma.run.variant import allocate_and_evaluate, failed
     from gamma.run.workspace import Workspace
 
     if allocator not in ALLOCATORS:
         raise AllocatorError(f"unknown allocator {allocator!r}; choose one of {sorted(ALLOCATORS)}")
+    check_keeps_units(allocator, cfg.allocation.ties, cfg.allocation.experts)
     ws, out, rows = Workspace(cfg), _out(cfg), {}
     ws.check_shapes()  # the same for every budget: refused once, before any
     (out / "assignments").mkdir(exist_ok=True)

@@ -166,6 +166,18 @@ class Stage2Config(_Section):
         "auto", description="cbc: exact MIP; hull: LP greedy with proven bound (10^5 items); auto picks by size")
 
 
+# the allocators that keep allocation units (modules sharing one width) whole
+UNIT_KEEPING_ALLOCATORS = ("gamma", "hawq", "uniform")
+
+
+def check_keeps_units(name: str, ties: str, experts: str) -> None:
+    """Refuse, before any work, an allocator that cannot keep the configured units whole."""
+    if name not in UNIT_KEEPING_ALLOCATORS and (ties, experts) != ("none", "per_expert"):
+        raise ValueError(f"allocator {name!r} does not keep allocation units whole (allocation.ties={ties!r}, "
+                         f"allocation.experts={experts!r}): use one of {list(UNIT_KEEPING_ALLOCATORS)}, or "
+                         "ties: none and experts: per_expert")
+
+
 AllocatorName = Literal["gamma", "gamma-blocks", "uniform", "hawq", "higgs", "scalebits", "windquant", "evopress"]
 
 
@@ -204,6 +216,12 @@ class EvoPressConfig(_Section):
 class AllocationConfig(_Section):
     methods: list[AllocatorName] = Field(["gamma"], description=(
         "allocators the pipeline fans out over the budgets (each variant registered with its name)"))
+    ties: Literal["none", "fused"] = Field("none", description=(
+        "allocation units: none (every module its own) or fused (q/k/v, and gate/up, share one width, "
+        "as vLLM's fused layers need)"))
+    experts: Literal["per_expert", "per_layer"] = Field("per_expert", description=(
+        "mixture-of-experts units: per_expert, or per_layer (every expert of a layer one width, as vLLM's "
+        "fused MoE layer needs)"))
     higgs: HiggsConfig = HiggsConfig()
     gamma_blocks: GammaBlocksConfig = Field(GammaBlocksConfig(), description=(
         "gamma-blocks: GAMMA (stage1 settings) with one preference row per column block"))
@@ -217,6 +235,12 @@ class AllocationConfig(_Section):
         if not v or len(set(v)) != len(v):
             raise ValueError(f"allocation.methods must list each allocator once, at least one, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _methods_keep_units(self) -> AllocationConfig:
+        for name in self.methods:
+            check_keeps_units(name, self.ties, self.experts)
+        return self
 
 
 class TrackingConfig(_Section):

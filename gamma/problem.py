@@ -36,6 +36,7 @@ class Provenance:
     quantizer: dict = field(default_factory=dict)  # name, group size, symmetry and the quantizer's settings
     text: dict = field(default_factory=dict)  # the text settings that drew the calibration sequences
     dtype: str = "float32"  # the dtype the weights were held in (``model.dtype`` resolved)
+    units: dict = field(default_factory=dict)  # allocation.ties / experts, when not the defaults
 
 
 @dataclass
@@ -55,6 +56,7 @@ class AllocationProblem:
     stage2: Stage2Config = field(default_factory=Stage2Config)  # the knapsack's window, restrictions, solver
     provenance: Provenance = field(default_factory=lambda: Provenance())
     device: str = "cpu"  # where each phase computes, one block at a time
+    units: list[list[int]] | None = None  # modules sharing one width (indices; None: each its own)
     _fisher: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _proxy_costs: np.ndarray | None = field(default=None, repr=False)
     _original: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gamma.config import UNIT_KEEPING_ALLOCATORS
 from gamma.model.candidates import apply_candidates
+from gamma.model.units import broken_ties, is_trivial
 from gamma.problem import AllocationProblem, AllocatorError
 
 
@@ -95,10 +97,17 @@ class Allocator(ABC):
 
     def allocate(self, problem: AllocationProblem, budget: float) -> Allocated:
         problem.check_budget(budget)
+        if self.name not in UNIT_KEEPING_ALLOCATORS and not is_trivial(problem.units):
+            raise AllocatorError(f"{self.name} does not keep allocation units whole: use one of "
+                                 f"{list(UNIT_KEEPING_ALLOCATORS)}, or every module its own unit")
         self.prepare(problem)
         t0 = time.perf_counter()
         assignment, notes = self._allocate(problem, budget)
         seconds = time.perf_counter() - t0
+        broken = [] if isinstance(assignment, BlockAssignment) or problem.units is None else \
+            broken_ties(assignment, problem.modules, problem.units)
+        if broken:  # a guard on every allocator: never an assignment vLLM's fused layers refuse
+            raise AllocatorError(f"{self.name}: members of a unit got different widths: {broken[:2]}")
         problem.check_restrictions(assignment.bits if isinstance(assignment, BlockAssignment) else assignment)
         used = average_bits(problem, assignment)
         if used > budget + 1e-9:

@@ -40,5 +40,6 @@ class GammaAllocator(Allocator):
 
     def _allocate(self, problem: AllocationProblem, budget: float):
         table = nearest_table(self.tables, budget)
-        result = project(table, budget, problem.stage2, group_size=problem.group_size, symmetric=problem.symmetric)
+        result = project(table, budget, problem.stage2, group_size=problem.group_size, symmetric=problem.symmetric,
+                         units=problem.units)
         return result.assignment, {"solve_status": result.status, "training_budget": table.training_budget}

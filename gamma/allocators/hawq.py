@@ -21,5 +21,6 @@ class HawqAllocator(Allocator):
 
     def _allocate(self, problem: AllocationProblem, budget: float):
         rows = Scores(problem.modules, problem.sizes, problem.bits, -self.costs)
-        result = project(rows, budget, problem.stage2, group_size=problem.group_size, symmetric=problem.symmetric)
+        result = project(rows, budget, problem.stage2, group_size=problem.group_size, symmetric=problem.symmetric,
+                         units=problem.units)
         return result.assignment, {"solve_status": result.status, "objective": -result.objective}

@@ -20,22 +20,26 @@ SPLIT_ORDERS = {
 
 
 def two_level_split(modules: list[str], params: list[int], bits: list[int], budget: float, order,
-                    lowest: dict[str, int] | None = None) -> dict[str, int]:
+                    lowest: dict[str, int] | None = None, units: list[list[int]] | None = None) -> dict[str, int]:
     """The lower candidate everywhere (or a module's ``lowest`` allowed, if higher), then the upper
-    one module by module in ``order`` while it fits."""
+    one unit (a module, or modules that share one width) at a time in ``order`` while it fits."""
     lower = max(b for b in bits if b <= budget)
     upper = min((b for b in bits if b > budget), default=None)
+    groups = [[modules[i] for i in u] for u in (units or [[i] for i in range(len(modules))])]
     n = dict(zip(modules, params))
-    assignment = {m: max(lower, (lowest or {}).get(m, lower)) for m in modules}
+    assignment = {}
+    for group in groups:
+        assignment.update(dict.fromkeys(group, max(lower, *((lowest or {}).get(m, lower) for m in group))))
     room = budget * sum(n.values()) - sum(n[m] * b for m, b in assignment.items())
     if room < 0:
         raise AllocatorError(f"budget {budget:g}: the modules held up by stage2.min_bits alone spend more")
     if upper is None:
         return assignment
-    for m in sorted(modules, key=order):
-        extra = n[m] * (upper - assignment[m])
-        if assignment[m] < upper and extra <= room:
-            assignment[m], room = upper, room - extra
+    for group in sorted(groups, key=lambda g: order(g[0])):
+        extra = sum(n[m] * (upper - assignment[m]) for m in group)
+        if all(assignment[m] < upper for m in group) and extra <= room:
+            assignment.update(dict.fromkeys(group, upper))
+            room -= extra
     return assignment
 
 
@@ -54,7 +58,7 @@ class UniformAllocator(Allocator):
         loss = CalibrationLoss(problem)
         sequences = problem.calibration[: self.calibration_sequences]
         try:
-            tried = {name: two_level_split(modules, params, problem.bits, budget, order, lowest)
+            tried = {name: two_level_split(modules, params, problem.bits, budget, order, lowest, problem.units)
                      for name, order in SPLIT_ORDERS.items()}
             scored = {name: loss(a, sequences) for name, a in tried.items()}
         finally:

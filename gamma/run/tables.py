@@ -12,6 +12,7 @@ from gamma.config import GammaConfig
 from gamma.model.device import ComputeRecord
 from gamma.model.loading import ModelInputError
 from gamma.model.memory import MemoryEstimate, available_memory, estimate_memory
+from gamma.model.units import allocation_units
 from gamma.progress import console
 from gamma.run.workspace import Workspace
 from gamma.stage1.checkpoint import Checkpoint
@@ -161,7 +162,8 @@ def project_budget(tables: list[ScoreTable], budget: float, cfg: GammaConfig) ->
     budget when it cannot be met."""
     table = nearest_table(tables, budget)
     q = cfg.quantizer
-    result = project(table, budget, cfg.stage2, group_size=q.group_size, symmetric=q.symmetric)
+    units = allocation_units(table.modules, cfg.allocation.ties, cfg.allocation.experts)
+    result = project(table, budget, cfg.stage2, group_size=q.group_size, symmetric=q.symmetric, units=units)
     result.notes.append(f"table learned at {table.training_budget:g} bits "
                         f"(distance {budget - table.training_budget:+.2f})")
     result.training_budget = table.training_budget

@@ -26,6 +26,7 @@ from gamma.model.text import (
     sample_sequences,
     tokenize_file,
 )
+from gamma.model.units import allocation_units
 from gamma.problem import AllocationProblem, Provenance
 from gamma.progress import console
 from gamma.quant import get_quantizer
@@ -145,8 +146,10 @@ class Workspace:
         return rec
 
     def provenance(self) -> Provenance:
+        a = self.cfg.allocation
+        units = {} if (a.ties, a.experts) == ("none", "per_expert") else {"ties": a.ties, "experts": a.experts}
         return Provenance(self.model_hash, self.text_hash, self.quantizer_record(),
-                          self.cfg.text.model_dump(exclude={"source"}), str(self.dtype).removeprefix("torch."))
+                          self.cfg.text.model_dump(exclude={"source"}), str(self.dtype).removeprefix("torch."), units)
 
     def hessians(self, model) -> dict[str, torch.Tensor] | None:
         """Full-precision Hessians of every module when the quantizer reads them, else None."""
@@ -167,9 +170,11 @@ class Workspace:
         full-precision Hessians), with the run's knapsack settings and provenance."""
         cfg, q = self.cfg, self.cfg.quantizer
         model, _ = self.load()
-        return AllocationProblem(model, self.calibration, self.candidates(model), cfg.candidates, q.group_size,
+        candidates = self.candidates(model)
+        units = allocation_units(list(candidates), cfg.allocation.ties, cfg.allocation.experts)
+        return AllocationProblem(model, self.calibration, candidates, cfg.candidates, q.group_size,
                                  q.symmetric, cfg.stage1.seed, self.quantizer(), None, cfg.stage2, self.provenance(),
-                                 str(self.device))
+                                 str(self.device), units)
 
     def candidates(self, model) -> dict:
         """Every module at every candidate width. GPTQ's are built block by block during the walk that

@@ -40,24 +40,24 @@ def learn_score_table(problem: AllocationProblem, stage1: Stage1Config, *, teach
         if shard.world > 1 and teacher.proxy_costs is not None:  # per-process means -> the mean over all
             teacher.proxy_costs = shard.sum(torch.from_numpy(teacher.proxy_costs * held)).numpy() / n
     if blocks is None:
-        rows = LogitRows(problem.model, problem.candidates, problem.bits)
+        rows = LogitRows(problem.model, problem.candidates, problem.bits, units=problem.units)
         names, sizes = problem.modules, problem.sizes
     else:
         rows = LogitRows(problem.model, blocks.candidates, problem.bits, blocks.layouts())
         names, sizes = blocks.row_names, blocks.row_sizes
     init = None
     if stage1.init == "proxy":
-        costs = teacher.proxy_costs if blocks is None else blocks.errors
-        init = costs_to_logits(costs, [r * c for r, c in sizes], problem.bits, stage1.budget, stage1.proxy_scale,
-                               stage1.proxy_clip)
+        costs = rows.per_unit(teacher.proxy_costs) if blocks is None else blocks.errors
+        init = costs_to_logits(costs, rows.sizes, problem.bits, stage1.budget, stage1.proxy_scale, stage1.proxy_clip)
     settings = stage1_settings(stage1, problem.bits, problem.provenance)
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint(Path(checkpoint), stage1_key(problem.provenance, settings))
     result = learn_preferences(problem.model, teacher, rows, stage1, init, shard=shard, checkpoint=checkpoint,
                                device=device or problem.device)
     p = problem.provenance
+    scores = rows.per_module(result.scores) if blocks is None else result.scores
     return ScoreTable(
-        modules=names, sizes=sizes, bits=problem.bits, scores=result.scores.tolist(), model_hash=p.model_hash,
+        modules=names, sizes=sizes, bits=problem.bits, scores=scores.tolist(), model_hash=p.model_hash,
         text_hash=p.text_hash, quantizer=p.quantizer, training_budget=stage1.budget, settings=settings,
         seed=stage1.seed, multiplier=result.multiplier, penalty=result.penalty, violation=result.violation,
         history=result.history, wall_seconds=result.wall_seconds, peak_memory_mb=result.peak_memory_mb,
@@ -71,8 +71,11 @@ def stage1_settings(stage1: Stage1Config, bits: list[int], provenance: Provenanc
     # activations are held changes nothing: none of them is part of the key
     kept = stage1.model_dump(exclude={"processes", "extra_budgets", "max_host_activations_gb", "checkpoint_every",
                                       "checkpoint_seconds"})
-    return {"stage1": kept, "candidates": list(bits), "quantizer": provenance.quantizer, "text": provenance.text,
-            "dtype": provenance.dtype}
+    settings = {"stage1": kept, "candidates": list(bits), "quantizer": provenance.quantizer, "text": provenance.text,
+                "dtype": provenance.dtype}
+    if provenance.units:  # modules sharing rows (allocation.ties / experts), when any do
+        settings["units"] = provenance.units
+    return settings
 
 
 def stage1_key(provenance: Provenance, settings: dict) -> str:

@@ -163,7 +163,7 @@ class TeacherForcing:
                         * len(mine) / batch_size / len(mixes)
                     err.backward()
                 for i in idx:
-                    mix_grad[rows.of_module[i]] = mixed[names[i]].mix_grad()
+                    mix_grad[rows.of_module[i]] += mixed[names[i]].mix_grad()  # a unit's members add up
                 loss += float(err.detach())
         return loss
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,28 +41,30 @@ class ColumnLayout:
 
 
 class LogitRows:
-    """Rows of logits for ``candidates`` (module -> [Q_b(W) for b in bits]); with ``layouts``, one
-    row per column block of each module (named ``module#j``), in module order."""
+    """Rows of logits for ``candidates`` (module -> [Q_b(W) for b in bits]): one per allocation
+    unit (``units``: modules sharing one width, by index; default one per module, named after
+    it), or with ``layouts`` one per column block of each module (named ``module#j``)."""
 
     def __init__(self, model: nn.Module, candidates: dict[str, list[QuantizedWeight]], bits: list[int],
-                 layouts: dict[str, ColumnLayout] | None = None, cache_limit_bytes: float | None = None):
+                 layouts: dict[str, ColumnLayout] | None = None, cache_limit_bytes: float | None = None,
+                 units: list[list[int]] | None = None):
         self.candidates, self.bits, self.layouts = candidates, list(bits), layouts
         self.modules = list(candidates)
-        self.of_module: list[int | slice] = []  # the row (or slice of rows) of each module
+        self.of_module: list[int | slice] = [0] * len(self.modules)  # the row (or slice of rows) of each module
         self.names: list[str] = []
         self.sizes: list[int] = []
         weights = dict(model.named_modules())
-        for i, name in enumerate(self.modules):
-            shape = weights[name].weight.shape
-            if layouts is None:
-                self.of_module.append(i)
-                self.names.append(name)
-                self.sizes.append(shape.numel())
-            else:
-                n = layouts[name].n_blocks
-                self.of_module.append(slice(len(self.names), len(self.names) + n))
-                self.names += block_rows(name, n)
-                self.sizes += layouts[name].block_sizes(shape[0])
+        self.units = units or [[i] for i in range(len(self.modules))]
+        for members in self.units if layouts is None else []:
+            for i in members:
+                self.of_module[i] = len(self.names)
+            self.names.append(" + ".join(self.modules[i] for i in members))
+            self.sizes.append(sum(weights[self.modules[i]].weight.numel() for i in members))
+        for i, name in enumerate(self.modules if layouts is not None else []):
+            n = layouts[name].n_blocks
+            self.of_module[i] = slice(len(self.names), len(self.names) + n)
+            self.names += block_rows(name, n)
+            self.sizes += layouts[name].block_sizes(weights[name].weight.shape[0])
         self.by_block: dict[int, list[int]] = {}
         for i, name in enumerate(self.modules):
             self.by_block.setdefault(block_index(name), []).append(i)
@@ -80,6 +83,16 @@ class LogitRows:
         if self.cache is not None:
             self.cache[name] = t
         return t
+
+    def per_unit(self, module_rows: np.ndarray) -> np.ndarray:
+        """[M, K] module rows summed into [U, K] unit rows (module layout only)."""
+        return np.stack([module_rows[u].sum(axis=0) for u in self.units])
+
+    def per_module(self, unit_rows: np.ndarray) -> np.ndarray:
+        """[U, K] unit rows as [M, K] module rows, each unit's split evenly among its members, so
+        that a unit's members sum back to its row (Stage II sums them: ``projection.collapse``)."""
+        counts = np.array([len(u) for u in self.units], dtype=np.float64)
+        return np.stack([unit_rows[r] / counts[r] for r in self.of_module])
 
     def columns(self, name: str, device: torch.device) -> torch.Tensor | None:
         return None if self.layouts is None else self.layouts[name].columns.to(device)

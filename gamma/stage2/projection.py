@@ -106,14 +106,22 @@ def _solve_exact(scores, costs, capacity, lower, allowed, s2: Stage2Config, budg
     raise BudgetError(f"could not find an assignment within budget {budget} after 5 attempts")
 
 
+def collapse(units: list[list[int]], scores: np.ndarray, costs: np.ndarray, allowed: np.ndarray):
+    """One knapsack item per unit: its members' scores and costs summed (summed log-probabilities:
+    the joint log-probability that every member takes that width), allowed where every member is."""
+    return (np.stack([scores[u].sum(axis=0) for u in units]), np.stack([costs[u].sum(axis=0) for u in units]),
+            np.stack([allowed[u].all(axis=0) for u in units]))
+
+
 def project(table, budget: float, stage2: Stage2Config | None = None, *, group_size: int = 64,
-            symmetric: bool = False, unit: BudgetUnit = "nominal") -> Projection:
+            symmetric: bool = False, unit: BudgetUnit = "nominal", units: list[list[int]] | None = None) -> Projection:
     """Stage II: pick one candidate per row of ``table`` (anything with ``modules``, ``sizes``,
     ``bits`` and ``scores`` [M, K], a ``ScoreTable`` or costs turned into scores) maximising the
     summed scores within ``budget``, under the ``stage2`` settings taken whole: window,
     ``min_bits`` restrictions, solver (``cbc``: exact MIP, proven optimal; ``hull``: LP greedy with
     a proven bound, for block tables of 10^5 rows; ``auto``: cbc up to ``MIP_MAX_ITEMS`` rows) and
-    time limit. ``group_size``/``symmetric`` price the effective and byte units."""
+    time limit. ``group_size``/``symmetric`` price the effective and byte units. ``units``: rows
+    that must share one width (``gamma.model.units``), one knapsack item each."""
     s2 = stage2 or Stage2Config()
     modules, sizes, bits = list(table.modules), [tuple(s) for s in table.sizes], list(table.bits)
     scores = np.asarray(table.scores, dtype=np.float64)
@@ -123,10 +131,16 @@ def project(table, budget: float, stage2: Stage2Config | None = None, *, group_s
         raise BudgetError("scores contain NaN or infinite values")
     allowed = allowed_mask(modules, bits, s2.min_bits)
     costs, per_unit = unit_costs(sizes, bits, unit, group_size, symmetric)
+    units = units or [[i] for i in range(len(modules))]
+    if sorted(i for u in units for i in u) != list(range(len(modules))):
+        raise BudgetError(f"allocation units must cover each of the {len(modules)} rows exactly once")
+    scores, costs, allowed = collapse(units, scores, costs, allowed)
+    if not allowed.any(axis=1).all():
+        raise BudgetError("min_bits leaves a unit no width its members all allow")
     check_reachable(costs, per_unit, allowed, budget, (unit, bits, s2.min_bits))
     capacity = int(np.floor(budget * per_unit + 1e-6))
     lower = max(0, int(np.ceil((budget - s2.window) * per_unit))) if s2.window > 0 else 0
-    solver = s2.solver if s2.solver != "auto" else "cbc" if len(modules) <= MIP_MAX_ITEMS else "hull"
+    solver = s2.solver if s2.solver != "auto" else "cbc" if len(units) <= MIP_MAX_ITEMS else "hull"
     notes: list[str] = []
     relaxed = False
     t0 = time.perf_counter()
@@ -134,17 +148,19 @@ def project(table, budget: float, stage2: Stage2Config | None = None, *, group_s
         choice, status, bound = solve_mckp_hull_window(scores, costs, capacity, lower, allowed)
         if status == "INFEASIBLE":
             raise BudgetError(f"no assignment fits budget {budget} ({unit})")
-        used_cost = int(costs[np.arange(len(modules)), choice].sum())
+        used_cost = int(costs[np.arange(len(units)), choice].sum())
         if used_cost < lower:
             notes.append(f"spends {used_cost / per_unit:.4f}, below the window's lower end {budget - s2.window}")
     else:
         choice, status, bound, used_cost, relaxed = _solve_exact(scores, costs, capacity, lower, allowed, s2,
                                                                  budget, notes)
     seconds = time.perf_counter() - t0
-    objective = float(scores[np.arange(len(modules)), choice].sum())  # exact float objective
+    objective = float(scores[np.arange(len(units)), choice].sum())  # exact float objective
     gap = abs(bound - objective) / max(1e-12, abs(objective)) if np.isfinite(bound) else float("nan")
     n = np.array([r * c for r, c in sizes], dtype=np.float64)
-    chosen = np.array(bits)[choice]
+    chosen = np.zeros(len(modules), dtype=np.int64)
+    for members, k in zip(units, choice):
+        chosen[members] = bits[k]
     return Projection(
         assignment={m: int(b) for m, b in zip(modules, chosen)}, budget=budget, unit=unit, objective=objective,
         best_bound=float(bound), gap=float(gap), status=status, solver=solver, solve_seconds=seconds,
