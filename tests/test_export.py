@@ -209,3 +209,33 @@ def test_an_export_killed_while_writing_tensors_leaves_nothing_that_looks_comple
     name, module = next(iter(quantizable_modules(model).items()))
     ckpt = export_checkpoint(model, tokenizer, {name: RTN().quantize(module.weight, QuantSpec(4))}, target)
     assert verify_checkpoint(ckpt.path) == ckpt.sha256 and not partial.exists()
+
+
+def test_every_export_is_read_back_and_one_that_misreads_is_never_made_visible(tmp_path, monkeypatch):
+    """A module with fewer than 9 output rows (one packed row of 4-bit zero-points, which
+    compressed-tensors' own unpacking refuses) reads back exactly; an export whose stored codes
+    differ from what was quantized is refused by name and leaves nothing at its path."""
+    import transformers
+    from compressed_tensors.compressors.pack_quantized import helpers
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    model = transformers.LlamaForCausalLM(config).eval()
+    narrow = torch.nn.Linear(64, 4, bias=False)  # 4 output rows
+    records = {"model.layers.0.self_attn.k_proj": RTN().quantize(narrow.weight, QuantSpec(4, 32, False))}
+    model.model.layers[0].self_attn.k_proj = narrow
+    export_checkpoint(model, None, records, tmp_path / "narrow")  # read back inside: no error
+
+    real = helpers.pack_to_int32
+
+    def flipped(value, bits, packed_dim=1):  # the writer corrupts the codes (not the zero-points)
+        out = real(value, bits, packed_dim)
+        if packed_dim == 1:
+            out = out.clone()
+            out.view(-1)[0] ^= 1
+        return out
+
+    monkeypatch.setattr(helpers, "pack_to_int32", flipped)
+    with pytest.raises(CheckpointError, match="k_proj reads back differently"):
+        export_checkpoint(model, None, records, tmp_path / "broken")
+    assert not (tmp_path / "broken").exists() and not (tmp_path / "broken.partial").exists()

@@ -5,7 +5,9 @@ The checkpoint is an ordinary Hugging Face directory whose ``config.json`` carri
 config group per (bits, symmetric) pair and the explicit module names as its ``targets``. Each
 quantized linear stores ``weight_packed`` (int32, codes packed densely by compressed-tensors' own
 ``pack_to_int32``), ``weight_scale`` (float16), ``weight_shape`` and, when asymmetric,
-``weight_zero_point`` (packed along the output dimension, as compressed-tensors does).
+``weight_zero_point`` (packed along the output dimension, as compressed-tensors does). Every
+export is read back before it is made visible (``read_back``): a checkpoint whose modules do not
+dequantize to exactly what was exported is never written where a finished one is expected.
 Everything else (embeddings, norms, head) is stored at float16, unchanged otherwise.
 
 Codes here are unsigned (``[0, 2**bits - 1]``, symmetric zero-point ``2**(bits-1)``);
@@ -154,6 +156,11 @@ def export_checkpoint(model: nn.Module, tokenizer, records: dict[str, QuantizedW
         tokenizer.save_pretrained(tmp)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
+    try:  # before it becomes visible: never a checkpoint that misreads
+        read_back(tmp, records, model.config.model_type)
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return _finish(tmp, path)
 
 
@@ -283,27 +290,60 @@ def read_quantized(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dic
     return config, load_shards(path), args
 
 
-def dequantized_state_dict(tensors: dict[str, torch.Tensor], args: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """Unpack each quantized module with compressed-tensors' ``unpack_from_int32`` and dequantize it
-    with ``QuantizedWeight.dequantize`` (float32, as in memory); other tensors pass through."""
+def _unpack_rows(packed: torch.Tensor, bits: int, shape: torch.Size) -> torch.Tensor:
+    """Values packed along dim 0 (zero-points): unpacked as their transpose, packed along dim 1.
+    compressed-tensors' own ``packed_dim=0`` path fails on a single packed row (8 or fewer output
+    rows at 4 bits: "self.stride(-1) must be 1")."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
+    rows_last = packed.new_empty(packed.T.shape).copy_(packed.T)  # canonical strides, even for one row
+    return unpack_from_int32(rows_last, bits, torch.Size((shape[1], shape[0]))).T
+
+
+def dequantize_module(name: str, tensors, a: dict) -> torch.Tensor:
+    """Module ``name``'s weight from its stored tensors (``tensors[key]``) and weight arguments,
+    dequantized with ``QuantizedWeight.dequantize`` (float32, as in memory)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    try:
+        packed, scales, shape = (tensors[f"{name}.{k}"] for k in ("weight_packed", "weight_scale", "weight_shape"))
+    except KeyError as err:
+        raise CheckpointError(f"module {name} is listed in the config but {err} is not stored") from None
+    bits, shape = a["num_bits"], tuple(int(s) for s in shape)
+    spec = QuantSpec(bits, a.get("group_size") or -1, a.get("symmetric", True))
+    codes = _unsigned(unpack_from_int32(packed, bits, torch.Size(shape)), bits)
+    if spec.symmetric:
+        zeros = torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.int32)
+    else:
+        zeros = _unsigned(_unpack_rows(tensors[f"{name}.weight_zero_point"], bits, scales.shape), bits)
+    return QuantizedWeight(codes, scales.to(torch.float32), zeros, spec).dequantize()
+
+
+def dequantized_state_dict(tensors: dict[str, torch.Tensor], args: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Every quantized module unpacked (compressed-tensors' ``unpack_from_int32``) and dequantized
+    (``dequantize_module``); other tensors pass through."""
     out = {k: v for k, v in tensors.items() if not k.rsplit(".", 1)[-1].startswith("weight_")}
     for name, a in args.items():
-        try:
-            packed, scales, shape = (tensors[f"{name}.{k}"] for k in ("weight_packed", "weight_scale", "weight_shape"))
-        except KeyError as err:
-            raise CheckpointError(f"module {name} is listed in the config but {err} is not stored") from None
-        bits, shape = a["num_bits"], tuple(int(s) for s in shape)
-        spec = QuantSpec(bits, a.get("group_size") or -1, a.get("symmetric", True))
-        codes = _unsigned(unpack_from_int32(packed, bits, torch.Size(shape)), bits)
-        if spec.symmetric:
-            zeros = torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.int32)
-        else:
-            zeros = _unsigned(unpack_from_int32(tensors[f"{name}.weight_zero_point"], bits, scales.shape,
-                                                packed_dim=0), bits)
-        out[f"{name}.weight"] = QuantizedWeight(codes, scales.to(torch.float32), zeros, spec).dequantize()
+        out[f"{name}.weight"] = dequantize_module(name, tensors, a)
     return out
+
+
+def read_back(path: str | Path, records: dict[str, QuantizedWeight], model_type: str) -> None:
+    """Read a written checkpoint back through the reader every loader here uses and compare every
+    quantized module's dequantized weight with what was exported, exactly; a module missing,
+    misshapen or different is a ``CheckpointError`` naming it."""
+    _, tensors, args = read_quantized(path)
+    for module, rec in records.items():
+        name = checkpoint_name(model_type, module)
+        if name not in args:
+            raise CheckpointError(f"{path}: {name} is not among the config's quantized targets")
+        try:
+            weight = dequantize_module(name, tensors, args[name])
+        except (RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{path}: {name} cannot be read back ({type(err).__name__}: {err})") from None
+        if weight.shape != rec.codes.shape or not torch.equal(weight, rec.dequantize()):
+            raise CheckpointError(f"{path}: {name} reads back differently from what was exported "
+                                  f"(shape {tuple(weight.shape)} vs {tuple(rec.codes.shape)})")
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
