@@ -79,7 +79,7 @@ def test_every_architecture_learns_allocates_quantizes_and_reloads_bit_exactly(a
     assigned = json.loads((checkpoint / ASSIGNMENT_FILE).read_text())
     assert len(assigned) == len(quantizable_modules(load_model(folder)[0]))
     names = [n for f in checkpoint.glob("*.safetensors") for n in safe_open(f, "pt").keys()]
-    assert any(STORED_EXPERT.get(arch, "self_attn.q_proj.weight_packed") in n for n in names)
+    assert any(STORED_EXPERT.get(arch, "self_attn.o_proj.weight_packed") in n for n in names)
 
     ours, _ = load_checkpoint(checkpoint)  # the export read back: the very model that was evaluated
     assert perplexity(ours, Workspace(cfg).evaluation).perplexity == row["perplexity"]
