@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+UNQUANTIZED = 16  # a candidate width: the module left at float16 (listed in the export's ignore)
 EMBEDDED = "embedded"
 
 
@@ -291,9 +292,10 @@ class GammaConfig(_Section):
     @field_validator("candidates", "uniform_bits")
     @classmethod
     def _bits(cls, v: list[int], info) -> list[int]:
-        bad = [b for b in v if b not in SUPPORTED_BITS]
+        allowed = (*SUPPORTED_BITS, UNQUANTIZED) if info.field_name == "candidates" else SUPPORTED_BITS
+        bad = [b for b in v if b not in allowed]
         if bad or (not v and info.field_name == "candidates"):
-            raise ValueError(f"bit widths must be among {SUPPORTED_BITS} (candidates non-empty), got {v}")
+            raise ValueError(f"bit widths must be among {allowed} (candidates non-empty), got {v}")
         if len(set(v)) != len(v):
             raise ValueError(f"bit widths must not repeat, got {v}")
         return sorted(v)

@@ -239,3 +239,38 @@ def test_every_export_is_read_back_and_one_that_misreads_is_never_made_visible(t
     with pytest.raises(CheckpointError, match="k_proj reads back differently"):
         export_checkpoint(model, None, records, tmp_path / "broken")
     assert not (tmp_path / "broken").exists() and not (tmp_path / "broken.partial").exists()
+
+
+def test_the_unquantized_candidate_round_trips_as_an_ignored_float16_module(tmp_path, model_dir):
+    """Candidates 4/8/16: a module given 16 bits is left as the checkpoint stores it, listed in
+    ``ignore``, counted at 16 bits, and read back identically by gamma and by transformers."""
+    from conftest import DATA, defaults
+    from safetensors import safe_open
+    from test_architectures import SETTINGS, build
+    from transformers import AutoModelForCausalLM
+
+    from gamma import cli
+
+    folder = build("Llama", tmp_path / "llama", model_dir)
+    sets = [f"model.path={folder}", f"model.data_dir={DATA}", f"output_dir={tmp_path / 'out'}", *SETTINGS,
+            "candidates=[4,8,16]", "stage1.budget=8"]
+    base = ["--params", str(defaults(tmp_path)), *(a for s in sets for a in ("--set", s))]
+    assert cli.main(["learn", *base]) == 0 and cli.main(["allocate", *base, "--budgets", "11"]) == 0
+    assignment = json.loads((tmp_path / "out" / "assignments" / "11.json").read_text())["assignment"]
+    kept = sorted(m for m, b in assignment.items() if b == 16)
+    assert kept and len(set(assignment.values())) > 1
+    assert cli.main(["quantize", *base, "--budget", "11"]) == 0
+    checkpoint = tmp_path / "out" / "models" / "11"
+    config = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    assert set(kept) <= set(config["ignore"])
+    assert not set(kept) & {t for g in config["config_groups"].values() for t in g["targets"]}
+    with safe_open(checkpoint / WEIGHTS_FILE, "pt") as f:
+        assert f.get_tensor(f"{kept[0]}.weight").dtype == torch.float16
+    summary = json.loads((checkpoint / "gamma_summary.json").read_text())
+    n = {m: w.numel() for m, w in ((k, v.weight) for k, v in quantizable_modules(load_model(folder)[0]).items())}
+    assert summary["avg_bits"] == pytest.approx(sum(n[m] * b for m, b in assignment.items()) / sum(n.values()))
+    ours, _ = load_checkpoint(checkpoint)
+    theirs = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=0, atol=0)

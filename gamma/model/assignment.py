@@ -13,13 +13,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from gamma.config import SUPPORTED_BITS
 from gamma.model.device import computed_on
 from gamma.model.loading import block_index, quantizable_modules
 from gamma.progress import track
 from gamma.quant.hessians import collect_hessians
-from gamma.quant.interface import SCALE_BITS, QuantizationError, QuantizedWeight, QuantSpec
+from gamma.quant.interface import SCALE_BITS, UNQUANTIZED, QuantizationError, QuantizedWeight, QuantSpec
 
-UNQUANTIZED_BITS = 16  # embeddings, norms and head are counted as a float16 checkpoint stores them
+UNQUANTIZED_BITS = UNQUANTIZED  # embeddings, norms and head are counted as a float16 checkpoint stores them
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,10 @@ class SizeAccount:
 
 
 def module_cost_bits(n_rows: int, n_cols: int, spec: QuantSpec) -> float:
-    """Exact storage of one quantized module in bits: codes + per-group scales (+ zero-points)."""
+    """Exact storage of one quantized module in bits: codes + per-group scales (+ zero-points);
+    a module left at 16 bits is its float16 weight."""
+    if spec.bits == UNQUANTIZED:
+        return n_rows * n_cols * UNQUANTIZED
     groups = n_rows * spec.groups(n_cols)
     zero_bits = 0 if spec.symmetric else spec.bits
     return n_rows * n_cols * spec.bits + groups * (SCALE_BITS + zero_bits)
@@ -77,7 +81,7 @@ def validate_assignment(model: nn.Module, assignment: dict[str, int]) -> None:
     unknown = sorted(set(assignment) - set(modules))
     if unknown:
         raise QuantizationError(f"assignment names modules the model does not have: {unknown[:5]}")
-    bad = {n: b for n, b in assignment.items() if b not in (2, 3, 4, 8)}
+    bad = {n: b for n, b in assignment.items() if b not in (*SUPPORTED_BITS, UNQUANTIZED)}
     if bad:
         raise QuantizationError(f"assignment has unsupported bit widths: {dict(list(bad.items())[:5])}")
 
@@ -109,6 +113,8 @@ def apply_assignment(
 
     def quantize(names, block_hessians=None) -> None:
         for name in names:
+            if assignment[name] == UNQUANTIZED:
+                continue  # left as it is: stored at float16, listed in the export's ignore
             module = modules[name]
             spec = QuantSpec(assignment[name], group_size, symmetric)
             weight = module.weight.detach().to(device, torch.float32)

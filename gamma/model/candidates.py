@@ -8,7 +8,7 @@ from torch import nn
 from gamma.model.device import computed_on
 from gamma.model.loading import quantizable_modules
 from gamma.progress import track
-from gamma.quant.interface import PackedWeight, QuantizationError, QuantizedWeight, QuantSpec
+from gamma.quant.interface import UNQUANTIZED, PackedWeight, QuantizationError, QuantizedWeight, QuantSpec, Unquantized
 
 
 def build_candidates(
@@ -23,7 +23,7 @@ def build_candidates(
     device: str | torch.device = "cpu",
 ) -> dict[str, list[PackedWeight]]:
     """``{module: [Q_b(W) for b in bits]}``, quantized on ``device`` and held packed on the host:
-    b/8 bytes per weight per candidate width b."""
+    b/8 bytes per weight per candidate width b (16: the weight at float16, ``Unquantized``)."""
     found = quantizable_modules(model)
     names = modules or list(found)
     computed_on(device)
@@ -32,7 +32,8 @@ def build_candidates(
         h = hessians.get(name) if hessians else None
         w = found[name].weight.detach().to(device, torch.float32)
         try:
-            out[name] = [quantizer.quantize(w, QuantSpec(b, group_size, symmetric), h).pack() for b in bits]
+            out[name] = [Unquantized.of(w) if b == UNQUANTIZED else
+                         quantizer.quantize(w, QuantSpec(b, group_size, symmetric), h).pack() for b in bits]
         except QuantizationError as err:
             raise QuantizationError(f"{name} {tuple(w.shape)}: {err}") from None
     return out

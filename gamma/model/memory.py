@@ -18,6 +18,7 @@ import torch
 from gamma.config import GammaConfig
 from gamma.model.device import resolve_device
 from gamma.model.loading import ModelInputError, resolve_dtype
+from gamma.quant.interface import UNQUANTIZED
 
 GB = 1024**3
 DENSE_CACHE_BYTES = 4e9  # stage1.rows.LogitRows keeps every dense candidate on the device while all fit this
@@ -135,7 +136,8 @@ def packed_candidate_bytes(weights: float, bits: list[int], group_size: int, in_
     """Host bytes of ``weights`` weights held at every candidate width: b/8 bytes per weight for
     width b, and per group a float16 scale and a one-byte zero-point (``PackedWeight``)."""
     groups = weights / (group_size if group_size > 0 else in_features)
-    return weights * sum(bits) / 8 + groups * 3 * len(bits)
+    quantized = [b for b in bits if b != UNQUANTIZED]  # the 16-bit one: its own float16 copy
+    return weights * sum(quantized) / 8 + groups * 3 * len(quantized) + weights * 2 * (UNQUANTIZED in bits)
 
 
 SPILLED = ("teacher hidden states", "teacher gradients")

@@ -14,6 +14,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from gamma.config import UNQUANTIZED
+
 SCALE_BITS = 16
 
 
@@ -118,6 +120,32 @@ class PackedWeight:
     def dequantize(self, device: str | torch.device = "cpu") -> torch.Tensor:
         """The float32 weight, unpacked and dequantized on ``device``."""
         return dequantize_codes(self.unpacked_codes(device), self.scales.to(device), self.zeros.to(device), self.spec)
+
+
+@dataclass
+class Unquantized:
+    """The 16-bit candidate: the module's weight as a float16 checkpoint stores it, kept out of
+    quantization (the export lists the module in ``ignore``). Reads like a ``QuantizedWeight``."""
+
+    weight: torch.Tensor  # float16 [out, in], its own copy: the model's weight changes under allocators
+    spec: QuantSpec = QuantSpec(UNQUANTIZED, -1, True)
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> Unquantized:
+        return cls(weight.detach().to("cpu", torch.float16, copy=True))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def dequantize(self, device: str | torch.device | None = None) -> torch.Tensor:
+        return self.weight.to(device or self.weight.device, torch.float32)
+
+    def pack(self) -> Unquantized:
+        return self
+
+    def to(self, device: str | torch.device) -> Unquantized:
+        return Unquantized(self.weight.to(device), self.spec)
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
