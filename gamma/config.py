@@ -274,6 +274,12 @@ class ScheduleConfig(_Section):
         return v
 
 
+class ServingConfig(_Section):
+    profile: Literal["research", "transformers", "vllm-marlin", "vllm-humming"] = Field("research", description=(
+        "the engine the variants are made for: its widths, symmetry, group sizes and allocation units "
+        "(gamma/operations/profiles.py); research: everything gamma can represent"))
+
+
 class GammaConfig(_Section):
     model: ModelConfig = ModelConfig()
     text: TextConfig = TextConfig()
@@ -283,6 +289,7 @@ class GammaConfig(_Section):
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
     allocation: AllocationConfig = AllocationConfig()
+    serving: ServingConfig = ServingConfig()
     uniform_bits: list[int] = Field([2, 3, 4], description="uniform baselines evaluated by the main job")
     tracking: TrackingConfig = TrackingConfig()
     pipeline: PipelineConfig = PipelineConfig()
@@ -320,13 +327,26 @@ class GammaConfig(_Section):
                 raise ValueError(f"stage2.min_bits[{name!r}]={bits} is not a candidate in {self.candidates}")
         return self
 
+    @model_validator(mode="after")
+    def _inside_the_serving_profile(self) -> GammaConfig:
+        from gamma.operations.profiles import profile_problems  # pure data, no heavy imports
+
+        q, a = self.quantizer, self.allocation
+        problems = profile_problems(self.serving.profile, self.candidates, q.symmetric, q.group_size, a.ties,
+                                    a.experts)
+        if problems:
+            raise ValueError(f"serving.profile={self.serving.profile} does not take " + "; ".join(problems))
+        return self
+
 
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
-        value = e.get("input")
-        lines.append(f"  {field}: {e['msg']} (got {value!r})")
+        field = ".".join(str(p) for p in e["loc"])
+        if not field:  # a check across settings: its message names the values, not the whole input
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            continue
+        lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
     return "invalid configuration:\n" + "\n".join(lines)
 
 

@@ -167,6 +167,9 @@ def register_variant(client: MlflowClient, run_id: str, name: str, row: dict, fi
     if checkpoint is not None:
         client.log_artifacts(run_id, str(checkpoint), f"{VARIANT_ARTIFACT}/checkpoint")
     where = {k: row[k] for k in ("quantize_devices", "eval_devices") if k in row}  # the devices each phase ran on
+    serving = {k: ",".join(v) if isinstance(v, list) else v for k, v in row.items()
+               if k in ("serving_profile", "loads_in")}  # the engine it is made for, the loaders checked
+    tags = {**tags, **serving}
     for k, v in {**where, **tags}.items():
         client.set_tag(run_id, k, str(v))
     _ensure_registered(client, name, "GAMMA mixed-precision variant")

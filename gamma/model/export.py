@@ -346,6 +346,26 @@ def read_back(path: str | Path, records: dict[str, QuantizedWeight], model_type:
                                   f"(shape {tuple(weight.shape)} vs {tuple(rec.codes.shape)})")
 
 
+def check_transformers_reads(path: str | Path, model: nn.Module) -> None:
+    """transformers' own ``from_pretrained`` (its compressed-tensors loader) reads the checkpoint
+    and computes the logits ``model`` (the exported variant, in memory) computes on a probe
+    sequence: exactly in float32, within 16-bit rounding otherwise; else a ``CheckpointError``."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(model.parameters()).dtype
+    try:
+        theirs = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    except Exception as err:  # noqa: BLE001 - whatever transformers raises, the variant does not load there
+        raise CheckpointError(f"transformers cannot load {path}: {type(err).__name__}: {str(err)[:300]}") from None
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits.float(), theirs(input_ids=ids).logits.float()
+    error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    if not error <= (0.0 if dtype == torch.float32 else 5e-2):
+        raise CheckpointError(f"transformers reads {path} but computes other logits than the exported variant "
+                              f"(largest difference {error:.2e} of the largest logit)")
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
     """A compressed-tensors checkpoint (ours or any pack-quantized one) as a plain transformers model
     with dequantized weights, and its tokenizer."""

@@ -16,7 +16,8 @@ from gamma.evaluation.metrics import figures, perplexity, zero_shot_suite
 from gamma.model.assignment import UNQUANTIZED_BITS, apply_assignment, uniform_assignment, unquantized_parameters
 from gamma.model.coverage import coverage
 from gamma.model.device import ComputeRecord
-from gamma.model.export import export_checkpoint, export_fake_quantized, round_to_storage
+from gamma.model.export import check_transformers_reads, export_checkpoint, export_fake_quantized, round_to_storage
+from gamma.operations.profiles import PROFILES
 from gamma.progress import console
 from gamma.run.workspace import Workspace
 from gamma.stage2.scores import nearest_table
@@ -98,9 +99,24 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
         row.update({"checkpoint_bytes": ckpt.weights_bytes, "checkpoint_total_bytes": ckpt.total_bytes,
                     "checkpoint_sha256": ckpt.sha256,
                     "checkpoint_over_predicted": ckpt.weights_bytes / acct.total_bytes})
+        row["loads_in"] = loaders_checked(ws, save_to, model)
     row["quantize_devices"] = compute.as_dict()["quantization"]  # after the export: not part of its checksum
+    row["serving_profile"] = ws.cfg.serving.profile
     row.update(evaluate_model(ws, model, tokenizer, checkpoint=save_to))
+    if row.get("eval_backend") == "vllm":
+        row["loads_in"] = [*row.get("loads_in", []), "vllm"]
     return row
+
+
+def loaders_checked(ws: Workspace, checkpoint: str | Path, model) -> list[str]:
+    """The loaders that read ``checkpoint`` back: gamma's always (the export reads itself back);
+    transformers' own when the serving profile is made for it (a failure fails the variant: it
+    is never registered)."""
+    checked = ["gamma"]
+    if "transformers" in PROFILES[ws.cfg.serving.profile].loads_in:
+        check_transformers_reads(checkpoint, model)
+        checked.append("transformers")
+    return checked
 
 
 def prepared_allocator(ws: Workspace, name: str, tables=None) -> tuple[Allocator, AllocationProblem]:

@@ -1,0 +1,56 @@
+"""Serving profiles: what an engine's loader and kernels take, as data.
+
+A profile fixes the candidate widths, the symmetry, the group sizes and the allocation units of a
+run, so that every variant it registers loads in the engine it is made for; ``check_profile``
+refuses a configuration outside it, naming every value and the setting that fits. Sources: vLLM's
+compressed-tensors WNA16 path (Marlin: 4/8-bit, symmetric ``uint4b8``/``uint8b128`` or with
+zero-points ``uint4``/``uint8``, group sizes -1/32/64/128; every shard of a fused layer one
+scheme, every expert of a fused MoE layer one scheme), its Humming kernels (2 to 8 bits), and
+transformers' compressed-tensors loader (reads symmetric pack-quantized checkpoints; an
+asymmetric one fails on the packed zero-points' shape).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Profile:
+    engine: str  # what serves the variants
+    bits: tuple[int, ...]  # candidate widths it serves (16: the module left at float16, in ``ignore``)
+    symmetric: tuple[bool, ...]
+    group_sizes: tuple[int, ...] | None  # None: any that divides the widths
+    ties: str | None  # allocation.ties it needs (None: any)
+    experts: str | None  # allocation.experts it needs (None: any)
+    loads_in: tuple[str, ...]  # the loaders its variants are made for
+
+
+PROFILES = {
+    "vllm-marlin": Profile("vLLM, Marlin kernels (GPU)", (4, 8, 16), (True, False), (-1, 32, 64, 128), "fused",
+                           "per_layer", ("gamma", "vllm")),
+    "vllm-humming": Profile("vLLM, Humming kernels (GPU, experimental)", (2, 3, 4, 8, 16), (True, False),
+                            (-1, 32, 64, 128), "fused", "per_layer", ("gamma", "vllm")),
+    "transformers": Profile("transformers (compressed-tensors loader)", (2, 3, 4, 8, 16), (True,), None, None, None,
+                            ("gamma", "transformers")),
+    "research": Profile("gamma's own loader (every representation gamma has)", (2, 3, 4, 8, 16), (True, False),
+                        None, None, None, ("gamma",)),
+}
+
+
+def profile_problems(name: str, candidates: list[int], symmetric: bool, group_size: int, ties: str,
+                     experts: str) -> list[str]:
+    """What in a configuration lies outside profile ``name``, each as ``setting=value`` and what fits."""
+    p = PROFILES[name]
+    problems = []
+    if not set(candidates) <= set(p.bits):
+        problems.append(f"candidates={candidates} (it serves {list(p.bits)})")
+    if symmetric not in p.symmetric:
+        problems.append(f"quantizer.symmetric={str(symmetric).lower()} (it needs {str(p.symmetric[0]).lower()})")
+    if p.group_sizes is not None and group_size not in p.group_sizes:
+        problems.append(f"quantizer.group_size={group_size} (it takes {list(p.group_sizes)})")
+    if p.ties is not None and ties != p.ties:
+        problems.append(f"allocation.ties={ties} (it needs {p.ties}: the engine fuses q/k/v and gate/up)")
+    if p.experts is not None and experts != p.experts:
+        problems.append(f"allocation.experts={experts} (it needs {p.experts}: one scheme per fused MoE layer)")
+    return problems
