@@ -171,9 +171,14 @@ class Stage2Config(_Section):
 UNIT_KEEPING_ALLOCATORS = ("gamma", "hawq", "uniform")
 
 
+def shares_widths(ties: str, experts: str) -> bool:
+    """Whether some modules form one allocation unit (settings other than the defaults)."""
+    return (ties, experts) != ("none", "per_expert")
+
+
 def check_keeps_units(name: str, ties: str, experts: str) -> None:
     """Refuse, before any work, an allocator that cannot keep the configured units whole."""
-    if name not in UNIT_KEEPING_ALLOCATORS and (ties, experts) != ("none", "per_expert"):
+    if name not in UNIT_KEEPING_ALLOCATORS and shares_widths(ties, experts):
         raise ValueError(f"allocator {name!r} does not keep allocation units whole (allocation.ties={ties!r}, "
                          f"allocation.experts={experts!r}): use one of {list(UNIT_KEEPING_ALLOCATORS)}, or "
                          "ties: none and experts: per_expert")

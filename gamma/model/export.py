@@ -270,8 +270,30 @@ def verify_checkpoint(path: str | Path) -> str:
     return digest
 
 
-def read_quantized(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, dict]]:
-    """The config, the stored tensors and, per quantized module, its weight arguments."""
+class StoredTensors:
+    """A checkpoint's tensors by name, each read from its file when asked for (``KeyError`` when
+    it is not stored)."""
+
+    def __init__(self, folder: Path):
+        if (folder / WEIGHTS_FILE).exists():
+            from safetensors import safe_open
+
+            with safe_open(folder / WEIGHTS_FILE, "pt") as f:
+                self.files = dict.fromkeys(f.keys(), folder / WEIGHTS_FILE)
+        else:
+            index = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+            self.files = {name: folder / shard for name, shard in index.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], "pt") as f:
+            return f.get_tensor(name)
+
+
+def read_quantized(path: str | Path, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor], dict[str, dict]]:
+    """The config, the stored tensors (``tensors=False``: none read) and, per quantized module, its
+    weight arguments."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
@@ -287,7 +309,7 @@ def read_quantized(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dic
     for group in qc["config_groups"].values():
         for target in group["targets"]:
             args[target] = group["weights"]
-    return config, load_shards(path), args
+    return config, load_shards(path) if tensors else {}, args
 
 
 def _unpack_rows(packed: torch.Tensor, bits: int, shape: torch.Size) -> torch.Tensor:
@@ -331,8 +353,10 @@ def dequantized_state_dict(tensors: dict[str, torch.Tensor], args: dict[str, dic
 def read_back(path: str | Path, records: dict[str, QuantizedWeight], model_type: str) -> None:
     """Read a written checkpoint back through the reader every loader here uses and compare every
     quantized module's dequantized weight with what was exported, exactly; a module missing,
-    misshapen or different is a ``CheckpointError`` naming it."""
-    _, tensors, args = read_quantized(path)
+    misshapen or different is a ``CheckpointError`` naming it. Tensors are read one module at a
+    time (``StoredTensors``), never the whole checkpoint at once."""
+    _, _, args = read_quantized(path, tensors=False)
+    tensors = StoredTensors(Path(path))
     for module, rec in records.items():
         name = checkpoint_name(model_type, module)
         if name not in args:

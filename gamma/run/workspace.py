@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gamma.config import GammaConfig
+from gamma.config import GammaConfig, shares_widths
 from gamma.hashing import content_md5
 from gamma.model.blocks import walk_error
 from gamma.model.candidates import build_candidates
@@ -147,7 +147,7 @@ class Workspace:
 
     def provenance(self) -> Provenance:
         a = self.cfg.allocation
-        units = {} if (a.ties, a.experts) == ("none", "per_expert") else {"ties": a.ties, "experts": a.experts}
+        units = {"ties": a.ties, "experts": a.experts} if shares_widths(a.ties, a.experts) else {}
         return Provenance(self.model_hash, self.text_hash, self.quantizer_record(),
                           self.cfg.text.model_dump(exclude={"source"}), str(self.dtype).removeprefix("torch."), units)
 

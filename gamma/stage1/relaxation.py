@@ -91,8 +91,9 @@ class MixedLinear(nn.Module):
     def mix_grad(self) -> torch.Tensor:
         """``dL/dmix_b = <dL/dW, Q_b(W)>`` after a backward through this module ([K], or [J, K] per block)."""
         g = self.weight.grad
-        if g is None:  # no token reached the module (an expert the router did not choose)
-            g = torch.zeros_like(self.weight)
+        if g is None:  # no token reached the module (an expert the router did not choose): no gradient
+            k = len(self.candidates)
+            return self.weight.new_zeros(k) if self.columns is None else self.weight.new_zeros(self.n_blocks, k)
         if self.columns is None:
             return torch.stack([torch.dot(g.reshape(-1), q.reshape(-1)) for q in self.candidates])
         per_column = torch.stack([(g * q).sum(dim=0) for q in self.candidates], dim=1)  # [in, K]
