@@ -7,6 +7,7 @@ each assigned module's weight by its dequantized quantized weight and returns th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -36,17 +37,30 @@ class SizeAccount:
         return asdict(self)
 
 
-def module_cost_bits(n_rows: int, n_cols: int, spec: QuantSpec) -> float:
-    """Exact storage of one quantized module in bits: codes + per-group scales (+ zero-points);
-    a module left at 16 bits is its float16 weight."""
+SHAPE_BYTES = 16  # ``weight_shape``: two int64
+
+
+def module_stored_bytes(n_rows: int, n_cols: int, spec: QuantSpec) -> int:
+    """Bytes of one module's tensors in the checkpoint, exactly as compressed-tensors' pack-quantized
+    format writes them: codes packed densely into int32 along each row, one float16 scale per
+    group, zero-points (asymmetric) packed into int32 along the output dimension, the int64 shape.
+    A module left at 16 bits is its float16 weight."""
     if spec.bits == UNQUANTIZED:
-        return n_rows * n_cols * UNQUANTIZED
-    groups = n_rows * spec.groups(n_cols)
-    zero_bits = 0 if spec.symmetric else spec.bits
-    return n_rows * n_cols * spec.bits + groups * (SCALE_BITS + zero_bits)
+        return n_rows * n_cols * UNQUANTIZED // 8
+    groups = spec.groups(n_cols)
+    codes = 4 * n_rows * math.ceil(n_cols * spec.bits / 32)
+    zeros = 0 if spec.symmetric else 4 * math.ceil(n_rows * spec.bits / 32) * groups
+    return codes + n_rows * groups * SCALE_BITS // 8 + zeros + SHAPE_BYTES
+
+
+def module_cost_bits(n_rows: int, n_cols: int, spec: QuantSpec) -> int:
+    """Storage of one module in bits (what the effective-bits and bytes budgets count)."""
+    return 8 * module_stored_bytes(n_rows, n_cols, spec)
 
 
 def account(model: nn.Module, assignment: dict[str, int], group_size: int, symmetric: bool) -> SizeAccount:
+    """Sizes of ``model`` under ``assignment``; ``total_bytes`` is exactly the bytes of the tensors
+    its checkpoint stores (file headers and config aside)."""
     modules = quantizable_modules(model)
     n_total = bits_nominal = bits_effective = 0.0
     for name, bits in assignment.items():
@@ -54,8 +68,7 @@ def account(model: nn.Module, assignment: dict[str, int], group_size: int, symme
         n_total += rows * cols
         bits_nominal += rows * cols * bits
         bits_effective += module_cost_bits(rows, cols, QuantSpec(bits, group_size, symmetric))
-    other = sum(p.numel() for p in unquantized_parameters(model, assignment))
-    other_bytes = other * UNQUANTIZED_BITS / 8
+    other_bytes = stored_bytes(unquantized_tensors(model, assignment).values())
     return SizeAccount(
         nominal_bits=bits_nominal / n_total,
         effective_bits=bits_effective / n_total,
@@ -66,12 +79,22 @@ def account(model: nn.Module, assignment: dict[str, int], group_size: int, symme
     )
 
 
-def unquantized_parameters(model: nn.Module, quantized: Iterable[str]) -> list[nn.Parameter]:
-    """Every parameter a checkpoint stores at 16 bits: all but the quantized weights, tied ones once."""
-    modules = quantizable_modules(model)
-    skip = {id(modules[n].weight) for n in quantized}
-    unique = {id(p): p for p in model.parameters()}
-    return [p for key, p in unique.items() if key not in skip]
+def unquantized_tensors(model: nn.Module, quantized: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint stores as it is (at 16 bits if floating): the state dict but the
+    quantized modules' weights, tied tensors once."""
+    skip = {f"{name}.weight" for name in quantized}
+    out, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        if key in skip or tensor.data_ptr() in seen:  # tied embeddings: stored once, tied again on load
+            continue
+        seen.add(tensor.data_ptr())
+        out[key] = tensor
+    return out
+
+
+def stored_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes ``tensors`` take in a checkpoint: floating ones at 16 bits, the rest in their own dtype."""
+    return sum(t.numel() * (UNQUANTIZED_BITS // 8 if t.is_floating_point() else t.element_size()) for t in tensors)
 
 
 def validate_assignment(model: nn.Module, assignment: dict[str, int]) -> None:

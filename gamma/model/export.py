@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gamma.model.assignment import unquantized_tensors
 from gamma.model.experts import checkpoint_name, model_name, split_experts
 from gamma.quant.interface import QuantizedWeight, QuantSpec
 
@@ -97,17 +98,8 @@ def round_to_storage(model: nn.Module, quantized: set[str]) -> None:
 def _state_dict(model: nn.Module, records: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
     """Every tensor under its checkpoint name (``experts.checkpoint_name``)."""
     rename = functools.partial(checkpoint_name, model.config.model_type)
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    quantized = {f"{name}.weight" for name in records}
-    for key, tensor in model.state_dict().items():
-        if key in quantized:
-            continue
-        if tensor.data_ptr() in seen:  # tied embeddings: stored once, tied again on load
-            continue
-        seen.add(tensor.data_ptr())
-        dtype = STORAGE_DTYPE if tensor.is_floating_point() else tensor.dtype
-        out[rename(key)] = tensor.detach().to(dtype).contiguous()
+    out = {rename(key): tensor.detach().to(STORAGE_DTYPE if tensor.is_floating_point() else tensor.dtype).contiguous()
+           for key, tensor in unquantized_tensors(model, records).items()}
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     for module, rec in records.items():

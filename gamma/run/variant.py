@@ -13,7 +13,7 @@ from gamma.allocators import AllocationProblem, Allocator, BlockAssignment, allo
 from gamma.allocators.column_blocks import block_account
 from gamma.evaluation.backends import BackendUnavailable, VllmBackend, evaluate_with_vllm
 from gamma.evaluation.metrics import figures, perplexity, zero_shot_suite
-from gamma.model.assignment import UNQUANTIZED_BITS, apply_assignment, uniform_assignment, unquantized_parameters
+from gamma.model.assignment import apply_assignment, stored_bytes, uniform_assignment, unquantized_tensors
 from gamma.model.coverage import coverage
 from gamma.model.device import ComputeRecord
 from gamma.model.export import check_transformers_reads, export_checkpoint, export_fake_quantized, round_to_storage
@@ -148,9 +148,9 @@ def allocate_and_evaluate(ws: Workspace, name: str, budget: float, save_to: str 
     try:
         allocator.apply(problem, result.assignment)
         acct = block_account(problem, result.assignment)
-        other = sum(p.numel() for p in unquantized_parameters(problem.model, problem.modules))
+        other = stored_bytes(unquantized_tensors(problem.model, problem.modules).values())
         row.update({"quantizer": ws.cfg.quantizer.method, "avg_bits": acct["nominal_bits"], **acct,
-                     "total_bytes": acct["quantized_bytes"] + other * UNQUANTIZED_BITS / 8})
+                     "total_bytes": acct["quantized_bytes"] + other})
         if save_to:
             ckpt = export_fake_quantized(problem.model, ws.tokenizer, save_to, {"gamma_blocks.json": record})
             row.update({"checkpoint_bytes": ckpt.weights_bytes, "checkpoint_sha256": ckpt.sha256,
