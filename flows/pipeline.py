@@ -15,6 +15,7 @@ from gamma.config import load_config
 from gamma.progress import markdown_table, print_table
 from gamma.run.plots import plot_pareto
 from gamma.run.variant import failed
+from gamma.stage2.budgets import budget_label
 from tasks import tracking
 from tasks.prepare import check_inputs, prepare
 from tasks.stage1 import learn
@@ -79,7 +80,8 @@ def summarize(client, run_id: str, out: Path, inputs: dict, scores: dict, rows: 
         for f in (summary, pareto, table):
             if f is not None:
                 client.log_artifact(run_id, str(f), "summary")
-    print_table([{**r, "method": f"{r['method']}-{r['budget']:g}"} for r in ok], "variants")
+    print_table([{**r, "method": f"{r['method']}-{budget_label(r['budget'], r.get('budget_unit', 'nominal'))}"}
+                 for r in ok], "variants")
     for r in rows:
         if "error" in r:
             print(f"budget {r['budget']}: FAILED: {r['error']}")

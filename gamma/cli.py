@@ -24,8 +24,11 @@ import math
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from gamma.config import SUPPORTED_BITS, ConfigError, GammaConfig, load_config, parse_overrides
 from gamma.progress import console, print_table
+from gamma.stage2.budgets import budget_label, budget_stem, budget_text, parse_budget, parse_budgets
 
 
 def _parse_list(text: str, kind=float) -> list:
@@ -104,6 +107,20 @@ def cmd_learn(cfg: GammaConfig, args) -> Path:
     return out / SCORES_FILE
 
 
+def with_budgets(cfg: GammaConfig, text: str) -> GammaConfig:
+    """``cfg`` serving the comma-separated budgets of ``text`` (``2.5,3``, ``95MB,120MB``), in their unit."""
+    values = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not values:
+        raise ConfigError(f"cannot read {text!r} as a comma-separated list of budgets (e.g. 2.5,3 or 95MB)")
+    budgets, unit = parse_budgets(values, cfg.stage2.unit)
+    data = cfg.model_dump()
+    data["stage2"].update(budgets=budgets, unit=unit)
+    try:  # validated whole: the allocators must solve budgets in this unit
+        return GammaConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"--budgets {text}: {err.errors()[0]['msg']}") from None
+
+
 def cmd_allocate(cfg: GammaConfig, args) -> dict:
     from gamma.run.plots import plot_allocation
     from gamma.run.tables import SCORES_FILE, check_tables, project_budget, table_dir
@@ -111,7 +128,9 @@ def cmd_allocate(cfg: GammaConfig, args) -> dict:
     from gamma.stage2.scores import ScoreTable
 
     out = _out(cfg)
-    budgets = _parse_list(args.budgets) if getattr(args, "budgets", None) else cfg.stage2.budgets
+    if getattr(args, "budgets", None):
+        cfg = with_budgets(cfg, args.budgets)
+    budgets, unit = cfg.stage2.budgets, cfg.stage2.unit
     if getattr(args, "allocator", "gamma") != "gamma":
         return allocate_with(cfg, args.allocator, budgets)
     if args.scores:
@@ -127,16 +146,20 @@ def cmd_allocate(cfg: GammaConfig, args) -> dict:
         try:
             res = project_budget(tables, b, cfg)
         except ValueError as err:
-            rows.append({"budget": f"{b:g}", "status": "FAILED", "note": str(err)})
+            rows.append({"budget": budget_stem(b, unit), "status": "FAILED", "note": str(err)})
             continue
         results[b] = res
-        (out / "assignments" / f"{b:g}.json").write_text(json.dumps(res.as_dict(), indent=1) + "\n")
-        plot_allocation(res.assignment, out / "assignments" / f"{b:g}.png", f"GAMMA allocation at {b:g} bits")
-        rows.append({"budget": f"{b:g}", "status": res.status, "bits used": f"{res.bits_used:.4f}",
-                     "slack": f"{res.slack:.4f}", "gap": f"{res.gap:.1e}", "seconds": f"{res.solve_seconds:.2f}",
-                     "note": "; ".join(res.notes)})
+        stem = budget_stem(b, unit)
+        (out / "assignments" / f"{stem}.json").write_text(json.dumps(res.as_dict(), indent=1) + "\n")
+        plot_allocation(res.assignment, out / "assignments" / f"{stem}.png",
+                        f"GAMMA allocation at {budget_text(b, unit)}")
+        rows.append({"budget": budget_stem(b, unit), "status": res.status, "bits used": f"{res.bits_used:.4f}",
+                     "used": f"{res.used:,.0f}" if unit == "bytes" else f"{res.used:.4f}",
+                     "slack": f"{res.slack:,.0f}" if unit == "bytes" else f"{res.slack:.4f}", "gap": f"{res.gap:.1e}",
+                     "seconds": f"{res.solve_seconds:.2f}", "note": "; ".join(res.notes)})
     print_table(rows, "Stage II (from the saved score table; Stage I not rerun)",
-                ["budget", "status", "bits used", "slack", "gap", "seconds", "note"])
+                ["budget", "status", "bits used", *(["used"] if unit != "nominal" else []), "slack", "gap",
+                 "seconds", "note"])
     if not results:
         raise AllFailed(f"no budget could be allocated ({', '.join(r['budget'] for r in rows)})")
     return results
@@ -145,32 +168,36 @@ def cmd_allocate(cfg: GammaConfig, args) -> dict:
 def allocate_with(cfg: GammaConfig, allocator: str, budgets: list[float]) -> dict:
     """Another allocator than GAMMA: allocate, quantize, export and evaluate each budget."""
     from gamma.allocators import ALLOCATORS, AllocatorError
-    from gamma.config import check_keeps_units
+    from gamma.config import check_budget_unit, check_keeps_units
     from gamma.run.variant import allocate_and_evaluate, failed
     from gamma.run.workspace import Workspace
 
     if allocator not in ALLOCATORS:
         raise AllocatorError(f"unknown allocator {allocator!r}; choose one of {sorted(ALLOCATORS)}")
     check_keeps_units(allocator, cfg.allocation.ties, cfg.allocation.experts)
+    check_budget_unit(allocator, cfg.stage2.unit)
     ws, out, rows = Workspace(cfg), _out(cfg), {}
     ws.check_shapes()  # the same for every budget: refused once, before any
     (out / "assignments").mkdir(exist_ok=True)
     for b in budgets:
+        stem = f"{allocator}-{budget_stem(b, cfg.stage2.unit)}"
         try:
-            row = allocate_and_evaluate(ws, allocator, b, save_to=out / "models" / f"{allocator}-{b:g}")
+            row = allocate_and_evaluate(ws, allocator, b, save_to=out / "models" / stem)
         except ValueError as err:
-            console.print(f"[red]{allocator} at {b:g} bits: {err}")
+            console.print(f"[red]{allocator} at {budget_text(b, cfg.stage2.unit)}: {err}")
             rows[b] = failed(b, allocator, err)
             continue
-        (out / "assignments" / f"{allocator}-{b:g}.json").write_text(row.pop("allocation"))
+        (out / "assignments" / f"{stem}.json").write_text(row.pop("allocation"))
         if "score_table" in row:  # gamma-blocks: the block table it projected from
             table = row.pop("score_table")
             table.save(out / f"{allocator}-scores-{table.training_budget:g}.json")
         rows[b] = row
-    print_table([{**r, "method": f"{allocator}-{b:g}"} for b, r in rows.items() if "error" not in r],
+    print_table([{**r, "method": f"{allocator}-{budget_label(b, cfg.stage2.unit)}"} for b, r in rows.items()
+                 if "error" not in r],
            f"{allocator}: allocations in {out / 'assignments'}, models in {out / 'models'}")
     if all("error" in r for r in rows.values()):
-        raise AllFailed(f"{allocator}: no budget could be allocated ({', '.join(f'{b:g}' for b in rows)})")
+        raise AllFailed(f"{allocator}: no budget could be allocated "
+                        f"({', '.join(budget_label(b, cfg.stage2.unit) for b in rows)})")
     return rows
 
 
@@ -179,9 +206,13 @@ def cmd_quantize(cfg: GammaConfig, args) -> dict:
     from gamma.run.workspace import Workspace
 
     out = _out(cfg)
-    path = Path(args.assignment) if args.assignment else out / "assignments" / f"{args.budget:g}.json"
+    if args.assignment:
+        path = Path(args.assignment)
+    else:
+        budget, unit = parse_budget(args.budget, cfg.stage2.unit)
+        path = out / "assignments" / f"{budget_stem(budget, unit)}.json"
     if not path.exists():
-        raise SystemExit(f"error: no assignment at {path}; run `gamma allocate --budgets {args.budget:g}` first")
+        raise SystemExit(f"error: no assignment at {path}; run `gamma allocate --budgets {args.budget}` first")
     try:
         data = json.loads(path.read_text())
     except ValueError as err:
@@ -212,13 +243,15 @@ def cmd_promote(cfg: GammaConfig, args) -> None:
 
         decisions = promotion_flow(params=args.params, alias=args.alias, overrides=parse_overrides(args.set))
     else:
-        decision = promote(cfg, names_for(cfg, Workspace(cfg).model_dir), args.budget, args.alias, args.version)
-        decisions = [{"budget": args.budget, **decision.as_dict()}]
+        budget, unit = parse_budget(args.budget, cfg.stage2.unit)
+        names = names_for(cfg, Workspace(cfg).model_dir).in_unit(unit)
+        decision = promote(cfg, names, budget, args.alias, args.version)
+        decisions = [{"budget": budget, "unit": unit, **decision.as_dict()}]
     if not decisions:
         raise AllFailed(f"nothing is registered to promote to alias {args.alias!r}: run `gamma run` first")
     for d in decisions:
         verdict = "[green]promoted[/green]" if d["promote"] else "[red]refused[/red]"
-        console.print(f"{d['budget']:g} bits -> alias '{args.alias}': {verdict}")
+        console.print(f"{budget_text(d['budget'], d.get('unit', cfg.stage2.unit))} -> alias '{args.alias}': {verdict}")
         for reason in d["reasons"]:
             console.print(f"  - {reason}")
     if not all(d["promote"] for d in decisions):
@@ -229,9 +262,10 @@ def cmd_rollback(cfg: GammaConfig, args) -> None:
     from gamma.run.workspace import Workspace
     from tasks.tracking import names_for, rollback
 
-    names = names_for(cfg, Workspace(cfg).model_dir)
-    previous = rollback(cfg, names, args.budget, args.alias)
-    console.print(f"{names.variant(args.budget)}: alias '{args.alias}' "
+    budget, unit = parse_budget(args.budget, cfg.stage2.unit)
+    names = names_for(cfg, Workspace(cfg).model_dir).in_unit(unit)
+    previous = rollback(cfg, names, budget, args.alias)
+    console.print(f"{names.variant(budget)}: alias '{args.alias}' "
                   + (f"back on version {previous}" if previous else "removed (no earlier holder)"))
 
 
@@ -277,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     lr = sub.add_parser("learn", parents=[common], help="Stage I: learn the preference score table")
     lr.add_argument("--out", help="score table file, for launched processes (default: <output_dir>/scores.json)")
     a = sub.add_parser("allocate", parents=[common], help="Stage II: solve budgets from a saved score table")
-    a.add_argument("--budgets", help="comma-separated average-bit budgets, e.g. 2.25,2.5,3")
+    a.add_argument("--budgets", help="comma-separated budgets: average bits (2.25,2.5,3) or checkpoint bytes "
+                   "(95MB,120MB; B/kB/MB/GB/KiB/MiB/GiB)")
     a.add_argument("--allocator", default="gamma", help="gamma (Stage II from the score tables) or another "
                    "allocator (gamma-blocks, uniform, hawq, higgs, scalebits, windquant, evopress): allocates, "
                    "quantizes and evaluates each budget")
@@ -285,17 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "table learned nearest to it (default: the tables of stage1.budget and stage1.extra_budgets)")
     q = sub.add_parser("quantize", parents=[common], help="apply an allocation, save and evaluate the model")
     g = q.add_mutually_exclusive_group(required=True)
-    g.add_argument("--budget", type=float, help="use <output_dir>/assignments/<budget>.json")
+    g.add_argument("--budget", help="use the assignment `gamma allocate` saved for this budget (2.5, 95MB)")
     g.add_argument("--assignment", help="an assignment JSON file (module -> bits)")
     r = sub.add_parser("run", parents=[common], help="the whole pipeline on params.yaml (Prefect flow, MLflow, DVC)")
     r.add_argument("--no-dvc", action="store_true",
                    help="do not reproduce/push the DVC prepare stage (dvc repro uses it)")
     pr = sub.add_parser("promote", parents=[common], help="move an MLflow alias to a variant, only through the gate")
-    pr.add_argument("--budget", type=float, help="the variant's budget, e.g. 2.5 (default: every registered one)")
+    pr.add_argument("--budget", help="the variant's budget, e.g. 2.5 or 95MB (default: every registered one)")
     pr.add_argument("--alias", required=True, help="e.g. production")
     pr.add_argument("--version", help="model version to promote (default: the newest)")
     rb = sub.add_parser("rollback", parents=[common], help="give an alias back to its previous holder")
-    rb.add_argument("--budget", type=float, required=True)
+    rb.add_argument("--budget", required=True, help="the variant's budget, e.g. 2.5 or 95MB")
     rb.add_argument("--alias", required=True)
     ro = sub.add_parser("rollout", parents=[common], help="fleet file -> rollout manifest (missing budgets on demand)")
     ro.add_argument("--fleet", required=True, help="fleet YAML: classes of name, memory_mb, kv_cache_reserve_mb, count")

@@ -159,16 +159,44 @@ class Stage1Config(_Section):
 
 
 class Stage2Config(_Section):
-    budgets: list[float] = Field([2.5, 3.0, 3.5], min_length=1, description="the budgets to serve (average bits)")
+    budgets: list[float] = Field([2.5, 3.0, 3.5], min_length=1, description=(
+        "the budgets to serve, in stage2.unit; text with a unit sets it: 3bit, 95MB, 1.5GiB (B/kB/MB/GB/KiB/MiB/GiB)"))
+    unit: Literal["nominal", "effective", "bytes"] = Field("nominal", description=(
+        "nominal: average code bits per weight; effective: with scales and zero-points; bytes: the checkpoint's "
+        "tensors, everything counted"))
     window: float = Field(0.005, ge=0.0, description="delta: the solution spends at least B - delta bits")
     time_limit: float = Field(60.0, gt=0.0)
     min_bits: dict[str, int] = Field(default_factory=dict, description="module-name substring -> lowest bits allowed")
     solver: Literal["auto", "cbc", "hull"] = Field(
         "auto", description="cbc: exact MIP; hull: LP greedy with proven bound (10^5 items); auto picks by size")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _budgets_with_units(cls, data):
+        """``95MB`` and ``3bit`` read into numbers in one unit, before the numbers are validated."""
+        from gamma.stage2.budgets import parse_budgets
+
+        if not isinstance(data, dict) or not isinstance(data.get("budgets"), list) or not data["budgets"]:
+            return data
+        budgets, unit = parse_budgets(data["budgets"], data.get("unit", "nominal"))
+        if "unit" in data and unit != data["unit"]:
+            raise ValueError(f"stage2.budgets {data['budgets']} are in {unit} but stage2.unit={data['unit']}")
+        return {**data, "budgets": budgets, "unit": unit}
+
 
 # the allocators that keep allocation units (modules sharing one width) whole
 UNIT_KEEPING_ALLOCATORS = ("gamma", "hawq", "uniform")
+
+
+# the allocators that solve budgets in effective bits and bytes as well as in nominal bits
+ANY_UNIT_ALLOCATORS = ("gamma", "hawq")
+
+
+def check_budget_unit(name: str, unit: str) -> None:
+    """Refuse, before any work, an allocator that cannot solve budgets in ``unit``."""
+    if unit != "nominal" and name not in ANY_UNIT_ALLOCATORS:
+        raise ValueError(f"allocator {name!r} solves budgets in nominal bits only (stage2.unit={unit!r}): use one "
+                         f"of {list(ANY_UNIT_ALLOCATORS)} for budgets in {unit}")
 
 
 def shares_widths(ties: str, experts: str) -> bool:
@@ -330,6 +358,12 @@ class GammaConfig(_Section):
         for name, bits in self.stage2.min_bits.items():
             if bits not in self.candidates:
                 raise ValueError(f"stage2.min_bits[{name!r}]={bits} is not a candidate in {self.candidates}")
+        return self
+
+    @model_validator(mode="after")
+    def _methods_solve_the_unit(self) -> GammaConfig:
+        for name in self.allocation.methods:
+            check_budget_unit(name, self.stage2.unit)
         return self
 
     @model_validator(mode="after")

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from gamma.config import Stage2Config
+from gamma.model.assignment import module_cost_bits, stored_bytes, unquantized_tensors
 from gamma.model.loading import quantizable_modules
 from gamma.quant.hessians import collect_hessians
-from gamma.quant.interface import QuantizedWeight
+from gamma.quant.interface import QuantizedWeight, QuantSpec
 from gamma.stage1.proxy import FisherCosts, KeepFisher
 from gamma.stage1.teacher import TeacherData, capture_teacher
 from gamma.stage2.projection import allowed_mask
@@ -94,6 +95,11 @@ class AllocationProblem:
         return [self.candidates[m][0].shape for m in self.modules]
 
     @property
+    def fixed_bytes(self) -> int:
+        """Bytes of every tensor the checkpoint stores besides the modules' (a bytes budget pays them)."""
+        return stored_bytes(unquantized_tensors(self.model, self.modules).values())
+
+    @property
     def params(self) -> np.ndarray:
         return np.array([r * c for r, c in self.sizes], dtype=np.int64)
 
@@ -150,7 +156,17 @@ class AllocationProblem:
                                              sink_weight=q.sink_weight, device=self.device)
         return self.hessians
 
+    def spent(self, assignment: dict[str, int]) -> float:
+        """What ``assignment`` spends in ``stage2.unit`` (effective bits, or bytes of the checkpoint)."""
+        stored = sum(module_cost_bits(r, c, QuantSpec(assignment[m], self.group_size, self.symmetric))
+                     for m, (r, c) in zip(self.modules, self.sizes))
+        if self.stage2.unit == "bytes":
+            return stored / 8 + self.fixed_bytes
+        return stored / float(self.params.sum())
+
     def check_budget(self, budget: float) -> None:
+        if self.stage2.unit != "nominal":  # the knapsack names the reachable range in the budget's unit
+            return
         lo, hi = min(self.bits), max(self.bits)
         if not lo <= budget <= hi:
             raise AllocatorError(f"budget {budget:g} bits is outside the candidates' range [{lo}, {hi}]")

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from gamma.config import GammaConfig
 from gamma.operations.promotion import Decision, decide_promotion
+from gamma.stage2.budgets import budget_label, label_budget
 
 SCORES_ARTIFACT = "scores"
 VARIANT_ARTIFACT = "variant"
@@ -40,27 +41,33 @@ def git_commit() -> str:
 
 @dataclass(frozen=True)
 class Names:
-    """Registered model names of one base model."""
+    """Registered model names of one base model; variants are named by their budget's label
+    (``gamma.stage2.budgets.budget_label``: ``2.5bit``, ``95MB``) in ``unit``."""
 
     prefix: str
+    unit: str = "nominal"
 
     @property
     def scores(self) -> str:
         return f"{self.prefix}-gamma-scores"
 
     def variant(self, budget: float) -> str:
-        return f"{self.prefix}-{budget:g}bit"
+        return f"{self.prefix}-{budget_label(budget, self.unit)}"
 
     def uniform(self, bits: int) -> str:
         return f"{self.prefix}-uniform-{bits}bit"
 
     def allocated(self, allocator: str, budget: float) -> str:
         """A variant of another allocator than GAMMA (GAMMA's keep ``variant``'s name)."""
-        return self.variant(budget) if allocator == "gamma" else f"{self.prefix}-{allocator}-{budget:g}bit"
+        return self.variant(budget) if allocator == "gamma" else \
+            f"{self.prefix}-{allocator}-{budget_label(budget, self.unit)}"
+
+    def in_unit(self, unit: str) -> Names:
+        return Names(self.prefix, unit)
 
 
 def names_for(cfg: GammaConfig, model_dir: str | Path) -> Names:
-    return Names(cfg.tracking.model_name or Path(model_dir).name)
+    return Names(cfg.tracking.model_name or Path(model_dir).name, cfg.stage2.unit)
 
 
 class TrackingError(ValueError):
@@ -269,12 +276,10 @@ def rollback(cfg: GammaConfig, names: Names, budget: float, alias: str) -> str |
 
 
 def registered_budgets(client: MlflowClient, names: Names) -> list[float]:
-    """Budgets with a registered GAMMA variant (``<prefix>-<B>bit``)."""
+    """Budgets in ``names.unit`` with a registered GAMMA variant (``<prefix>-<label>``)."""
     out = []
-    for m in client.search_registered_models(f"name LIKE '{names.prefix}-%bit'"):
-        rest = m.name[len(names.prefix) + 1 : -len("bit")]
-        try:
-            out.append(float(rest))
-        except ValueError:
-            continue  # uniform-<b>bit
+    for m in client.search_registered_models(f"name LIKE '{names.prefix}-%'"):
+        budget = label_budget(m.name[len(names.prefix) + 1:], names.unit)
+        if budget is not None:  # not uniform-<b>bit, <allocator>-<label>, the scores or another unit's
+            out.append(budget)
     return sorted(out)

@@ -14,6 +14,7 @@ from gamma.config import GammaConfig
 from gamma.run.plots import plot_allocation
 from gamma.run.tables import SCORES_FILE, check_tables, project_budget
 from gamma.run.variant import allocate_and_evaluate, failed, quantize_and_evaluate
+from gamma.stage2.budgets import budget_label, budget_text
 from gamma.stage2.scores import ScoreTable
 from tasks import tracking
 from tasks.prepare import lineage, workspace
@@ -34,6 +35,7 @@ def variant(cfg: GammaConfig, scores: dict | list[dict], budget: float, inputs: 
     then quantize, evaluate and register ``<model>-<budget>bit``."""
     log = get_run_logger()
     t0 = time.perf_counter()
+    label = budget_label(budget, cfg.stage2.unit)
     scores = scores if isinstance(scores, list) else [scores]
     tables = [ScoreTable.load(s["path"]) for s in scores]
     ws = workspace(cfg, inputs)
@@ -42,21 +44,22 @@ def variant(cfg: GammaConfig, scores: dict | list[dict], budget: float, inputs: 
     try:
         result = project_budget(tables, budget, cfg)
     except ValueError as err:  # an infeasible budget is an answer, not a crash: no retry
-        log.error("budget %g: %s", budget, err)
+        log.error("budget %s: %s", label, err)
         return failed(budget, "gamma", err)
-    out = Path(cfg.output_dir) / "variants" / f"{budget:g}bit"
+    out = Path(cfg.output_dir) / "variants" / label
     out.mkdir(parents=True, exist_ok=True)
     assignment = out / "allocation.json"
     assignment.write_text(json.dumps(result.as_dict(), indent=1) + "\n")
-    picture = plot_allocation(result.assignment, out / "allocation.png", f"{budget:g} bits")
+    picture = plot_allocation(result.assignment, out / "allocation.png", budget_text(budget, cfg.stage2.unit))
     used = next(s for s, t in zip(scores, tables) if t.training_budget == result.training_budget)
     checkpoint = out / "checkpoint"
     row = quantize_and_evaluate(ws, result.assignment, save_to=checkpoint, loaded=loaded)
-    row = {"budget": budget, "method": "gamma", "solve_status": result.status, "solve_gap": result.gap,
+    row = {"budget": budget, "budget_unit": cfg.stage2.unit, "method": "gamma", "solve_status": result.status,
+           "solve_gap": result.gap,
            "solve_seconds": result.solve_seconds, "training_budget": result.training_budget, **row}
     names = tracking.names_for(cfg, inputs["model_dir"])
     row["registered"] = _register(
-        cfg, inputs, parent_run, names.variant(budget), f"{budget:g}bit", row, [assignment, picture],
+        cfg, inputs, parent_run, names.variant(budget), label, row, [assignment, picture],
         {"score_model": used["name"], "score_version": used["version"], "budget": budget, "method": "gamma",
          "allocator": "gamma",
          "training_budget": result.training_budget,
@@ -84,13 +87,15 @@ def compared_variant(cfg: GammaConfig, allocator: str, budget: float, inputs: di
     log = get_run_logger()
     t0 = time.perf_counter()
     ws = workspace(cfg, inputs)
-    out = Path(cfg.output_dir) / "variants" / allocator / f"{budget:g}bit"
+    label = budget_label(budget, cfg.stage2.unit)
+    out = Path(cfg.output_dir) / "variants" / allocator / label
     out.mkdir(parents=True, exist_ok=True)
     try:
         row = allocate_and_evaluate(ws, allocator, budget, save_to=out / "checkpoint")
     except ValueError as err:  # an infeasible budget or bad settings: an answer, not a crash
-        log.error("%s at %g bits: %s", allocator, budget, err)
+        log.error("%s at %s: %s", allocator, label, err)
         return failed(budget, allocator, err)
+    row["budget_unit"] = cfg.stage2.unit
     allocation = out / "allocation.json"
     allocation.write_text(row.pop("allocation"))
     artifacts = [allocation]
@@ -98,7 +103,7 @@ def compared_variant(cfg: GammaConfig, allocator: str, budget: float, inputs: di
         artifacts.append(row.pop("score_table").save(out / SCORES_FILE))
     names = tracking.names_for(cfg, inputs["model_dir"])
     row["registered"] = _register(
-        cfg, inputs, parent_run, names.allocated(allocator, budget), f"{allocator}-{budget:g}bit", row, artifacts,
+        cfg, inputs, parent_run, names.allocated(allocator, budget), f"{allocator}-{label}", row, artifacts,
         {"budget": budget, "method": allocator, "allocator": allocator, "checkpoint": (out / "checkpoint").resolve(),
          "checkpoint_sha256": row.get("checkpoint_sha256"),
          "checkpoint_format": row.get("checkpoint_format", "compressed-tensors"),

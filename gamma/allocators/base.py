@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gamma.config import UNIT_KEEPING_ALLOCATORS
+from gamma.config import UNIT_KEEPING_ALLOCATORS, check_budget_unit
 from gamma.model.candidates import apply_candidates
 from gamma.model.units import broken_ties, is_trivial
 from gamma.problem import AllocationProblem, AllocatorError
+from gamma.stage2.budgets import budget_text
 
 
 @dataclass
@@ -96,6 +97,12 @@ class Allocator(ABC):
         """Override for one-off work; by default there is none."""
 
     def allocate(self, problem: AllocationProblem, budget: float) -> Allocated:
+        """One assignment within ``budget`` (in ``problem.stage2.unit``), checked: units whole,
+        restrictions held, the budget not exceeded in its own unit."""
+        try:
+            check_budget_unit(self.name, problem.stage2.unit)
+        except ValueError as err:
+            raise AllocatorError(str(err)) from None
         problem.check_budget(budget)
         if self.name not in UNIT_KEEPING_ALLOCATORS and not is_trivial(problem.units):
             raise AllocatorError(f"{self.name} does not keep allocation units whole: use one of "
@@ -110,8 +117,10 @@ class Allocator(ABC):
             raise AllocatorError(f"{self.name}: members of a unit got different widths: {broken[:2]}")
         problem.check_restrictions(assignment.bits if isinstance(assignment, BlockAssignment) else assignment)
         used = average_bits(problem, assignment)
-        if used > budget + 1e-9:
-            raise AllocatorError(f"{self.name}: assignment spends {used:.4f} bits, over the budget {budget:g}")
+        spent = used if problem.stage2.unit == "nominal" else problem.spent(assignment)
+        if spent > budget + 1e-9:
+            raise AllocatorError(f"{self.name}: assignment spends {spent:.6g}, over the budget "
+                                 f"{budget_text(budget, problem.stage2.unit)}")
         meta = assignment.metadata_bits(len(problem.bits)) if isinstance(assignment, BlockAssignment) else 0
         return Allocated(self.name, budget, assignment, used, seconds, self.prepare_seconds, meta, notes)
 

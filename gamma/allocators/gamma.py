@@ -8,8 +8,8 @@ from __future__ import annotations
 from gamma.allocators.base import AllocationProblem, Allocator
 from gamma.config import Stage1Config
 from gamma.stage1.learn import learn_score_table
-from gamma.stage2.projection import project
-from gamma.stage2.scores import ScoreTable, nearest_table
+from gamma.stage2.projection import project_nearest
+from gamma.stage2.scores import ScoreTable
 
 
 def one_table_per_budget(stage1: Stage1Config) -> list[Stage1Config]:
@@ -39,7 +39,6 @@ class GammaAllocator(Allocator):
             self.tables = learn_band(problem, self.stage1)
 
     def _allocate(self, problem: AllocationProblem, budget: float):
-        table = nearest_table(self.tables, budget)
-        result = project(table, budget, problem.stage2, group_size=problem.group_size, symmetric=problem.symmetric,
-                         units=problem.units)
-        return result.assignment, {"solve_status": result.status, "training_budget": table.training_budget}
+        result = project_nearest(self.tables, budget, problem.stage2, group_size=problem.group_size,
+                                 symmetric=problem.symmetric, units=problem.units, fixed_bytes=problem.fixed_bytes)
+        return result.assignment, {"solve_status": result.status, "training_budget": result.training_budget}

@@ -22,5 +22,5 @@ class HawqAllocator(Allocator):
     def _allocate(self, problem: AllocationProblem, budget: float):
         rows = Scores(problem.modules, problem.sizes, problem.bits, -self.costs)
         result = project(rows, budget, problem.stage2, group_size=problem.group_size, symmetric=problem.symmetric,
-                         units=problem.units)
+                         units=problem.units, fixed_bytes=problem.fixed_bytes)
         return result.assignment, {"solve_status": result.status, "objective": -result.objective}

@@ -18,8 +18,8 @@ from gamma.run.workspace import Workspace
 from gamma.stage1.checkpoint import Checkpoint
 from gamma.stage1.data_parallel import launch_stage1, process_group_shard, write_params
 from gamma.stage1.learn import CHECKPOINT_FILE, learn_score_table, stage1_key, stage1_settings
-from gamma.stage2.projection import Projection, project
-from gamma.stage2.scores import ScoreTable, nearest_table
+from gamma.stage2.projection import Projection, project_nearest
+from gamma.stage2.scores import ScoreTable
 
 SCORES_FILE = "scores.json"
 MEMORY_FILE = "memory_estimate.json"
@@ -157,14 +157,9 @@ def check_tables(tables: list[ScoreTable], ws: Workspace, model) -> None:
 
 
 def project_budget(tables: list[ScoreTable], budget: float, cfg: GammaConfig) -> Projection:
-    """Stage II for one budget from saved score tables (never runs Stage I), from the table
-    learned nearest to it, under the ``stage2`` settings; raises ``BudgetError`` naming the
-    budget when it cannot be met."""
-    table = nearest_table(tables, budget)
+    """Stage II for one budget (in ``stage2.unit``) from saved score tables (never runs Stage I),
+    from the table learned nearest to it; raises ``BudgetError`` naming the budget when it cannot
+    be met."""
     q = cfg.quantizer
-    units = allocation_units(table.modules, cfg.allocation.ties, cfg.allocation.experts)
-    result = project(table, budget, cfg.stage2, group_size=q.group_size, symmetric=q.symmetric, units=units)
-    result.notes.append(f"table learned at {table.training_budget:g} bits "
-                        f"(distance {budget - table.training_budget:+.2f})")
-    result.training_budget = table.training_budget
-    return result
+    units = allocation_units(tables[0].modules, cfg.allocation.ties, cfg.allocation.experts) if tables else None
+    return project_nearest(tables, budget, cfg.stage2, group_size=q.group_size, symmetric=q.symmetric, units=units)

@@ -20,7 +20,6 @@ from gamma.model.export import check_transformers_reads, export_checkpoint, expo
 from gamma.operations.profiles import PROFILES
 from gamma.progress import console
 from gamma.run.workspace import Workspace
-from gamma.stage2.scores import nearest_table
 
 ASSIGNMENT_FILE = "gamma_assignment.json"
 SUMMARY_FILE = "gamma_summary.json"
@@ -141,7 +140,7 @@ def allocate_and_evaluate(ws: Workspace, name: str, budget: float, save_to: str 
     record = json.dumps(result.as_dict(), indent=1, default=str) + "\n"
     learned = getattr(allocator, "tables", None)  # GAMMA's: the table this budget was projected from
     if learned:
-        row["score_table"] = nearest_table(learned, budget)
+        row["score_table"] = next(t for t in learned if t.training_budget == result.notes["training_budget"])
     if not isinstance(result.assignment, BlockAssignment):
         row.update(quantize_and_evaluate(ws, result.assignment, save_to=save_to))
         return {**row, "allocation": record}

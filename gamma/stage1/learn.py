@@ -61,6 +61,7 @@ def learn_score_table(problem: AllocationProblem, stage1: Stage1Config, *, teach
         text_hash=p.text_hash, quantizer=p.quantizer, training_budget=stage1.budget, settings=settings,
         seed=stage1.seed, multiplier=result.multiplier, penalty=result.penalty, violation=result.violation,
         history=result.history, wall_seconds=result.wall_seconds, peak_memory_mb=result.peak_memory_mb,
+        fixed_bytes=problem.fixed_bytes,
     )
 
 

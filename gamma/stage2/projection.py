@@ -19,7 +19,9 @@ import numpy as np
 from gamma.config import Stage2Config
 from gamma.model.assignment import module_cost_bits
 from gamma.quant.interface import QuantSpec
+from gamma.stage2.budgets import budget_text
 from gamma.stage2.knapsack import solve_mckp, solve_mckp_hull_window
+from gamma.stage2.scores import nearest_table
 
 BudgetUnit = Literal["nominal", "effective", "bytes"]
 MIP_MAX_ITEMS = 5000  # above this CBC's model building and branching take minutes; the hull greedy seconds
@@ -114,15 +116,23 @@ def collapse(units: list[list[int]], scores: np.ndarray, costs: np.ndarray, allo
 
 
 def project(table, budget: float, stage2: Stage2Config | None = None, *, group_size: int = 64,
-            symmetric: bool = False, unit: BudgetUnit = "nominal", units: list[list[int]] | None = None) -> Projection:
+            symmetric: bool = False, units: list[list[int]] | None = None, fixed_bytes: int | None = None
+            ) -> Projection:
     """Stage II: pick one candidate per row of ``table`` (anything with ``modules``, ``sizes``,
     ``bits`` and ``scores`` [M, K], a ``ScoreTable`` or costs turned into scores) maximising the
     summed scores within ``budget``, under the ``stage2`` settings taken whole: window,
     ``min_bits`` restrictions, solver (``cbc``: exact MIP, proven optimal; ``hull``: LP greedy with
     a proven bound, for block tables of 10^5 rows; ``auto``: cbc up to ``MIP_MAX_ITEMS`` rows) and
-    time limit. ``group_size``/``symmetric`` price the effective and byte units. ``units``: rows
-    that must share one width (``gamma.model.units``), one knapsack item each."""
+    time limit; the budget is in ``stage2.unit``. ``group_size``/``symmetric`` price the effective
+    and byte units; a bytes budget also pays ``fixed_bytes``, every tensor the checkpoint stores
+    besides the rows' (embeddings, norms, head). ``units``: rows that must share one width
+    (``gamma.model.units``), one knapsack item each."""
     s2 = stage2 or Stage2Config()
+    unit = s2.unit
+    if unit == "bytes" and fixed_bytes is None:
+        raise BudgetError("a bytes budget needs the bytes of the checkpoint's other tensors (fixed_bytes); "
+                          "this score table predates bytes budgets: learn it again")
+    fixed = fixed_bytes if unit == "bytes" else 0
     modules, sizes, bits = list(table.modules), [tuple(s) for s in table.sizes], list(table.bits)
     scores = np.asarray(table.scores, dtype=np.float64)
     if scores.shape != (len(modules), len(bits)):
@@ -137,9 +147,11 @@ def project(table, budget: float, stage2: Stage2Config | None = None, *, group_s
     scores, costs, allowed = collapse(units, scores, costs, allowed)
     if not allowed.any(axis=1).all():
         raise BudgetError("min_bits leaves a unit no width its members all allow")
-    check_reachable(costs, per_unit, allowed, budget, (unit, bits, s2.min_bits))
-    capacity = int(np.floor(budget * per_unit + 1e-6))
-    lower = max(0, int(np.ceil((budget - s2.window) * per_unit))) if s2.window > 0 else 0
+    check_reachable(costs, per_unit, allowed, budget, (unit, bits, s2.min_bits), fixed)
+    n = np.array([r * c for r, c in sizes], dtype=np.float64)
+    window = s2.window * n.sum() / 8 if unit == "bytes" else s2.window  # the window is in bits per weight
+    capacity = int(np.floor((budget - fixed) * per_unit + 1e-6))
+    lower = max(0, int(np.ceil((budget - fixed - window) * per_unit))) if window > 0 else 0
     solver = s2.solver if s2.solver != "auto" else "cbc" if len(units) <= MIP_MAX_ITEMS else "hull"
     notes: list[str] = []
     relaxed = False
@@ -150,31 +162,57 @@ def project(table, budget: float, stage2: Stage2Config | None = None, *, group_s
             raise BudgetError(f"no assignment fits budget {budget} ({unit})")
         used_cost = int(costs[np.arange(len(units)), choice].sum())
         if used_cost < lower:
-            notes.append(f"spends {used_cost / per_unit:.4f}, below the window's lower end {budget - s2.window}")
+            notes.append(f"spends {fixed + used_cost / per_unit:.4f}, below the window's lower end {budget - window}")
     else:
         choice, status, bound, used_cost, relaxed = _solve_exact(scores, costs, capacity, lower, allowed, s2,
                                                                  budget, notes)
     seconds = time.perf_counter() - t0
     objective = float(scores[np.arange(len(units)), choice].sum())  # exact float objective
     gap = abs(bound - objective) / max(1e-12, abs(objective)) if np.isfinite(bound) else float("nan")
-    n = np.array([r * c for r, c in sizes], dtype=np.float64)
     chosen = np.zeros(len(modules), dtype=np.int64)
     for members, k in zip(units, choice):
         chosen[members] = bits[k]
     return Projection(
         assignment={m: int(b) for m, b in zip(modules, chosen)}, budget=budget, unit=unit, objective=objective,
         best_bound=float(bound), gap=float(gap), status=status, solver=solver, solve_seconds=seconds,
-        bits_used=float((n * chosen).sum() / n.sum()), used=used_cost / per_unit, slack=budget - used_cost / per_unit,
+        bits_used=float((n * chosen).sum() / n.sum()), used=fixed + used_cost / per_unit,
+        slack=budget - fixed - used_cost / per_unit,
         lower_bound_relaxed=relaxed, notes=notes,
     )
 
 
-def check_reachable(costs: np.ndarray, per_unit: float, allowed: np.ndarray, budget: float, named: tuple) -> None:
+def project_nearest(tables: list, budget: float, stage2: Stage2Config | None = None, **kwargs) -> Projection:
+    """Stage II from the table learned nearest the budget (score reuse; ``kwargs`` go to
+    ``project``). A budget in effective bits or bytes has no training budget to compare with: it is
+    solved from the middle table, then again from the table nearest the bits that spent, if another."""
+    s2 = stage2 or Stage2Config()
+    ordered = sorted(tables, key=lambda t: t.training_budget)
+    table = nearest_table(tables, budget) if s2.unit == "nominal" else ordered[len(ordered) // 2]
+    result = _project_table(table, budget, s2, kwargs)
+    if s2.unit != "nominal" and nearest_table(tables, result.bits_used) is not table:
+        table = nearest_table(tables, result.bits_used)
+        result = _project_table(table, budget, s2, kwargs)
+    result.notes.append(f"table learned at {table.training_budget:g} bits "
+                        f"(distance {result.bits_used - table.training_budget:+.2f} bits)")
+    result.training_budget = table.training_budget
+    return result
+
+
+def _project_table(table, budget: float, s2: Stage2Config, kwargs: dict) -> Projection:
+    fixed = kwargs.get("fixed_bytes", getattr(table, "fixed_bytes", None))
+    return project(table, budget, s2, **{**kwargs, "fixed_bytes": fixed})
+
+
+def check_reachable(costs: np.ndarray, per_unit: float, allowed: np.ndarray, budget: float, named: tuple,
+                    fixed: float = 0) -> None:
     """Refuse a budget outside what the allowed candidates can spend, naming the range (``named``:
-    the unit, the candidates and the restrictions, for the message)."""
+    the unit, the candidates and the restrictions, for the message; ``fixed``: spent whatever the
+    assignment)."""
     unit, bits, min_bits = named
-    lo = int(np.where(allowed, costs, np.iinfo(np.int64).max).min(axis=1).sum()) / per_unit
-    hi = int(np.where(allowed, costs, -1).max(axis=1).sum()) / per_unit
+    lo = fixed + int(np.where(allowed, costs, np.iinfo(np.int64).max).min(axis=1).sum()) / per_unit
+    hi = fixed + int(np.where(allowed, costs, -1).max(axis=1).sum()) / per_unit
     if not lo - 1e-9 <= budget <= hi + 1e-9:
-        raise BudgetError(f"budget {budget} ({unit}) is outside the reachable range [{lo:.4f}, {hi:.4f}] "
+        shown = (lambda x: f"{x:,.0f} bytes") if unit == "bytes" else (lambda x: f"{x:.4f}")
+        raise BudgetError(f"budget {budget_text(budget, unit)} is outside the reachable range "
+                          f"[{shown(lo)}, {shown(hi)}] "
                           f"for candidates {bits}" + (f" with min_bits {min_bits}" if min_bits else ""))

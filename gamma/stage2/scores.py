@@ -46,6 +46,7 @@ class ScoreTable:
     devices: dict = field(default_factory=dict)  # phase -> the device it computed on (ComputeRecord)
     walk_error: float | None = None  # the block walk's logits against the model's own (blocks.walk_error)
     notes: list = field(default_factory=list)  # warnings of the run (Workspace.notes)
+    fixed_bytes: int | None = None  # the checkpoint's tensors besides the rows' (what a bytes budget also pays)
 
     def array(self) -> np.ndarray:
         return np.array(self.scores, dtype=np.float64)
