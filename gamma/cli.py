@@ -9,7 +9,7 @@
   gamma promote --budget 2.5 --alias production   move a registry alias through the promotion gate
   gamma promote --alias production   the gate for every registered budget (promotion flow)
   gamma rollback --budget 2.5 --alias production  give the alias back to its previous holder
-  gamma rollout --fleet fleet.yaml   rollout manifest for a fleet; missing budgets solved on demand
+  gamma rollout --fleet fleet.yaml   rollout manifest for a fleet; each class's bytes solved on demand
   gamma serve                        cron deployments of the pipeline and the re-evaluation (Prefect server)
 
 Every command reads params.yaml (``--params``) and accepts ``--set key=value`` overrides.
@@ -332,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", parents=[common], help="give an alias back to its previous holder")
     rb.add_argument("--budget", required=True, help="the variant's budget, e.g. 2.5 or 95MB")
     rb.add_argument("--alias", required=True)
-    ro = sub.add_parser("rollout", parents=[common], help="fleet file -> rollout manifest (missing budgets on demand)")
-    ro.add_argument("--fleet", required=True, help="fleet YAML: classes of name, memory_mb, kv_cache_reserve_mb, count")
+    ro = sub.add_parser("rollout", parents=[common], help="fleet file -> rollout manifest (each class's bytes solved on demand)")
+    ro.add_argument("--fleet", required=True, help="fleet YAML: classes of name, memory_mb, kv_cache_reserve_mb, count, engine")
     sub.add_parser("serve", parents=[common], help="cron deployments (pipeline, re-evaluation) on a Prefect server")
     return p
 

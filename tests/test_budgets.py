@@ -63,7 +63,7 @@ def test_the_knapsack_is_optimal_in_effective_bits_and_in_bytes(unit):
     fixed = 5000
     costs = np.array([[module_stored_bytes(r, c, QuantSpec(b, 64, False)) for b in bits] for r, c in sizes])
     n = sum(r * c for r, c in sizes)
-    for trial in range(8):
+    for _ in range(8):
         scores = rng.normal(size=(len(sizes), len(bits)))
         room = costs.min(axis=1).sum() + rng.uniform(0.1, 0.9) * (costs.max(axis=1).sum() - costs.min(axis=1).sum())
         budget = room + fixed if unit == "bytes" else room * 8 / n

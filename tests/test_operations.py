@@ -2,6 +2,7 @@
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from gamma.config import load_config
 from gamma.operations.fleet import (
@@ -9,10 +10,10 @@ from gamma.operations.fleet import (
     DeviceClass,
     Fleet,
     FleetError,
+    bytes_range,
     load_fleet,
-    needed_budget,
+    needed_bytes,
     plan_rollout,
-    predicted_bytes,
 )
 from tasks import tracking
 
@@ -88,22 +89,31 @@ def test_fleet_file_errors_name_the_value(tmp_path):
         load_fleet(tmp_path / "nope.yaml")
 
 
-def test_needed_budget_and_plan():
+def test_needed_bytes_and_plan():
     sizes = [(576, 576)] * 4
-    size_of = lambda b: predicted_bytes(b, sizes, 10_000, 64, True, 4)  # noqa: E731
-    assert size_of(3.0) < size_of(3.25)
-    c = DeviceClass(name="c", memory_mb=size_of(3.1) / MB)
-    assert needed_budget(c, [2, 3, 4], 0.25, size_of) == 3.0
-    assert needed_budget(DeviceClass(name="tiny", memory_mb=size_of(1.9) / MB), [2, 3, 4], 0.25, size_of) is None
-    fleet = Fleet(classes=[c, DeviceClass(name="big", memory_mb=1000, count=8)])
+    lo, hi = bytes_range(sizes, [2, 3, 4], 64, True, 10_000)
+    assert lo == 10_000 + 4 * (4 * 576 * 576 * 2 // 32 + 2 * 576 * 9 + 16) and lo < hi
+    assert needed_bytes(DeviceClass(name="c", memory_mb=(lo + 1000) / MB), (lo, hi)) == lo + 1000
+    assert needed_bytes(DeviceClass(name="tiny", memory_mb=(lo - 1) / MB), (lo, hi)) is None
+    assert needed_bytes(DeviceClass(name="huge", memory_mb=1000), (lo, hi)) == hi  # all it can use
+    c = DeviceClass(name="c", memory_mb=3.2)
+    fleet = Fleet(classes=[c, DeviceClass(name="big", memory_mb=1000, count=8),
+                           DeviceClass(name="gpu", memory_mb=1000, engine="vllm")])
     variants = [
-        {"name": "m-3bit", "version": "1", "budget": 3.0, "bytes": size_of(3.0), "perplexity": 40.0,
-         "alias_holder": False},
-        {"name": "m-3.5bit", "version": "2", "budget": 3.5, "bytes": size_of(3.5), "perplexity": 30.0,
-         "alias_holder": True},
-        {"name": "m-4bit", "version": "1", "budget": 4.0, "bytes": size_of(4.0), "perplexity": 28.0,
-         "alias_holder": False},
+        {"name": "m-3bit", "version": "1", "budget": 3.0, "bytes": 3.0 * MB, "perplexity": 40.0,
+         "alias_holder": False, "loads_in": ["gamma"]},
+        {"name": "m-3.5bit", "version": "2", "budget": 3.5, "bytes": 3.5 * MB, "perplexity": 30.0,
+         "alias_holder": True, "loads_in": ["gamma"]},
+        {"name": "m-4bit", "version": "1", "budget": 4.0, "bytes": 4.0 * MB, "perplexity": 28.0,
+         "alias_holder": False, "loads_in": ["gamma", "vllm"]},
     ]
-    small, big = plan_rollout(fleet, variants)
+    small, big, gpu = plan_rollout(fleet, variants)
     assert small["variant"]["name"] == "m-3bit" and "no 'production' holder fits" in small["note"]
     assert big["variant"]["name"] == "m-3.5bit" and big["note"] == "alias 'production'"  # alias beats better ppl
+    assert gpu["variant"]["name"] == "m-4bit"  # the only one vLLM's loader was checked for
+    alone = plan_rollout(Fleet(classes=[DeviceClass(name="t", memory_mb=10, engine="transformers")]), variants)
+    assert alone[0]["variant"] is None and "loads in transformers" in alone[0]["note"]
+    with pytest.raises(ValidationError, match="engine"):
+        DeviceClass(name="x", memory_mb=1, engine="llama.cpp")
+
+

@@ -137,26 +137,34 @@ def test_pipeline_registers_lineage_caches_stage1_and_isolates_failures(project,
     versions = _versions(client, f"{prefix}-gamma-scores")
     assert len(versions) == 2 and versions[1].tags["text_md5"] != versions[0].tags["text_md5"]
 
-    # Fleet rollout: three device classes; the smallest needs 2.75 bits, which is not registered
-    # and is produced on demand from the registered scores (no Stage I), then every class gets a variant.
-    from flows.rollout import _size_model, fleet_rollout
+    # Fleet rollout: each class's budget is its memory in bytes, solved directly in bytes from the
+    # registered scores (no Stage I) and registered as <model>-<MB>; a class whose engine no variant
+    # was checked for gets none, and says why.
+    from flows.rollout import fleet_rollout
     from gamma.operations.fleet import MB
-    from gamma.run.workspace import Workspace
+    from gamma.stage2.budgets import budget_label
 
-    size_of = _size_model(Workspace(load_config("params.yaml")))
-    classes = [{"name": n, "memory_mb": size_of(b) / MB + 0.5, "kv_cache_reserve_mb": 0.5, "count": c}
-               for n, b, c in (("large", 3.5, 2), ("medium", 3.0, 4), ("small", 2.75, 8))]
+    large = float(_versions(client, f"{prefix}-3bit")[-1].tags["metric.total_bytes"]) + 4096
+    classes = [{"name": "large", "memory_mb": large / MB + 0.5, "kv_cache_reserve_mb": 0.5, "count": 2},
+               {"name": "small", "memory_mb": 0.95 * large / MB, "count": 8},
+               {"name": "gpu", "memory_mb": large / MB + 0.5, "kv_cache_reserve_mb": 0.5, "engine": "vllm"}]
     (project / "fleet.yaml").write_text(yaml.safe_dump({"classes": classes}))
     manifest = fleet_rollout("fleet.yaml", params="params.yaml")
-    assert [d["budget"] for d in manifest["on_demand"]] == [2.75] and manifest["on_demand"][0]["registered"]
-    assert len(_versions(client, f"{prefix}-2.75bit")) == 1
     by_class = {e["class"]: e for e in manifest["classes"]}
-    assert [by_class[n]["needed_budget"] for n in ("large", "medium", "small")] == [3.5, 3.0, 2.75]
-    for e in manifest["classes"]:
+    needed = sorted({by_class[n]["needed_bytes"] for n in ("large", "small")})
+    assert [d["budget"] for d in manifest["on_demand"]] == needed
+    assert all(d["registered"] for d in manifest["on_demand"])
+    for budget in needed:
+        [solved] = _versions(client, f"{prefix}-{budget_label(budget, 'bytes')}")
+        assert float(solved.tags["metric.total_bytes"]) <= budget  # never over, to the byte
+    for name in ("large", "small"):
+        e = by_class[name]
         assert e["variant"]["bytes"] <= e["model_budget_mb"] * MB and e["variant"]["checkpoint_sha256"]
-    assert by_class["small"]["variant"]["budget"] == 2.75
-    assert verify_checkpoint(Path(by_class["small"]["variant"]["checkpoint_uri"].removeprefix("file://"))) \
-        == by_class["small"]["variant"]["checkpoint_sha256"]
+        assert "gamma" in e["variant"]["loads_in"]
+    assert by_class["small"]["variant"]["bytes"] > 0.9 * large  # the largest that fits, not a grid step below
+    assert by_class["gpu"]["variant"] is None and "loads in vllm" in by_class["gpu"]["note"]
+    small = by_class["small"]["variant"]
+    assert verify_checkpoint(Path(small["checkpoint_uri"].removeprefix("file://"))) == small["checkpoint_sha256"]
     assert (project / "runs" / "rollout" / "manifest.md").exists()
 
     # A rollout that fails half way ends its MLflow run FAILED: no run is left RUNNING.

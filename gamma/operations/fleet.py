@@ -1,25 +1,27 @@
 """Fleet rollouts: which variant each device class gets.
 
-A fleet file lists device classes (memory, a reserve for the KV cache and runtime, a count). A
-class can hold a variant whose checkpoint fits in ``memory - reserve``; the budget it needs is the
-largest budget on a grid (``budget_step`` bits) whose predicted size fits. ``plan_rollout``
-picks, for every class, the best registered variant that fits: the alias holder with the lowest
-perplexity, or, when no alias holder fits, the best fitting variant, flagged as such.
+A fleet file lists device classes (memory, a reserve for the KV cache and runtime, a count, and
+optionally the engine that serves them). A class holds a variant whose tensors fit in ``memory -
+reserve``: its budget is that many bytes, solved directly in bytes (``stage2.unit: bytes``), up to
+what the widest candidates spend. ``plan_rollout`` picks, for every class, the best registered
+variant that fits and loads in the class's engine: the alias holder with the lowest perplexity,
+or, when no alias holder fits, the best fitting variant, flagged as such.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gamma.model.assignment import UNQUANTIZED_BITS
-from gamma.quant.interface import SCALE_BITS
+from gamma.model.assignment import module_stored_bytes
+from gamma.quant.interface import QuantSpec
 
 MB = 2**20
-BYTES_PER_STORED_TENSOR = 160  # a safetensors header entry plus weight_shape, rounded up
+ENGINES = ("gamma", "transformers", "vllm")
 
 
 class FleetError(ValueError):
@@ -32,6 +34,8 @@ class DeviceClass(BaseModel):
     memory_mb: float = Field(gt=0, description="memory a replica may use for the model and its cache")
     kv_cache_reserve_mb: float = Field(0.0, ge=0, description="kept free for the KV cache and the runtime")
     count: int = Field(1, ge=1)
+    engine: Literal[ENGINES] | None = Field(None, description=(  # type: ignore[valid-type]
+        "the engine that serves this class: only variants whose loads_in names it are offered"))
 
     @property
     def model_bytes(self) -> float:
@@ -42,7 +46,6 @@ class Fleet(BaseModel):
     model_config = ConfigDict(extra="forbid")
     classes: list[DeviceClass] = Field(min_length=1)
     alias: str = "production"
-    budget_step: float = Field(0.25, gt=0, description="grid of the budgets a class may ask for")
 
 
 def load_fleet(path: str | Path) -> Fleet:
@@ -65,44 +68,41 @@ def load_fleet(path: str | Path) -> Fleet:
     return fleet
 
 
-def predicted_bytes(budget: float, sizes: list[tuple[int, int]], other_params: int, group_size: int,
-                    symmetric: bool, max_bits: int, other_tensors: int = 0) -> float:
-    """Checkpoint file size at ``budget`` average bits: codes, scales and zero-points (counted at the
-    widest candidate, an upper bound) of the quantized modules, the rest at 16 bits, and the
-    safetensors header."""
-    n = sum(r * c for r, c in sizes)
-    groups = sum(r * (1 if group_size == -1 else c // group_size) for r, c in sizes)
-    meta = groups * (SCALE_BITS + (0 if symmetric else max_bits))
-    header = BYTES_PER_STORED_TENSOR * (4 * len(sizes) + other_tensors)
-    return (budget * n + meta) / 8 + other_params * UNQUANTIZED_BITS / 8 + header
+def bytes_range(sizes: list[tuple[int, int]], bits: list[int], group_size: int, symmetric: bool,
+                fixed_bytes: int) -> tuple[int, int]:
+    """The fewest and the most bytes a variant's tensors can take: every module at the narrowest,
+    then at the widest candidate, plus the tensors stored as they are."""
+    def total(b: int) -> int:
+        return fixed_bytes + sum(module_stored_bytes(r, c, QuantSpec(b, group_size, symmetric)) for r, c in sizes)
+
+    return total(min(bits)), total(max(bits))
 
 
-def needed_budget(device: DeviceClass, bits: list[int], step: float, size_of) -> float | None:
-    """The largest budget on the grid from min(bits) to max(bits) whose ``size_of(budget)`` fits the
-    class, or None when even the smallest does not."""
-    lo, hi = min(bits), max(bits)
-    best = None
-    for k in range(int(math.floor((hi - lo) / step + 1e-9)) + 1):
-        b = round(lo + k * step, 6)
-        if size_of(b) <= device.model_bytes:
-            best = b
-    return best
+def needed_bytes(device: DeviceClass, reachable: tuple[int, int]) -> int | None:
+    """The bytes budget of a class: all its model memory, at most what the widest candidates spend;
+    None when even the narrowest variant does not fit."""
+    lo, hi = reachable
+    room = math.floor(device.model_bytes)
+    return None if room < lo else min(room, hi)
 
 
 def plan_rollout(fleet: Fleet, variants: list[dict]) -> list[dict]:
     """One manifest entry per class. ``variants``: registered variants with ``budget``, ``bytes``
-    (real checkpoint size where known), ``perplexity``, ``alias_holder`` (bool) and what the entry
-    should carry (name, version, checkpoint URI, checksum)."""
+    (their tensors' exact bytes), ``perplexity``, ``alias_holder`` (bool), ``loads_in`` (the
+    loaders checked) and what the entry should carry (name, version, checkpoint URI, checksum)."""
     entries = []
     for c in fleet.classes:
         fits = [v for v in variants if v["bytes"] <= c.model_bytes]
+        if c.engine is not None:
+            fits = [v for v in fits if c.engine in v.get("loads_in", ())]
         holders = [v for v in fits if v["alias_holder"]]
         pool, note = (holders, f"alias {fleet.alias!r}") if holders else (fits, f"no {fleet.alias!r} holder fits")
-        entry = {"class": c.name, "count": c.count, "model_budget_mb": round(c.model_bytes / MB, 3)}
+        entry = {"class": c.name, "count": c.count, "engine": c.engine, "model_budget_mb": round(c.model_bytes / MB, 3)}
         if not pool:
-            entries.append({**entry, "variant": None, "note": "no registered variant fits this class"})
+            why = f" and loads in {c.engine}" if c.engine else ""
+            entries.append({**entry, "variant": None, "note": f"no registered variant fits this class{why}"})
             continue
-        best = min(pool, key=lambda v: (v["perplexity"], -v["budget"]))
+        best = min(pool, key=lambda v: (v["perplexity"], -v["bytes"]))
         entries.append({**entry, "variant": best, "note": note,
                         "headroom_mb": round((c.model_bytes - best["bytes"]) / MB, 3)})
     return entries
