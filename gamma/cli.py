@@ -332,8 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", parents=[common], help="give an alias back to its previous holder")
     rb.add_argument("--budget", required=True, help="the variant's budget, e.g. 2.5 or 95MB")
     rb.add_argument("--alias", required=True)
-    ro = sub.add_parser("rollout", parents=[common], help="fleet file -> rollout manifest (each class's bytes solved on demand)")
-    ro.add_argument("--fleet", required=True, help="fleet YAML: classes of name, memory_mb, kv_cache_reserve_mb, count, engine")
+    ro = sub.add_parser("rollout", parents=[common],
+                        help="fleet file -> rollout manifest (each class's bytes solved on demand)")
+    ro.add_argument("--fleet", required=True,
+                    help="fleet YAML: classes of name, memory_mb, kv_cache_reserve_mb, count, engine")
     sub.add_parser("serve", parents=[common], help="cron deployments (pipeline, re-evaluation) on a Prefect server")
     return p
 
