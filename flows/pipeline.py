@@ -22,7 +22,7 @@ from tasks.stage1 import learn
 from tasks.variants import compared_variant, uniform, variant
 
 SUMMARY_COLUMNS = ["method", "budget", "avg_bits", "effective_bits", "total_bytes", "checkpoint_bytes", "perplexity",
-                   "zero_shot", "registered"]
+                   "kl_divergence", "zero_shot", "registered"]
 
 
 @flow(name="gamma-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1))

@@ -72,6 +72,7 @@ def cmd_uniform(cfg: GammaConfig, args) -> list[dict]:
     if any(b not in SUPPORTED_BITS for b in bits):  # before the unquantized model is evaluated
         raise ConfigError(f"--bits {args.bits}: bit widths must be among {SUPPORTED_BITS}")
     model, tok = ws.load()
+    ws.reference(model)  # from this copy: no second load
     rows = [{"method": "unquantized", "avg_bits": 16.0, **evaluate_model(ws, model, tok)}]
     hessians = ws.reusable_hessians(model)
     del model

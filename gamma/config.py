@@ -93,6 +93,9 @@ class EvaluationConfig(_Section):
     max_tokens: int = Field(16384, ge=16, description="evaluation tokens for perplexity")
     zero_shot_tasks: list[str] = ["hellaswag", "piqa", "arc_easy", "winogrande", "lambada"]
     zero_shot_items: int = Field(100, ge=0, description="items per task; 0 skips zero-shot")
+    kl_tokens: int = Field(4096, ge=0, description=(
+        "tokens (the first evaluation windows) on which the KL divergence from the unquantized model is measured; "
+        "0: not measured. Its reference takes windows x context x vocabulary x 2 bytes in <output_dir>/reference"))
     batch_size: int = Field(8, ge=1)
 
     @model_validator(mode="after")

@@ -66,7 +66,7 @@ def status(message: str) -> Iterator[None]:
 
 
 RESULT_COLUMNS = ["method", "avg_bits", "effective_bits", "total_bytes", "checkpoint_bytes", "perplexity",
-                  "perplexity_se", "zero_shot", "zero_shot_se", "quantize_seconds", "eval_seconds"]
+                  "perplexity_se", "kl_divergence", "zero_shot", "zero_shot_se", "quantize_seconds", "eval_seconds"]
 
 
 def cell(value) -> str:

