@@ -1,0 +1,167 @@
+"""Serving profiles on the embedded model: what each engine can load, and what GAMMA buys there.
+
+For each profile (``serving.profile``: its candidates, symmetry and tie groups) and quantizer, the
+same budgets are allocated by GAMMA (Stage I once, then Stage II per budget), by the Fisher proxy
+GAMMA starts from (``hawq``: the knapsack over the proxy's costs) and by the best two-level
+uniform split (``uniform``: the lower width everywhere, the upper one unit at a time by the order
+that loses least on calibration text), all under the profile's tie groups; uniform rows at each
+candidate width are the reference points. Every variant goes the pipeline's way: quantized from
+a fresh model, exported, read back, evaluated (perplexity with its standard error, and the KL
+divergence from the unquantized model on the first ``--kl-tokens``); its real bytes are the
+checkpoint's tensors (``total_bytes``, exact) and its files (``checkpoint_bytes``), and
+transformers' own ``from_pretrained`` is tried on every checkpoint (accepted = identical logits).
+vLLM's loader is exercised separately (``benchmarks/vllm_acceptance.py``). GPTQ uses Hessians
+taken once from the full-precision model (``quantizer.gptq.sequential=false``): the pipeline's
+sequential GPTQ pass per variant would cost minutes each here.
+
+Writes ``benchmarks/results/serving_profiles.json`` (rows merged by profile, quantizer, method and
+budget: a rerun replaces only what it recomputed) and ``serving_profiles.png`` (perplexity
+against bytes, one panel per profile).
+
+    python benchmarks/serving_profiles.py [--profiles vllm-marlin,vllm-humming,transformers]
+        [--quantizers rtn,gptq] [--allocators gamma,hawq,uniform] [--tokens 4096] [--kl-tokens 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, write_results
+
+from gamma.allocators import allocator_from_config
+from gamma.config import load_config, parse_overrides
+from gamma.model.export import CheckpointError, check_transformers_reads, load_checkpoint
+from gamma.progress import console
+from gamma.run.variant import quantize_and_evaluate
+from gamma.run.workspace import Workspace
+
+# per profile: the settings it fixes, the Stage I training budget and the budgets to serve
+PROFILES = {
+    "vllm-marlin": ({"candidates": [4, 8, 16], "quantizer.symmetric": True, "allocation.ties": "fused",
+                     "allocation.experts": "per_layer", "uniform_bits": [4, 8]}, 5.0, [4.25, 4.5, 5.0, 6.0]),
+    "vllm-humming": ({"candidates": [2, 3, 4, 8], "quantizer.symmetric": False, "allocation.ties": "fused",
+                      "allocation.experts": "per_layer", "uniform_bits": [2, 3, 4]}, 3.0, [2.5, 3.0, 3.5, 4.0]),
+    "transformers": ({"candidates": [2, 3, 4], "quantizer.symmetric": True, "uniform_bits": [2, 3, 4]}, 3.0,
+                     [2.5, 3.0, 3.5, 4.0]),
+}
+KEY = ("profile", "quantizer", "method", "budget")
+WORK = ROOT / "runs" / "serving_profiles"
+
+
+def config(profile: str, quantizer: str, args):
+    settings, train, _ = PROFILES[profile]
+    return load_config(ROOT / "params.yaml", {
+        **settings, "serving.profile": profile, "quantizer.method": quantizer, "quantizer.gptq.sequential": False,
+        "stage1.budget": train, "stage1.extra_budgets": [], "evaluation.max_tokens": args.tokens,
+        "evaluation.kl_tokens": args.kl_tokens, "evaluation.zero_shot_items": 0,
+        "output_dir": str(WORK / profile / quantizer), **parse_overrides(args.set)})
+
+
+def transformers_reads(path: Path) -> str:
+    """"accepted" (identical logits to gamma's reading) or transformers' own error."""
+    model, _ = load_checkpoint(path)
+    try:
+        check_transformers_reads(path, model)
+        return "accepted"
+    except CheckpointError as err:
+        return str(err).replace(str(path), "<checkpoint>")
+
+
+def measure(ws: Workspace, assignment: dict | int, where: Path, hessians) -> dict:
+    """The pipeline's path for one variant: quantize a fresh model, export, read back, evaluate."""
+    t0 = time.perf_counter()
+    row = quantize_and_evaluate(ws, assignment, hessians=hessians, save_to=where)
+    row["transformers"] = transformers_reads(where)
+    row["seconds"] = time.perf_counter() - t0
+    shutil.rmtree(where, ignore_errors=True)
+    keep = ("avg_bits", "effective_bits", "total_bytes", "checkpoint_bytes", "perplexity", "perplexity_se",
+            "kl_divergence", "kl_divergence_se", "kl_tokens", "eval_tokens", "transformers", "seconds")
+    return {k: row[k] for k in keep if k in row}
+
+
+def run(profile: str, quantizer: str, allocators: list[str], args) -> list[dict]:
+    cfg = config(profile, quantizer, args)
+    ws = Workspace(cfg)
+    problem = ws.problem()
+    hessians = ws.reusable_hessians(ws.load()[0]) if quantizer == "gptq" else None
+    out = WORK / profile / quantizer / "checkpoints"
+    rows = []
+    base = {"profile": profile, "quantizer": quantizer}
+    for bits in cfg.uniform_bits:
+        rows.append({**base, "method": f"uniform-{bits}", "budget": float(bits),
+                     **measure(ws, bits, out / f"uniform-{bits}", hessians)})
+        console.print(f"{profile} {quantizer} uniform-{bits}: {rows[-1]}")
+        write_results(args.name, settings(args), rows, KEY)
+    for name in allocators:
+        allocator = allocator_from_config(cfg, name)
+        for budget in PROFILES[profile][2]:
+            try:
+                result = allocator.allocate(problem, budget)
+            except ValueError as err:
+                rows.append({**base, "method": name, "budget": budget, "error": str(err)})
+                continue
+            row = {**base, "method": name, "budget": budget, "allocate_seconds": result.seconds,
+                   "prepare_seconds": result.prepare_seconds,
+                   **measure(ws, result.assignment, out / f"{name}-{budget:g}", hessians)}
+            rows.append(row)
+            console.print(f"{profile} {quantizer} {name} {budget:g}: ppl {row['perplexity']:.2f} "
+                          f"kl {row['kl_divergence']:.4f} bytes {row['total_bytes']:,.0f} {row['transformers']}")
+            write_results(args.name, settings(args), rows, KEY)
+    return rows
+
+
+def settings(args) -> dict:
+    return {"profiles": {p: {"overrides": s, "stage1_budget": t, "budgets": b} for p, (s, t, b) in PROFILES.items()},
+            "eval_tokens": args.tokens, "kl_tokens": args.kl_tokens, "gptq": "Hessians from the full-precision model",
+            "params": "params.yaml defaults otherwise (Stage I: 100 steps, 16 calibration sequences)",
+            "overrides": args.set}
+
+
+def plot(path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in json.loads(path.read_text())["rows"] if "error" not in r]
+    profiles = [p for p in PROFILES if any(r["profile"] == p for r in rows)]
+    fig, axes = plt.subplots(1, len(profiles), figsize=(5 * len(profiles), 4), squeeze=False)
+    for ax, profile in zip(axes[0], profiles):
+        for (q, m) in sorted({(r["quantizer"], r["method"].split("-")[0]) for r in rows if r["profile"] == profile}):
+            pts = sorted((r["total_bytes"] / 2**20, r["perplexity"]) for r in rows
+                         if r["profile"] == profile and r["quantizer"] == q and r["method"].split("-")[0] == m)
+            ax.plot(*zip(*pts), marker="o" if q == "rtn" else "s", linestyle="-" if q == "rtn" else "--",
+                    label=f"{m} ({q})")
+        ax.set(title=profile, xlabel="checkpoint tensors (MiB)", ylabel="perplexity", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profiles", default=",".join(PROFILES))
+    ap.add_argument("--quantizers", default="rtn,gptq")
+    ap.add_argument("--allocators", default="gamma,hawq,uniform")
+    ap.add_argument("--tokens", type=int, default=4096, help="held-out evaluation tokens (perplexity)")
+    ap.add_argument("--kl-tokens", type=int, default=4096, help="tokens of the KL divergence")
+    ap.add_argument("--set", action="append", default=[], help="a config override key=value (repeatable)")
+    ap.add_argument("--name", default="serving_profiles", help="results file name (a smoke run keeps its own)")
+    args = ap.parse_args()
+    for quantizer in args.quantizers.split(","):
+        for profile in args.profiles.split(","):
+            run(profile, quantizer, args.allocators.split(","), args)
+            plot(RESULTS / f"{args.name}.json")
+
+
+if __name__ == "__main__":
+    main()
