@@ -1,0 +1,59 @@
+"""The README's benchmark figures are the figures in ``benchmarks/results``, as rounded there.
+
+Each claim names the README text around a figure (``{}`` where the figure stands), the results
+file, the row it comes from and how it is printed. A rerun of a benchmark that moves a figure
+fails this test until the README says the new one."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _row(name: str, **where):
+    rows = json.loads((RESULTS / f"{name}.json").read_text())["rows"]
+    hits = [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+    assert len(hits) == 1, f"{name}.json: {len(hits)} rows match {where}"
+    return hits[0]
+
+
+def _ppl(name: str, **where) -> str:
+    return f"{_row(name, **where)['perplexity']:.1f}"
+
+
+def _field(name: str, field: str, fmt: str = "{:.2f}", **where) -> str:
+    return fmt.format(_row(name, **where)[field])
+
+
+CLAIMS = {  # README text with {} for the figure -> the figure as the results file gives it
+    "at 3.0 bits GAMMA {} perplexity": lambda: _ppl("compare_allocators", quantizer="rtn", method="gamma", budget=3.0),
+    "against uniform {}, HAWQ": lambda: _ppl("compare_allocators", quantizer="rtn", method="uniform", budget=3.0),
+    "HAWQ {}, HIGGS": lambda: _ppl("compare_allocators", quantizer="rtn", method="hawq", budget=3.0),
+    "HIGGS {}, EvoPress": lambda: _ppl("compare_allocators", quantizer="rtn", method="higgs", budget=3.0),
+    "EvoPress {}; with GPTQ": lambda: _ppl("compare_allocators", quantizer="rtn", method="evopress", budget=3.0),
+    "({} at 3.0 bits, uniform": lambda: _ppl("compare_allocators", quantizer="gptq", method="gamma", budget=3.0),
+    "bits, uniform {}).": lambda: _ppl("compare_allocators", quantizer="gptq", method="uniform", budget=3.0),
+    "peak host memory **{} GB** (the estimate": lambda: _field("model_sizes", "peak_host_gb", model="llama-3.2-1b",
+                                                                 code="current"),
+    "(the estimate said {} GB)": lambda: _field("model_sizes", "estimate_host_gb", model="llama-3.2-1b",
+                                                code="current"),
+    "peaked at **{} GB**": lambda: _field("model_sizes", "peak_host_gb", code="before"),
+    "in {} s against": lambda: _field("model_sizes", "wall_seconds", "{:.0f}", model="llama-3.2-1b", code="current"),
+    "against {} s.": lambda: _field("model_sizes", "wall_seconds", "{:.0f}", code="before"),
+    "a peak of **{} GB** of host memory": lambda: _field("model_sizes", "peak_host_gb", "{:.1f}", code="pipeline"),
+    "took **{} minutes**": lambda: f"{_row('model_sizes', code='pipeline')['wall_seconds'] / 60:.1f}",
+}
+
+
+def _readme() -> str:
+    return re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+
+
+@pytest.mark.parametrize("claim", sorted(CLAIMS))
+def test_a_readme_figure_is_the_figure_in_its_results_file(claim):
+    want = " ".join(claim.split()).format(CLAIMS[claim]())
+    assert want in _readme(), f"README should say {want!r} ({claim!r})"
