@@ -30,6 +30,7 @@ from gamma.stage2.scores import Scores
 CANDIDATES = [2, 3, 4, 8]
 LLAMA_8B = {"hidden": 4096, "kv": 1024, "ffn": 14336, "blocks": 32}
 LLAMA_70B = {"hidden": 8192, "kv": 1024, "ffn": 28672, "blocks": 80}
+EMBEDDINGS_8B = 2 * 128256 * 4096 * 2  # embedding and head at 16 bits: a bytes budget pays them too
 
 
 def llama_sizes(arch: dict) -> list[tuple[int, int]]:
@@ -57,6 +58,12 @@ def synthetic_scores(sizes: list[tuple[int, int]], seed: int = 0) -> np.ndarray:
     return -error / error.max()
 
 
+def in_bytes(sizes: list[tuple[int, int]], budgets: list[float]) -> list[tuple[float, str]]:
+    """The same budgets as whole-checkpoint bytes (symmetric group-64 storage plus the 16-bit rest)."""
+    n = sum(r * c for r, c in sizes)
+    return [(float(EMBEDDINGS_8B + int(b * n / 8 + n / 64 * 2)), "bytes") for b in budgets]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="2.25,2.5,3,3.5")
@@ -73,16 +80,18 @@ def main() -> None:
     for case, sizes in cases.items():
         scores = synthetic_scores(sizes)
         modules = [f"m{i}" for i in range(len(sizes))]
-        for budget in budgets:
-            stage2 = Stage2Config(window=0.02, time_limit=args.time_limit)
-            a = project(Scores(modules, sizes, CANDIDATES, scores), budget, stage2)
-            row = {"case": case, "items": len(sizes), "budget": budget, "solver": a.solver, "status": a.status,
-                   "solve_seconds": a.solve_seconds, "gap": a.gap, "bits_used": a.bits_used, "slack": a.slack}
+        for budget, unit in [(b, "nominal") for b in budgets] + (in_bytes(sizes, budgets) if "224" in case else []):
+            stage2 = Stage2Config(window=0.02, time_limit=args.time_limit, unit=unit)
+            a = project(Scores(modules, sizes, CANDIDATES, scores), budget, stage2, fixed_bytes=EMBEDDINGS_8B)
+            row = {"case": case, "items": len(sizes), "budget": budget, "unit": unit, "solver": a.solver,
+                   "status": a.status, "solve_seconds": a.solve_seconds, "gap": a.gap, "bits_used": a.bits_used,
+                   "used": a.used, "slack": a.slack}
             rows.append(row)
-            console.print(f"{case:32s} B={budget:<5} {a.solver:4s} {a.status:9s} {a.solve_seconds:8.3f}s "
-                          f"gap={a.gap:.2e} bits={a.bits_used:.4f}")
+            console.print(f"{case:32s} B={budget:<12g} {unit:8s} {a.solver:4s} {a.status:9s} "
+                          f"{a.solve_seconds:8.3f}s gap={a.gap:.2e} bits={a.bits_used:.4f}")
     path = write_results("solver_scale", {"candidates": CANDIDATES, "time_limit": args.time_limit,
-                                          "solver": "OR-Tools CBC, relative gap 0", "window": 0.02}, rows)
+                                          "solver": "OR-Tools CBC, relative gap 0", "window": 0.02,
+                                          "fixed_bytes": EMBEDDINGS_8B}, rows, key=("case", "budget", "unit"))
     console.print(f"wrote {path}")
 
 
