@@ -46,7 +46,15 @@ CLAIMS = {  # README text with {} for the figure -> the figure as the results fi
     "against {} s.": lambda: _field("model_sizes", "wall_seconds", "{:.0f}", code="before"),
     "a peak of **{} GB** of host memory": lambda: _field("model_sizes", "peak_host_gb", "{:.1f}", code="pipeline"),
     "took **{} minutes**": lambda: f"{_row('model_sizes', code='pipeline')['wall_seconds'] / 60:.1f}",
+    "(a 70B model) solve in at most {} s": lambda: _slowest("llama-70b", "nominal"),
+    "in bytes in at most {} s;": lambda: _slowest("llama-8b", "bytes"),
+    "proven bound in at most {} s": lambda: _slowest("block-wise", "nominal"),
 }
+
+
+def _slowest(case: str, unit: str) -> str:
+    rows = json.loads((RESULTS / "solver_scale.json").read_text())["rows"]
+    return f"{max(r['solve_seconds'] for r in rows if case in r['case'] and r['unit'] == unit):.1f}"
 
 
 def _readme() -> str:
