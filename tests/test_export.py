@@ -9,8 +9,10 @@ from gamma.model.assignment import account, apply_assignment, module_stored_byte
 from gamma.model.export import (
     WEIGHTS_FILE,
     CheckpointError,
+    check_transformers_reads,
     export_checkpoint,
     load_checkpoint,
+    packed_zero_points,
     round_to_storage,
     verify_checkpoint,
 )
@@ -21,12 +23,13 @@ from gamma.quant.rtn import RTN
 MIXED_BITS = (2, 3, 4, 8)
 
 
-def _mixed_quantize(model, symmetric_of):
-    """Every module quantized with RTN, bits cycling through 2/3/4/8, symmetry per ``symmetric_of``."""
+def _mixed_quantize(model, symmetric_of, group_size_of=lambda i: 64):
+    """Every module quantized with RTN, bits cycling through 2/3/4/8, symmetry per ``symmetric_of``,
+    group size per ``group_size_of``."""
     records = {}
     with torch.no_grad():
         for i, (name, module) in enumerate(quantizable_modules(model).items()):
-            spec = QuantSpec(MIXED_BITS[i % len(MIXED_BITS)], 64, symmetric_of(i))
+            spec = QuantSpec(MIXED_BITS[i % len(MIXED_BITS)], group_size_of(i), symmetric_of(i))
             rec = RTN().quantize(module.weight, spec)
             module.weight.copy_(rec.dequantize())
             records[name] = rec
@@ -59,6 +62,61 @@ def test_reload_is_bit_exact_for_every_width_and_symmetry(mixed_checkpoint, cali
     x = calibration[:2, :64]
     with torch.no_grad():
         assert torch.equal(model(x).logits, reloaded(x).logits)
+
+
+def test_default_zero_points_are_packed_as_compressed_tensors_and_vllm_expect(mixed_checkpoint):
+    """compressed-tensors' compressor (``pack_to_int32(zp, bits, packed_dim=0)``) and vLLM's WNA16
+    (``weight_zero_point``: ``[ceil(rows*bits/32), groups]`` int32, ``packed_dim=0``) agree."""
+    from safetensors import safe_open
+
+    _, records, ckpt = mixed_checkpoint
+    asymmetric = {n: r for n, r in records.items() if not r.spec.symmetric}
+    with safe_open(str(ckpt.path / WEIGHTS_FILE), "pt") as f:
+        for name, rec in asymmetric.items():
+            rows, groups = rec.scales.shape
+            zeros = f.get_tensor(f"{name}.weight_zero_point")
+            assert zeros.dtype == torch.int32 and zeros.shape == (-(-rows * rec.spec.bits // 32), groups), name
+    assert sorted(packed_zero_points(ckpt.path)) == sorted(asymmetric)
+
+
+def test_transformers_refuses_packed_zero_points_and_the_check_says_why(mixed_checkpoint):
+    """transformers 5.23 with compressed-tensors 0.20 allocates ``weight_zero_point`` unpacked,
+    ``[rows, groups]`` (compressed-tensors' compressor does not pack it on the meta device), so an
+    asymmetric checkpoint in the packed layout, compressed-tensors' own included, stops at a size
+    mismatch. When this test fails, transformers reads the packed layout: ``padded`` is moot."""
+    model, _, ckpt = mixed_checkpoint
+    with pytest.raises(CheckpointError, match="zero-points in the packed layout, which transformers refuses"):
+        check_transformers_reads(ckpt.path, model)
+
+
+def test_transformers_loads_an_asymmetric_checkpoint_bit_exactly(model_dir, tmp_path, calibration):
+    """Zero-points in the ``padded`` layout: transformers' own ``from_pretrained`` (its default,
+    compressed path) computes the in-memory model's logits exactly in float32 for an asymmetric
+    2/3/4/8-bit checkpoint (grouped and, for down_proj, channel-wise), and so does gamma's loader."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load_model(model_dir)
+    records = _mixed_quantize(model, symmetric_of=lambda i: False, group_size_of=lambda i: -1 if i % 7 == 6 else 64)
+    assert {r.spec.bits for r in records.values()} == set(MIXED_BITS)
+    assert {r.spec.group_size for r in records.values()} == {-1, 64}
+    ckpt = export_checkpoint(model, tokenizer, records, tmp_path / "asym", zero_points="padded")
+    with safe_open(str(ckpt.path / WEIGHTS_FILE), "pt") as f:
+        name, rec = next(iter(records.items()))
+        zeros = f.get_tensor(f"{name}.weight_zero_point")
+        used = -(-rec.scales.shape[0] * rec.spec.bits // 32)
+        assert zeros.shape == rec.scales.shape and not zeros[used:].any()
+    assert packed_zero_points(ckpt.path) == []
+    theirs = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    ours, _ = load_checkpoint(ckpt.path)
+    x = calibration[:2, :64]
+    with torch.no_grad():
+        want = model(x).logits
+        assert torch.equal(theirs(x).logits, want)
+        assert torch.equal(ours(x).logits, want)
+    check_transformers_reads(ckpt.path, model)
+    with pytest.raises(CheckpointError, match="zero_points='sideways'"):
+        export_checkpoint(model, tokenizer, records, tmp_path / "bad", zero_points="sideways")
 
 
 def test_the_account_is_exactly_the_bytes_of_the_stored_tensors(mixed_checkpoint):
@@ -235,6 +293,7 @@ def test_every_export_is_read_back_and_one_that_misreads_is_never_made_visible(t
     records = {"model.layers.0.self_attn.k_proj": RTN().quantize(narrow.weight, QuantSpec(4, 32, False))}
     model.model.layers[0].self_attn.k_proj = narrow
     export_checkpoint(model, None, records, tmp_path / "narrow")  # read back inside: no error
+    export_checkpoint(model, None, records, tmp_path / "narrow-padded", zero_points="padded")  # 1 packed row of 4
 
     real = helpers.pack_to_int32
 

@@ -5,7 +5,7 @@ The checkpoint is an ordinary Hugging Face directory whose ``config.json`` carri
 config group per (bits, symmetric) pair and the explicit module names as its ``targets``. Each
 quantized linear stores ``weight_packed`` (int32, codes packed densely by compressed-tensors' own
 ``pack_to_int32``), ``weight_scale`` (float16), ``weight_shape`` and, when asymmetric,
-``weight_zero_point`` (packed along the output dimension, as compressed-tensors does). Every
+``weight_zero_point`` (packed along the output dimension, in one of ``ZERO_POINT_LAYOUTS``). Every
 export is read back before it is made visible (``read_back``): a checkpoint whose modules do not
 dequantize to exactly what was exported is never written where a finished one is expected.
 Everything else (embeddings, norms, head) is stored at float16, unchanged otherwise.
@@ -16,6 +16,23 @@ and ``(q - z) * s`` is the same number on either side. Reloading dequantizes in 
 as ``QuantizedWeight.dequantize`` does, so a reloaded model computes bit-identical logits to the
 in-memory one once that model's unquantized tensors are rounded to storage precision
 (``round_to_storage``), which is what the pipeline evaluates.
+
+Asymmetric zero-points have two layouts, because the loaders disagree (one tensor name, two
+shapes; no single tensor satisfies both):
+
+- ``packed`` (the default): ``[ceil(rows*bits/32), groups]`` int32, exactly what compressed-tensors'
+  own compressor writes (``PackedQuantizationCompressor.compress``) and what vLLM allocates
+  (``CompressedTensorsWNA16.create_weights``: ``packed_output_dim``, ``packed_dim=0``). transformers
+  (5.23, with compressed-tensors 0.20) refuses it: it builds the compressed model on the meta device,
+  where compressed-tensors' compressor leaves ``weight_zero_point`` at its unpacked ``[rows, groups]``
+  shape (``pack_quantized/base.py``, the ``meta`` branch of ``compress``), so the load stops at a size
+  mismatch; this holds for compressed-tensors' own asymmetric output too.
+- ``padded``: ``[rows, groups]`` int32, the packed rows first and zeros after them. transformers loads
+  it (its decompression unpacks only the first ``ceil(rows*bits/32)`` rows) and computes bit-identical
+  logits; vLLM's row-parallel layers (``o_proj``, ``down_proj``) refuse it (``parameter.py``,
+  ``load_row_parallel_weight``: the loaded shape must equal the allocated packed one).
+
+gamma's reader takes both.
 """
 
 from __future__ import annotations
@@ -41,6 +58,10 @@ INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
 FORMAT = "pack-quantized"
 MANIFEST = "gamma_checksums.json"
+ZERO_POINT_LAYOUTS = {
+    "packed": "[ceil(rows*bits/32), groups] int32: compressed-tensors' own and vLLM's (not transformers')",
+    "padded": "[rows, groups] int32, the packed rows then zeros: transformers' (not vLLM's row-parallel layers)",
+}
 
 
 class CheckpointError(ValueError):
@@ -95,8 +116,14 @@ def round_to_storage(model: nn.Module, quantized: set[str]) -> None:
                 p.copy_(p.to(STORAGE_DTYPE).to(p.dtype))
 
 
-def _state_dict(model: nn.Module, records: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-    """Every tensor under its checkpoint name (``experts.checkpoint_name``)."""
+def _packed_rows(rows: int, bits: int) -> int:
+    return -(-rows * bits // 32)
+
+
+def _state_dict(model: nn.Module, records: dict[str, QuantizedWeight],
+                zero_points: str = "packed") -> dict[str, torch.Tensor]:
+    """Every tensor under its checkpoint name (``experts.checkpoint_name``); asymmetric zero-points
+    in layout ``zero_points`` (``ZERO_POINT_LAYOUTS``)."""
     rename = functools.partial(checkpoint_name, model.config.model_type)
     out = {rename(key): tensor.detach().to(STORAGE_DTYPE if tensor.is_floating_point() else tensor.dtype).contiguous()
            for key, tensor in unquantized_tensors(model, records).items()}
@@ -108,7 +135,10 @@ def _state_dict(model: nn.Module, records: dict[str, QuantizedWeight]) -> dict[s
         out[f"{name}.weight_scale"] = rec.scales.to(STORAGE_DTYPE).contiguous()
         out[f"{name}.weight_shape"] = torch.tensor(list(rec.codes.shape), dtype=torch.int64)
         if not rec.spec.symmetric:
-            out[f"{name}.weight_zero_point"] = pack_to_int32(_signed(rec.zeros, bits), bits, packed_dim=0).contiguous()
+            zeros = pack_to_int32(_signed(rec.zeros, bits), bits, packed_dim=0)
+            if zero_points == "padded":
+                zeros = torch.cat([zeros, zeros.new_zeros(rec.zeros.shape[0] - zeros.shape[0], zeros.shape[1])])
+            out[f"{name}.weight_zero_point"] = zeros.contiguous()
     return out
 
 
@@ -129,18 +159,23 @@ def checksum(path: str | Path) -> tuple[str, dict[str, str]]:
 
 
 def export_checkpoint(model: nn.Module, tokenizer, records: dict[str, QuantizedWeight], path: str | Path,
-                      extra_files: dict[str, str] | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Checkpoint:
+                      extra_files: dict[str, str] | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
+                      zero_points: str = "packed") -> Checkpoint:
     """Write ``records`` (plus the model's other tensors) as a compressed-tensors checkpoint at
     ``path``, atomically: everything goes to ``<path>.partial`` and is renamed only when complete,
     so a crash never leaves a half checkpoint where a finished one is expected. Weights beyond
-    ``max_shard_bytes`` are split into Hugging Face shards with their index."""
+    ``max_shard_bytes`` are split into Hugging Face shards with their index. Asymmetric
+    zero-points are written in layout ``zero_points``: ``packed`` for vLLM (and compressed-tensors),
+    ``padded`` for transformers' ``from_pretrained`` (``ZERO_POINT_LAYOUTS``)."""
     if not records:
         raise CheckpointError("nothing to export: the assignment quantized no module")
+    if zero_points not in ZERO_POINT_LAYOUTS:
+        raise CheckpointError(f"zero_points={zero_points!r}: the layouts are {sorted(ZERO_POINT_LAYOUTS)}")
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_shards(_state_dict(model, records), tmp, max_shard_bytes)
+    save_shards(_state_dict(model, records, zero_points), tmp, max_shard_bytes)
     rename = functools.partial(checkpoint_name, model.config.model_type)
     ignore = [rename(n) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in records]
     _write_config(model, tmp, quantization_config({rename(n): r for n, r in records.items()}, ignore))
@@ -305,11 +340,18 @@ def read_quantized(path: str | Path, tensors: bool = True) -> tuple[dict, dict[s
 
 
 def _unpack_rows(packed: torch.Tensor, bits: int, shape: torch.Size) -> torch.Tensor:
-    """Values packed along dim 0 (zero-points): unpacked as their transpose, packed along dim 1.
-    compressed-tensors' own ``packed_dim=0`` path fails on a single packed row (8 or fewer output
-    rows at 4 bits: "self.stride(-1) must be 1")."""
+    """Values packed along dim 0 (zero-points) in either layout of ``ZERO_POINT_LAYOUTS``, to
+    ``shape``: unpacked as their transpose, packed along dim 1. compressed-tensors' own
+    ``packed_dim=0`` path fails on a single packed row (8 or fewer output rows at 4 bits:
+    "self.stride(-1) must be 1")."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
+    rows, groups = shape
+    used = _packed_rows(rows, bits)
+    if packed.dtype != torch.int32 or tuple(packed.shape) not in ((used, groups), (rows, groups)):
+        raise CheckpointError(f"zero-points {tuple(packed.shape)} {packed.dtype} are in neither layout for {rows} "
+                              f"rows, {groups} groups at {bits} bits: [{used}, {groups}] or [{rows}, {groups}] int32")
+    packed = packed[:used]
     rows_last = packed.new_empty(packed.T.shape).copy_(packed.T)  # canonical strides, even for one row
     return unpack_from_int32(rows_last, bits, torch.Size((shape[1], shape[0]))).T
 
@@ -362,6 +404,15 @@ def read_back(path: str | Path, records: dict[str, QuantizedWeight], model_type:
                                   f"(shape {tuple(weight.shape)} vs {tuple(rec.codes.shape)})")
 
 
+def packed_zero_points(path: str | Path) -> list[str]:
+    """The asymmetric modules whose zero-points are stored in the ``packed`` layout (the one
+    transformers refuses, ``ZERO_POINT_LAYOUTS``); a module of one output row is in both."""
+    _, _, args = read_quantized(path, tensors=False)
+    tensors = StoredTensors(Path(path))
+    return [name for name, a in args.items() if not a.get("symmetric", True)
+            and tensors[f"{name}.weight_zero_point"].shape[0] != int(tensors[f"{name}.weight_shape"][0])]
+
+
 def check_transformers_reads(path: str | Path, model: nn.Module) -> None:
     """transformers' own ``from_pretrained`` (its compressed-tensors loader) reads the checkpoint
     and computes the logits ``model`` (the exported variant, in memory) computes on a probe
@@ -372,7 +423,13 @@ def check_transformers_reads(path: str | Path, model: nn.Module) -> None:
     try:
         theirs = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     except Exception as err:  # noqa: BLE001 - whatever transformers raises, the variant does not load there
-        raise CheckpointError(f"transformers cannot load {path}: {type(err).__name__}: {str(err)[:300]}") from None
+        try:
+            packed = packed_zero_points(path)
+        except (CheckpointError, KeyError, OSError):  # no diagnosis: the error itself is what there is to say
+            packed = []
+        why = (f"; {packed[0]} (and {len(packed) - 1} other modules) store zero-points in the packed layout, which "
+               "transformers refuses (export with zero_points='padded')") if packed else ""
+        raise CheckpointError(f"transformers cannot load {path}: {type(err).__name__}: {str(err)[:300]}{why}") from None
     ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = model(input_ids=ids).logits.float(), theirs(input_ids=ids).logits.float()
