@@ -42,7 +42,7 @@ def reachable_bytes(cfg: GammaConfig, tables: list[dict]) -> tuple[int, int]:
         raise ValueError(f"score table {tables[0]['path']} predates bytes budgets (no fixed_bytes): run `gamma run` "
                          "once to learn it again before a rollout")
     q = cfg.quantizer
-    return bytes_range(table.sizes, table.bits, q.group_size, q.symmetric, table.fixed_bytes)
+    return bytes_range(table.sizes, table.bits, q.group_size, q.symmetric, table.fixed_bytes, cfg.serving.zero_points)
 
 
 def _registered_variants(client, names, alias: str) -> list[dict]:

@@ -315,6 +315,13 @@ class ServingConfig(_Section):
         "the engine the variants are made for: its widths, symmetry, group sizes and allocation units "
         "(gamma/operations/profiles.py); research: everything gamma can represent"))
 
+    @property
+    def zero_points(self) -> str:
+        """The layout of asymmetric zero-points the profile's loader reads (``packed`` or ``padded``)."""
+        from gamma.operations.profiles import PROFILES  # pure data
+
+        return PROFILES[self.profile].zero_points
+
 
 class GammaConfig(_Section):
     model: ModelConfig = ModelConfig()

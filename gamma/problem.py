@@ -58,6 +58,7 @@ class AllocationProblem:
     provenance: Provenance = field(default_factory=lambda: Provenance())
     device: str = "cpu"  # where each phase computes, one block at a time
     units: list[list[int]] | None = None  # modules sharing one width (indices; None: each its own)
+    zero_points: str = "packed"  # their layout in the checkpoint (what effective bits and bytes count)
     _fisher: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _proxy_costs: np.ndarray | None = field(default=None, repr=False)
     _original: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -158,7 +159,8 @@ class AllocationProblem:
 
     def spent(self, assignment: dict[str, int]) -> float:
         """What ``assignment`` spends in ``stage2.unit`` (effective bits, or bytes of the checkpoint)."""
-        stored = sum(module_cost_bits(r, c, QuantSpec(assignment[m], self.group_size, self.symmetric))
+        stored = sum(module_cost_bits(r, c, QuantSpec(assignment[m], self.group_size, self.symmetric),
+                                      self.zero_points)
                      for m, (r, c) in zip(self.modules, self.sizes))
         if self.stage2.unit == "bytes":
             return stored / 8 + self.fixed_bytes

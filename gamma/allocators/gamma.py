@@ -40,5 +40,6 @@ class GammaAllocator(Allocator):
 
     def _allocate(self, problem: AllocationProblem, budget: float):
         result = project_nearest(self.tables, budget, problem.stage2, group_size=problem.group_size,
-                                 symmetric=problem.symmetric, units=problem.units, fixed_bytes=problem.fixed_bytes)
+                                 symmetric=problem.symmetric, units=problem.units, fixed_bytes=problem.fixed_bytes,
+                                 zero_points=problem.zero_points)
         return result.assignment, {"solve_status": result.status, "training_budget": result.training_budget}

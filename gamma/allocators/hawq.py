@@ -22,5 +22,6 @@ class HawqAllocator(Allocator):
     def _allocate(self, problem: AllocationProblem, budget: float):
         rows = Scores(problem.modules, problem.sizes, problem.bits, -self.costs)
         result = project(rows, budget, problem.stage2, group_size=problem.group_size, symmetric=problem.symmetric,
-                         units=problem.units, fixed_bytes=problem.fixed_bytes)
+                         units=problem.units, fixed_bytes=problem.fixed_bytes,
+                         zero_points=problem.zero_points)
         return result.assignment, {"solve_status": result.status, "objective": -result.objective}

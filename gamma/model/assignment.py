@@ -40,34 +40,37 @@ class SizeAccount:
 SHAPE_BYTES = 16  # ``weight_shape``: two int64
 
 
-def module_stored_bytes(n_rows: int, n_cols: int, spec: QuantSpec) -> int:
+def module_stored_bytes(n_rows: int, n_cols: int, spec: QuantSpec, zero_points: str = "packed") -> int:
     """Bytes of one module's tensors in the checkpoint, exactly as compressed-tensors' pack-quantized
     format writes them: codes packed densely into int32 along each row, one float16 scale per
-    group, zero-points (asymmetric) packed into int32 along the output dimension, the int64 shape.
-    A module left at 16 bits is its float16 weight."""
+    group, zero-points (asymmetric) in int32 along the output dimension, packed (``packed``) or
+    one per row (``padded``, for transformers' loader: ``gamma.model.export.ZERO_POINT_LAYOUTS``),
+    the int64 shape. A module left at 16 bits is its float16 weight."""
     if spec.bits == UNQUANTIZED:
         return n_rows * n_cols * UNQUANTIZED // 8
     groups = spec.groups(n_cols)
     codes = 4 * n_rows * math.ceil(n_cols * spec.bits / 32)
-    zeros = 0 if spec.symmetric else 4 * math.ceil(n_rows * spec.bits / 32) * groups
+    zero_rows = n_rows if zero_points == "padded" else math.ceil(n_rows * spec.bits / 32)
+    zeros = 0 if spec.symmetric else 4 * zero_rows * groups
     return codes + n_rows * groups * SCALE_BITS // 8 + zeros + SHAPE_BYTES
 
 
-def module_cost_bits(n_rows: int, n_cols: int, spec: QuantSpec) -> int:
+def module_cost_bits(n_rows: int, n_cols: int, spec: QuantSpec, zero_points: str = "packed") -> int:
     """Storage of one module in bits (what the effective-bits and bytes budgets count)."""
-    return 8 * module_stored_bytes(n_rows, n_cols, spec)
+    return 8 * module_stored_bytes(n_rows, n_cols, spec, zero_points)
 
 
-def account(model: nn.Module, assignment: dict[str, int], group_size: int, symmetric: bool) -> SizeAccount:
+def account(model: nn.Module, assignment: dict[str, int], group_size: int, symmetric: bool,
+            zero_points: str = "packed") -> SizeAccount:
     """Sizes of ``model`` under ``assignment``; ``total_bytes`` is exactly the bytes of the tensors
-    its checkpoint stores (file headers and config aside)."""
+    its checkpoint stores with zero-points in layout ``zero_points`` (file headers and config aside)."""
     modules = quantizable_modules(model)
     n_total = bits_nominal = bits_effective = 0.0
     for name, bits in assignment.items():
         rows, cols = modules[name].weight.shape
         n_total += rows * cols
         bits_nominal += rows * cols * bits
-        bits_effective += module_cost_bits(rows, cols, QuantSpec(bits, group_size, symmetric))
+        bits_effective += module_cost_bits(rows, cols, QuantSpec(bits, group_size, symmetric), zero_points)
     other_bytes = stored_bytes(unquantized_tensors(model, assignment).values())
     return SizeAccount(
         nominal_bits=bits_nominal / n_total,
@@ -123,6 +126,7 @@ def apply_assignment(
     hessians: dict[str, torch.Tensor] | None = None,
     calibration: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
+    zero_points: str = "packed",
 ) -> tuple[dict[str, QuantizedWeight], SizeAccount]:
     """Quantize every assigned module of ``model`` in place (weights become their dequantized
     values), one module at a time on ``device`` in float32, the records kept on the host. GPTQ
@@ -160,4 +164,4 @@ def apply_assignment(
             raise QuantizationError(f"{quantizer.name} needs hessians=collect_hessians(model, calibration)")
         names = sorted(assignment, key=lambda n: (block_index(n), n))
         quantize(track(names, f"quantizing ({quantizer.name})"), hessians)
-    return records, account(model, assignment, group_size, symmetric)
+    return records, account(model, assignment, group_size, symmetric, zero_points)

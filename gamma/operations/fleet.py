@@ -69,11 +69,12 @@ def load_fleet(path: str | Path) -> Fleet:
 
 
 def bytes_range(sizes: list[tuple[int, int]], bits: list[int], group_size: int, symmetric: bool,
-                fixed_bytes: int) -> tuple[int, int]:
+                fixed_bytes: int, zero_points: str = "packed") -> tuple[int, int]:
     """The fewest and the most bytes a variant's tensors can take: every module at the narrowest,
     then at the widest candidate, plus the tensors stored as they are."""
     def total(b: int) -> int:
-        return fixed_bytes + sum(module_stored_bytes(r, c, QuantSpec(b, group_size, symmetric)) for r, c in sizes)
+        spec = QuantSpec(b, group_size, symmetric)
+        return fixed_bytes + sum(module_stored_bytes(r, c, spec, zero_points) for r, c in sizes)
 
     return total(min(bits)), total(max(bits))
 

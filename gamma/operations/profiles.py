@@ -6,8 +6,10 @@ refuses a configuration outside it, naming every value and the setting that fits
 compressed-tensors WNA16 path (Marlin: 4/8-bit, symmetric ``uint4b8``/``uint8b128`` or with
 zero-points ``uint4``/``uint8``, group sizes -1/32/64/128; every shard of a fused layer one
 scheme, every expert of a fused MoE layer one scheme), its Humming kernels (2 to 8 bits), and
-transformers' compressed-tensors loader (reads symmetric pack-quantized checkpoints; an
-asymmetric one fails on the packed zero-points' shape).
+transformers' compressed-tensors loader (reads symmetric pack-quantized checkpoints, and
+asymmetric ones with zero-points padded to one int32 row per output row: it allocates them
+unpacked and refuses compressed-tensors' own packed layout, which vLLM's loader requires;
+``gamma.model.export.ZERO_POINT_LAYOUTS``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Profile:
     ties: str | None  # allocation.ties it needs (None: any)
     experts: str | None  # allocation.experts it needs (None: any)
     loads_in: tuple[str, ...]  # the loaders its variants are made for
+    zero_points: str = "packed"  # the layout of asymmetric zero-points its loader reads
 
 
 PROFILES = {
@@ -31,8 +34,8 @@ PROFILES = {
                            "per_layer", ("gamma", "vllm")),
     "vllm-humming": Profile("vLLM, Humming kernels (GPU, experimental)", (2, 3, 4, 8, 16), (True, False),
                             (-1, 32, 64, 128), "fused", "per_layer", ("gamma", "vllm")),
-    "transformers": Profile("transformers (compressed-tensors loader)", (2, 3, 4, 8, 16), (True,), None, None, None,
-                            ("gamma", "transformers")),
+    "transformers": Profile("transformers (compressed-tensors loader)", (2, 3, 4, 8, 16), (True, False), None,
+                            None, None, ("gamma", "transformers"), "padded"),
     "research": Profile("gamma's own loader (every representation gamma has)", (2, 3, 4, 8, 16), (True, False),
                         None, None, None, ("gamma",)),
 }

@@ -162,4 +162,5 @@ def project_budget(tables: list[ScoreTable], budget: float, cfg: GammaConfig) ->
     be met."""
     q = cfg.quantizer
     units = allocation_units(tables[0].modules, cfg.allocation.ties, cfg.allocation.experts) if tables else None
-    return project_nearest(tables, budget, cfg.stage2, group_size=q.group_size, symmetric=q.symmetric, units=units)
+    return project_nearest(tables, budget, cfg.stage2, group_size=q.group_size, symmetric=q.symmetric, units=units,
+                           zero_points=cfg.serving.zero_points)

@@ -86,7 +86,7 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
             hessians = ws.hessians(model)
         records, acct = apply_assignment(model, assignment, quantizer, q.group_size, q.symmetric, hessians,
                                          calibration=ws.calibration if quantizer.sequential else None,
-                                         device=ws.device)
+                                         device=ws.device, zero_points=ws.cfg.serving.zero_points)
     round_to_storage(model, set(records))  # evaluate exactly what the checkpoint stores
     covered = coverage(model, set(records))
     console.log(covered.line())
@@ -99,7 +99,7 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
             # run-dependent figures (timings) stay out of the checksummed files: the same inputs and
             # seed give the same checkpoint hash
             SUMMARY_FILE: json.dumps({k: v for k, v in row.items() if not k.endswith("_seconds")}, indent=1,
-                                     default=str) + "\n"})
+                                     default=str) + "\n"}, zero_points=ws.cfg.serving.zero_points)
         row.update({"checkpoint_bytes": ckpt.weights_bytes, "checkpoint_total_bytes": ckpt.total_bytes,
                     "checkpoint_sha256": ckpt.sha256,
                     "checkpoint_over_predicted": ckpt.weights_bytes / acct.total_bytes})

@@ -198,7 +198,7 @@ class Workspace:
         units = allocation_units(list(candidates), cfg.allocation.ties, cfg.allocation.experts)
         return AllocationProblem(model, self.calibration, candidates, cfg.candidates, q.group_size,
                                  q.symmetric, cfg.stage1.seed, self.quantizer(), None, cfg.stage2, self.provenance(),
-                                 str(self.device), units)
+                                 str(self.device), units, zero_points=cfg.serving.zero_points)
 
     def candidates(self, model) -> dict:
         """Every module at every candidate width. GPTQ's are built block by block during the walk that

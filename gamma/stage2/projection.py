@@ -66,7 +66,8 @@ def allowed_mask(modules: list[str], candidates: list[int], min_bits: dict[str, 
 
 
 def unit_costs(
-    sizes: list[tuple[int, int]], candidates: list[int], unit: BudgetUnit, group_size: int, symmetric: bool
+    sizes: list[tuple[int, int]], candidates: list[int], unit: BudgetUnit, group_size: int, symmetric: bool,
+    zero_points: str = "packed",
 ) -> tuple[np.ndarray, float]:
     """Integer-valued cost of every (module, candidate) and the scale that turns a budget into a capacity.
 
@@ -78,7 +79,8 @@ def unit_costs(
         costs = n[:, None] * np.array(candidates, dtype=np.int64)[None, :]
         return costs, float(n.sum())
     costs = np.array(
-        [[module_cost_bits(r, c, QuantSpec(b, group_size, symmetric)) for b in candidates] for r, c in sizes],
+        [[module_cost_bits(r, c, QuantSpec(b, group_size, symmetric), zero_points) for b in candidates]
+         for r, c in sizes],
         dtype=np.int64,
     )
     return costs, float(n.sum()) if unit == "effective" else 8.0
@@ -116,17 +118,17 @@ def collapse(units: list[list[int]], scores: np.ndarray, costs: np.ndarray, allo
 
 
 def project(table, budget: float, stage2: Stage2Config | None = None, *, group_size: int = 64,
-            symmetric: bool = False, units: list[list[int]] | None = None, fixed_bytes: int | None = None
-            ) -> Projection:
+            symmetric: bool = False, units: list[list[int]] | None = None, fixed_bytes: int | None = None,
+            zero_points: str = "packed") -> Projection:
     """Stage II: pick one candidate per row of ``table`` (anything with ``modules``, ``sizes``,
     ``bits`` and ``scores`` [M, K], a ``ScoreTable`` or costs turned into scores) maximising the
     summed scores within ``budget``, under the ``stage2`` settings taken whole: window,
     ``min_bits`` restrictions, solver (``cbc``: exact MIP, proven optimal; ``hull``: LP greedy with
     a proven bound, for block tables of 10^5 rows; ``auto``: cbc up to ``MIP_MAX_ITEMS`` rows) and
-    time limit; the budget is in ``stage2.unit``. ``group_size``/``symmetric`` price the effective
-    and byte units; a bytes budget also pays ``fixed_bytes``, every tensor the checkpoint stores
-    besides the rows' (embeddings, norms, head). ``units``: rows that must share one width
-    (``gamma.model.units``), one knapsack item each."""
+    time limit; the budget is in ``stage2.unit``. ``group_size``/``symmetric``/``zero_points``
+    (their layout) price the effective and byte units; a bytes budget also pays ``fixed_bytes``,
+    every tensor the checkpoint stores besides the rows' (embeddings, norms, head). ``units``: rows
+    that must share one width (``gamma.model.units``), one knapsack item each."""
     s2 = stage2 or Stage2Config()
     unit = s2.unit
     if unit == "bytes" and fixed_bytes is None:
@@ -140,7 +142,7 @@ def project(table, budget: float, stage2: Stage2Config | None = None, *, group_s
     if not np.isfinite(scores).all():
         raise BudgetError("scores contain NaN or infinite values")
     allowed = allowed_mask(modules, bits, s2.min_bits)
-    costs, per_unit = unit_costs(sizes, bits, unit, group_size, symmetric)
+    costs, per_unit = unit_costs(sizes, bits, unit, group_size, symmetric, zero_points)
     units = units or [[i] for i in range(len(modules))]
     if sorted(i for u in units for i in u) != list(range(len(modules))):
         raise BudgetError(f"allocation units must cover each of the {len(modules)} rows exactly once")
