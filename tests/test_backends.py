@@ -76,13 +76,24 @@ def test_serving_profiles_name_what_vllm_cannot_load():
     [why] = serving_problems(_schemes(8), cpu)
     assert "[8]-bit" in why
     assert any("[3]-bit" in p for p in serving_problems(_schemes(3), gpu))
-    assert any("symmetric" in p for p in serving_problems(_schemes(4, symmetric=False), gpu))
+    # Marlin takes zero-points at 4 bits (uint4) but not at 8 (uint8: Machete on Hopper only)
+    assert serving_problems(_schemes(4, symmetric=False), gpu) == []
+    [why] = serving_problems(_schemes(8, symmetric=False), gpu)
+    assert "[8]-bit weights symmetric only" in why
+    assert serving_problems(_schemes(4, symmetric=False), cpu) == []  # CPUWNA16 takes uint4 and uint4b8
+    [why] = serving_problems(_schemes(4), gpu, {256})
+    assert "group sizes" in why and "[256]" in why
     mixed = {**_schemes(4), "model.layers.1.self_attn.k_proj": (8, True)}
     [why] = serving_problems(mixed, gpu)
     assert "q_proj/k_proj/v_proj" in why and "model.layers.1.self_attn" in why
+    # a shard left unquantized (in ``ignore``) mixes schemes too: vLLM refuses it while parsing
+    del mixed["model.layers.1.self_attn.k_proj"]
+    [why] = serving_problems(mixed, cpu, unquantized=["model.layers.1.self_attn.k_proj", "lm_head"])
+    assert "q_proj/k_proj/v_proj" in why and "model.layers.1.self_attn" in why
 
 
-def test_vllm_command_and_configuration(tmp_path):
+def test_vllm_command_and_configuration(tmp_path, monkeypatch):
+    monkeypatch.delenv("GAMMA_VLLM_PYTHON", raising=False)  # CI sets it where a vLLM environment exists
     backend = VllmBackend(VllmConfig(python="/opt/vllm/bin/python", device="cuda", gpu_memory_utilization=0.3))
     cmd = backend.command(tmp_path / "ckpt", tmp_path / "in.json", tmp_path / "out.json")
     assert cmd[:2] == ["/opt/vllm/bin/python", str(WORKER)]

