@@ -30,12 +30,22 @@ SETTINGS = {
 
 
 def tensor_hashes(checkpoint: Path) -> dict[str, str]:
+    """sha256 of every stored tensor; zero-points in the padded layout (one int32 row per output row,
+    the packed rows first) are hashed as their packed rows, the layout every earlier commit wrote."""
+    import math
+
     import torch
     from safetensors.torch import load_file
 
+    bits = {t: g["weights"]["num_bits"] for g in json.loads((checkpoint / "config.json").read_text())
+            ["quantization_config"]["config_groups"].values() for t in g["targets"]}
     out = {}
     for f in sorted(checkpoint.glob("*.safetensors")):
-        for name, t in load_file(f).items():
+        tensors = load_file(f)
+        for name, t in tensors.items():
+            module = name.removesuffix(".weight_zero_point")
+            if module != name:
+                t = t[: math.ceil(int(tensors[f"{module}.weight_shape"][0]) * bits[module] / 32)]
             out[name] = hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()[:16]
     return out
 

@@ -14,6 +14,8 @@ from gamma import cli
     ("vllm-marlin", ["candidates=[4,8,16]", "stage1.budget=6", "stage1.extra_budgets=[]", "stage2.budgets=[5]",
                      "allocation.ties=fused", "allocation.experts=per_layer", "quantizer.group_size=48"],
      ["quantizer.group_size=48"]),
+    ("vllm-marlin", ["candidates=[4,8,16]", "stage1.budget=6", "stage1.extra_budgets=[]", "stage2.budgets=[5]",
+                     "allocation.ties=fused", "allocation.experts=per_layer"], ["with zero-points it serves [4, 16]"]),
     ("vllm-humming", ["quantizer.group_size=48"], ["allocation.ties=none", "allocation.experts=per_expert",
                                                    "quantizer.group_size=48"]),
 ])

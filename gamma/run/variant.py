@@ -16,7 +16,13 @@ from gamma.evaluation.metrics import figures, kl_divergence, perplexity, zero_sh
 from gamma.model.assignment import apply_assignment, stored_bytes, uniform_assignment, unquantized_tensors
 from gamma.model.coverage import coverage
 from gamma.model.device import ComputeRecord
-from gamma.model.export import check_transformers_reads, export_checkpoint, export_fake_quantized, round_to_storage
+from gamma.model.export import (
+    CheckpointError,
+    check_transformers_reads,
+    export_checkpoint,
+    export_fake_quantized,
+    round_to_storage,
+)
 from gamma.operations.profiles import PROFILES
 from gamma.progress import console
 from gamma.run.workspace import Workspace
@@ -103,7 +109,9 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
         row.update({"checkpoint_bytes": ckpt.weights_bytes, "checkpoint_total_bytes": ckpt.total_bytes,
                     "checkpoint_sha256": ckpt.sha256,
                     "checkpoint_over_predicted": ckpt.weights_bytes / acct.total_bytes})
-        row["loads_in"] = loaders_checked(ws, save_to, model)
+        row["loads_in"], refused = loaders_checked(ws, save_to, model)
+        if refused:
+            row["refused_by"] = refused
     row["quantize_devices"] = compute.as_dict()["quantization"]  # after the export: not part of its checksum
     row["serving_profile"] = ws.cfg.serving.profile
     row.update(evaluate_model(ws, model, tokenizer, checkpoint=save_to))
@@ -112,15 +120,22 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
     return row
 
 
-def loaders_checked(ws: Workspace, checkpoint: str | Path, model) -> list[str]:
-    """The loaders that read ``checkpoint`` back: gamma's always (the export reads itself back);
-    transformers' own when the serving profile is made for it (a failure fails the variant: it
-    is never registered)."""
-    checked = ["gamma"]
-    if "transformers" in PROFILES[ws.cfg.serving.profile].loads_in:
-        check_transformers_reads(checkpoint, model)
-        checked.append("transformers")
-    return checked
+def loaders_checked(ws: Workspace, checkpoint: str | Path, model) -> tuple[list[str], dict[str, str]]:
+    """The loaders that read ``checkpoint`` back, and why the others tried did not: gamma's always
+    (the export reads itself back); transformers' own when the serving profile is made for it (a
+    failure fails the variant: it is never registered) or tries it (a failure is said and
+    recorded)."""
+    profile, checked, refused = PROFILES[ws.cfg.serving.profile], ["gamma"], {}
+    if "transformers" in profile.loads_in + profile.tries:
+        try:
+            check_transformers_reads(checkpoint, model)
+            checked.append("transformers")
+        except CheckpointError as err:
+            if "transformers" in profile.loads_in:
+                raise
+            refused["transformers"] = str(err)
+            console.log(f"[yellow]not loadable by transformers (recorded): {err}")
+    return checked, refused
 
 
 def prepared_allocator(ws: Workspace, name: str, tables=None) -> tuple[Allocator, AllocationProblem]:
