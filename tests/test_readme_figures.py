@@ -46,10 +46,20 @@ CLAIMS = {  # README text with {} for the figure -> the figure as the results fi
     "against {} s.": lambda: _field("model_sizes", "wall_seconds", "{:.0f}", code="before"),
     "a peak of **{} GB** of host memory": lambda: _field("model_sizes", "peak_host_gb", "{:.1f}", code="pipeline"),
     "took **{} minutes**": lambda: f"{_row('model_sizes', code='pipeline')['wall_seconds'] / 60:.1f}",
+    "tokens: {} vs": lambda: _vllm("vllm-marlin-w4-symmetric", "vllm"),
+    "vs {} symmetric,": lambda: _vllm("vllm-marlin-w4-symmetric", "transformers"),
+    "symmetric, {} vs": lambda: _vllm("vllm-marlin-w4-asymmetric", "vllm"),
+    "vs {} asymmetric,": lambda: _vllm("vllm-marlin-w4-asymmetric", "transformers"),
+    "asymmetric, {} vs": lambda: _vllm("vllm-marlin-4-16", "vllm"),
+    "vs {} for the 4/16 mix": lambda: _vllm("vllm-marlin-4-16", "transformers"),
     "(a 70B model) solve in at most {} s": lambda: _slowest("llama-70b", "nominal"),
     "in bytes in at most {} s;": lambda: _slowest("llama-8b", "bytes"),
     "proven bound in at most {} s": lambda: _slowest("block-wise", "nominal"),
 }
+
+
+def _vllm(variant: str, engine: str) -> str:
+    return f"{_row('vllm_acceptance', variant=variant)[f'{engine}_perplexity']:.2f}"
 
 
 def _slowest(case: str, unit: str) -> str:

@@ -248,7 +248,9 @@ class VllmBackend:
             req.write_text(json.dumps({"requests": requests}))
             cmd = self.command(checkpoint, req, out)
             tail: deque[str] = deque(maxlen=20)
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            # on the CPU build the KV cache is host memory: 1 GiB (vLLM's default sizes it from RAM) unless set
+            env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ} if self.device() == "cpu" else None
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             deadline = time.monotonic() + self.cfg.timeout_s
             for line in proc.stdout:
                 tail.append(line.rstrip())
