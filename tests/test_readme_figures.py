@@ -52,10 +52,25 @@ CLAIMS = {  # README text with {} for the figure -> the figure as the results fi
     "vs {} asymmetric,": lambda: _vllm("vllm-marlin-w4-asymmetric", "transformers"),
     "asymmetric, {} vs": lambda: _vllm("vllm-marlin-4-16", "vllm"),
     "vs {} for the 4/16 mix": lambda: _vllm("vllm-marlin-4-16", "transformers"),
+    "| 4.5 | {}, KL": lambda: _marlin("gamma", 4.5),
+    "Uniform 4-bit: {} (KL": lambda: _marlin("uniform-4", 4.0),
+    "uniform 8-bit: {} (KL": lambda: _marlin("uniform-8", 8.0),
+    "GAMMA at 4.5 bits closes {}% of the perplexity gap": lambda: _closed(),
     "(a 70B model) solve in at most {} s": lambda: _slowest("llama-70b", "nominal"),
     "in bytes in at most {} s;": lambda: _slowest("llama-8b", "bytes"),
     "proven bound in at most {} s": lambda: _slowest("block-wise", "nominal"),
 }
+
+
+def _marlin(method: str, budget: float) -> str:
+    r = _row("serving_profiles", profile="vllm-marlin", quantizer="rtn", method=method, budget=budget)
+    return f"{r['perplexity']:.2f} ± {r['perplexity_se']:.2f}"
+
+
+def _closed() -> str:
+    ppl = {m: _row("serving_profiles", profile="vllm-marlin", quantizer="rtn", method=m, budget=b)["perplexity"]
+           for m, b in (("uniform-4", 4.0), ("uniform-8", 8.0), ("gamma", 4.5))}
+    return f"{100 * (ppl['uniform-4'] - ppl['gamma']) / (ppl['uniform-4'] - ppl['uniform-8']):.0f}"
 
 
 def _vllm(variant: str, engine: str) -> str:
