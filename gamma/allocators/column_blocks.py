@@ -239,7 +239,8 @@ def block_account(problem: AllocationProblem, assignment: BlockAssignment) -> di
             n = rows * assignment.width
             n_total += n
             codes += n * b
-            stored += module_cost_bits(rows, assignment.width, QuantSpec(b, problem.group_size, problem.symmetric))
+            spec = QuantSpec(b, problem.group_size, problem.symmetric)
+            stored += module_cost_bits(rows, assignment.width, spec, problem.zero_points)
     meta = assignment.metadata_bits(len(problem.bits))
     return {"nominal_bits": codes / n_total, "effective_bits": (stored + meta) / n_total,
             "metadata_bits": meta, "metadata_bits_per_weight": meta / n_total,
