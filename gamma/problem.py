@@ -9,6 +9,7 @@ width (every allocator chooses among the very same quantized weights), the knaps
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -95,9 +96,10 @@ class AllocationProblem:
     def sizes(self) -> list[tuple[int, int]]:
         return [self.candidates[m][0].shape for m in self.modules]
 
-    @property
+    @cached_property
     def fixed_bytes(self) -> int:
-        """Bytes of every tensor the checkpoint stores besides the modules' (a bytes budget pays them)."""
+        """Bytes of every tensor the checkpoint stores besides the modules' (a bytes budget pays them);
+        their shapes and dtypes never change for a problem, so the state dict is walked once."""
         return stored_bytes(unquantized_tensors(self.model, self.modules).values())
 
     @property

@@ -141,3 +141,35 @@ def test_hull_solver_spends_the_window_when_scores_fall_with_bits():
     rows = Scores([f"b{i}" for i in range(2000)], sizes, BITS, scores)
     a = project(rows, 3.5, Stage2Config(window=0.005, solver="hull"))
     assert 3.495 <= a.bits_used <= 3.5 and a.gap < 1e-3
+
+
+def test_window_reachable_equals_brute_force():
+    from gamma.stage2.knapsack import window_reachable
+
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        m = int(rng.integers(1, 6))
+        costs = rng.integers(1, 6, size=(m, 3)) * int(rng.choice([1, 3, 64]))
+        allowed = rng.random((m, 3)) < 0.8
+        allowed[np.arange(m), rng.integers(0, 3, m)] = True
+        sums = {sum(costs[i, k] for i, k in enumerate(c))
+                for c in itertools.product(range(3), repeat=m) if all(allowed[i, k] for i, k in enumerate(c))}
+        lower = int(rng.integers(0, costs.sum() + 1))
+        capacity = lower + int(rng.integers(0, 20))
+        assert window_reachable(costs, allowed, lower, capacity) == any(lower <= s <= capacity for s in sums)
+
+
+def test_an_empty_window_is_relaxed_without_asking_the_solver(monkeypatch):
+    """A window no assignment reaches (costs in steps of 1,024 weight-bits, a window of 437) used to
+    cost the MIP its whole time limit before the lower end was dropped."""
+    from gamma.stage2 import projection
+
+    asked = []
+    real = projection.solve_mckp
+    monkeypatch.setattr(projection, "solve_mckp", lambda *a: asked.append(a[3]) or real(*a))
+    rng = np.random.default_rng(1)
+    instances = [instance(rng, int(rng.integers(3, 40))) + (float(rng.uniform(2, 4)),) for _ in range(22)]
+    sizes, scores, budget = instances[21]
+    with pytest.warns(UserWarning, match="lower bound dropped"):
+        a = project(Scores([f"m{i}" for i in range(len(sizes))], sizes, BITS, scores), budget, Stage2Config())
+    assert a.lower_bound_relaxed and a.status == "OPTIMAL" and asked == [0]

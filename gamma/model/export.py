@@ -416,7 +416,9 @@ def packed_zero_points(path: str | Path) -> list[str]:
 def check_transformers_reads(path: str | Path, model: nn.Module) -> None:
     """transformers' own ``from_pretrained`` (its compressed-tensors loader) reads the checkpoint
     and computes the logits ``model`` (the exported variant, in memory) computes on a probe
-    sequence: exactly in float32, within 16-bit rounding otherwise; else a ``CheckpointError``."""
+    sequence: exactly in float32, within 16-bit rounding otherwise; else a ``CheckpointError``.
+    transformers keeps the weights packed (its compressed linear layers unpack them per forward), so
+    the check holds a second, compressed copy of the variant for its duration, not a dense one."""
     from transformers import AutoModelForCausalLM
 
     dtype = next(model.parameters()).dtype

@@ -14,6 +14,7 @@ import re
 UNITS = ("nominal", "effective", "bytes")
 BYTE_SUFFIXES = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 BIT_SUFFIXES = ("bit", "bits")
+_SHOWN = ("B", "kB", "MB", "GB", "KiB", "MiB", "GiB")  # the units as messages write them
 _NUMBER = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([A-Za-z]*)\s*$")
 
 
@@ -43,9 +44,6 @@ def parse_budget(value: float | int | str, unit: str) -> tuple[float, str]:
     if not math.isfinite(number) or number <= 0:
         raise BudgetSyntaxError(f"budget {value!r} must be a finite positive number")
     return number, unit
-
-
-_SHOWN = ("B", "kB", "MB", "GB", "KiB", "MiB", "GiB")
 
 
 def parse_budgets(values: list, unit: str) -> tuple[list[float], str]:

@@ -9,6 +9,31 @@ from __future__ import annotations
 
 import numpy as np
 
+MAX_SUM_STATES = 1 << 26  # reachable-sum bitsets beyond this many states are not worth building
+
+
+def window_reachable(costs: np.ndarray, allowed: np.ndarray, lower: int, capacity: int) -> bool | None:
+    """Whether some choice of one allowed option per row spends between ``lower`` and ``capacity``:
+    exactly, from the set of reachable sums (a bitset in units of the costs' common divisor), when
+    that set has at most ``MAX_SUM_STATES`` states; None when it would be larger. A MIP solver may
+    need its whole time limit to prove a narrow window empty; this takes milliseconds."""
+    options = [np.unique(costs[m][allowed[m]]).astype(object) for m in range(len(costs))]
+    step = int(np.gcd.reduce(np.concatenate(options).astype(np.int64)))
+    base = sum(int(o[0]) for o in options)
+    lo, hi = -(-(lower - base) // step), (capacity - base) // step
+    lo = max(lo, 0)
+    if lo > hi:
+        return False
+    if sum(int(o[-1] - o[0]) for o in options) // step > MAX_SUM_STATES:
+        return None
+    sums = 1  # bit s set: base + s * step is reachable
+    for o in options:
+        shifted = 0
+        for c in o:
+            shifted |= sums << int((c - o[0]) // step)
+        sums = shifted
+    return (sums >> lo) & ((1 << (hi - lo + 1)) - 1) != 0
+
 
 def solve_mckp(
     scores: np.ndarray, costs: np.ndarray, capacity: int, lower: int, allowed: np.ndarray, time_limit: float = 60.0

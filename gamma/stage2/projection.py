@@ -20,7 +20,7 @@ from gamma.config import Stage2Config
 from gamma.model.assignment import module_cost_bits
 from gamma.quant.interface import QuantSpec
 from gamma.stage2.budgets import budget_text
-from gamma.stage2.knapsack import solve_mckp, solve_mckp_hull_window
+from gamma.stage2.knapsack import solve_mckp, solve_mckp_hull_window, window_reachable
 from gamma.stage2.scores import nearest_table
 
 BudgetUnit = Literal["nominal", "effective", "bytes"]
@@ -91,14 +91,14 @@ def _solve_exact(scores, costs, capacity, lower, allowed, s2: Stage2Config, budg
     if the solver's feasibility tolerance let the answer slip over the budget."""
     relaxed = False
     limit = capacity
+    if lower > 0 and window_reachable(costs, allowed, lower, capacity) is False:
+        lower = 0  # known empty: the solver would spend its whole time limit proving it
+        relaxed = _relax_window(budget, s2, notes)
     for _attempt in range(5):
         choice, status, _, bound = solve_mckp(scores, costs, capacity, lower, allowed, s2.time_limit)
         # CBC's presolve sometimes reports an infeasible narrow window as NOT_SOLVED rather than INFEASIBLE
         if status not in ("OPTIMAL", "FEASIBLE") and lower > 0:
-            warnings.warn(f"no assignment spends at least {budget - s2.window} at budget {budget}: lower bound dropped",
-                          stacklevel=3)
-            notes.append("lower bound relaxed: no assignment in the window")
-            lower, relaxed = 0, True
+            lower, relaxed = 0, _relax_window(budget, s2, notes)
             continue
         if status not in ("OPTIMAL", "FEASIBLE"):
             raise BudgetError(f"the solver found no assignment for budget {budget} ({status})")
@@ -108,6 +108,13 @@ def _solve_exact(scores, costs, capacity, lower, allowed, s2: Stage2Config, budg
         capacity -= used_cost - limit
         notes.append("capacity tightened after a tolerance overshoot")
     raise BudgetError(f"could not find an assignment within budget {budget} after 5 attempts")
+
+
+def _relax_window(budget, s2: Stage2Config, notes: list[str]) -> bool:
+    warnings.warn(f"no assignment spends at least {budget - s2.window} at budget {budget}: lower bound dropped",
+                  stacklevel=4)
+    notes.append("lower bound relaxed: no assignment in the window")
+    return True
 
 
 def collapse(units: list[list[int]], scores: np.ndarray, costs: np.ndarray, allowed: np.ndarray):
