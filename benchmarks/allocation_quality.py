@@ -40,6 +40,7 @@ from gamma.stage1.proxy import relative_error_costs
 from gamma.stage2.projection import project
 from gamma.stage2.scores import Scores
 
+KEY = ("quantizer", "method", "budget")
 
 def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[list[dict], dict]:
     """Every method at every budget for one quantizer; returns the rows and the settings used."""
@@ -110,13 +111,14 @@ def main() -> None:
     args = quantizer_arguments(__doc__).parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     overrides = parse_overrides(args.set)
-    rows, per_quantizer = previous_rows("allocation_quality")
+    _, per_quantizer = previous_rows("allocation_quality")
+    rows = []
     for qname in args.quantizers.split(","):
         qrows, per_quantizer[qname] = compare(qname, budgets, args, overrides)
-        rows = [r for r in rows if r["quantizer"] != qname] + qrows
+        rows += qrows
         per_quantizer[qname].update({"eval_tokens": qrows[0]["eval_tokens"], "zero_shot_items": args.items,
                                      "overrides": overrides, "budgets": budgets})
-        path = write_results("allocation_quality", {"per_quantizer": per_quantizer}, rows)
+        path = write_results("allocation_quality", {"per_quantizer": per_quantizer}, rows, KEY)
         console.print(f"wrote {path}")
     for qname in args.quantizers.split(","):
         console.print(f"\n{qname}: perplexity by budget (gamma / proxy / split)")

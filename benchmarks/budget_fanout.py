@@ -94,7 +94,8 @@ def main() -> None:
     summary["solve_quantize_seconds_mean"] = sum(solve_quantize) / len(solve_quantize)
     summary["solve_quantize_over_stage1"] = summary["solve_quantize_seconds_mean"] / stage1
     path = write_results("budget_fanout", {"eval_tokens": args.tokens, "zero_shot_items": args.items,
-                                           "overrides": args.set, "summary": summary}, rows)
+                                           "overrides": args.set, "summary": summary}, rows,
+                         ("run", "budget"))
     console.print(f"Stage I {stage1:.0f}s. One more budget inside a run: {summary['in_run_budget_seconds_mean']:.1f}s "
                   f"({100 * summary['in_run_budget_over_stage1']:.1f}% of Stage I); alone in a fresh process "
                   f"{one_wall:.1f}s ({100 * summary['fresh_process_over_stage1']:.1f}%, of which start-up and "

@@ -32,18 +32,18 @@ def commit() -> str:
         return "unknown"
 
 
-def write_results(name: str, settings: dict, rows: list[dict], key: tuple[str, ...] | None = None) -> Path:
-    """Write ``benchmarks/results/<name>.json``. With ``key``, every row is stamped with the commit
-    and date it was measured at and merged by its key into the rows already there: a rerun
-    replaces only the rows it recomputed."""
+def write_results(name: str, settings: dict, rows: list[dict], key: tuple[str, ...]) -> Path:
+    """Write ``benchmarks/results/<name>.json``: every row new to this run is stamped with the commit
+    and date it was measured at (a row that already has them, read back from the file, keeps its
+    own) and merged by ``key`` into the rows already there: a rerun replaces only the rows it
+    recomputed and erases no figure it did not."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     stamp = {"commit": commit(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     settings = {**settings, **stamp}
-    if key is not None:
-        old = json.loads(path.read_text())["rows"] if path.exists() else []
-        new = {tuple(r[k] for k in key): {**r, **stamp} for r in rows}
-        rows = [r for r in old if tuple(r.get(k) for k in key) not in new] + list(new.values())
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    new = {tuple(r.get(k) for k in key): {**stamp, **r} if "commit" in r else {**r, **stamp} for r in rows}
+    rows = [r for r in old if tuple(r.get(k) for k in key) not in new] + list(new.values())
     path.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1, default=str) + "\n")
     return path
 

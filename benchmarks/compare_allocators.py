@@ -52,6 +52,7 @@ def table_files(ws: Workspace, name: str) -> list[Path]:
         files.append(TABLES / f"{name}-{b:g}-{key[:16]}.json")
     return files
 
+KEY = ("quantizer", "method", "budget")
 ALL = "gamma,gamma-blocks,uniform,hawq,higgs,scalebits,windquant,evopress"
 
 
@@ -138,7 +139,7 @@ def main() -> None:
         per_quantizer[qname] = {**settings, "allocators": sorted({r["method"] for r in kept + qrows}), "runs": runs}
         plot_pareto([r for r in rows if r["quantizer"] == qname and "error" not in r],
                     RESULTS / f"compare_allocators_{qname}.png")
-        console.print(f"wrote {write_results('compare_allocators', {'per_quantizer': per_quantizer}, rows)}")
+        console.print(f"wrote {write_results('compare_allocators', {'per_quantizer': per_quantizer}, rows, KEY)}")
         (RESULTS / f"compare_allocators_{qname}.partial.json").unlink(missing_ok=True)
     for qname in args.quantizers.split(","):
         console.print(f"\n{qname}: perplexity (SE) by budget")

@@ -78,7 +78,8 @@ UNTRAINED_CLIPS = {"untrained proxy init": 0.0, "untrained proxy init clip8": 8.
 
 
 # a row is one (quantizer, kind, configuration, budget, training budget, evaluation length)
-KEY = ("quantizer", "kind", "row", "budget", "training_budget", "max_tokens")
+# zero_shot_items: a rerun without zero-shot (items 0) keeps the rows that have it
+KEY = ("quantizer", "kind", "row", "budget", "training_budget", "max_tokens", "zero_shot_items")
 EXTRA: dict = {}  # --set overrides, applied to every configuration
 
 
@@ -137,7 +138,8 @@ class Evaluator:
             self.cache[key] = {"avg_bits": acct.nominal_bits, "effective_bits": acct.effective_bits,
                                **evaluate_model(self.ws, self.model, self.tokenizer)}
             self.cache_file.write_text(json.dumps(self.cache, indent=1) + "\n")
-        return {**self.cache[key], "window": self.cfg.stage2.window, "max_tokens": self.cfg.evaluation.max_tokens}
+        return {**self.cache[key], "window": self.cfg.stage2.window, "max_tokens": self.cfg.evaluation.max_tokens,
+                "zero_shot_items": self.cfg.evaluation.zero_shot_items}
 
 
 def plot(rows: list[dict], quantizer: str, tokens: int, path: Path) -> None:
@@ -230,7 +232,7 @@ def main() -> None:
                         "training_budget": args.train_budget, "budget": b, "stage1_seconds": table.wall_seconds,
                         "stage1_peak_mb": table.peak_memory_mb, "stage1_steps": len(table.history["loss"]),
                         **ev.evaluate(ev.solve(np.asarray(table.scores), b))})
-            write_results("stage1_ablation", settings, rows)
+            write_results("stage1_ablation", settings, rows, KEY)
         reuse_from = [float(b) for b in args.reuse_from.split(",") if b]
         if reuse_from:
             own = [float(b) for b in args.reuse_own.split(",") if b] or budgets
@@ -243,8 +245,8 @@ def main() -> None:
                             "training_budget": trained, "budget": b, "stage1_seconds": table.wall_seconds,
                             "stage1_peak_mb": table.peak_memory_mb,
                             **ev.evaluate(ev.solve(np.asarray(table.scores), b))})
-                write_results("stage1_ablation", settings, rows)
-        path = write_results("stage1_ablation", settings, rows)
+                write_results("stage1_ablation", settings, rows, KEY)
+        path = write_results("stage1_ablation", settings, rows, KEY)
         console.print(f"wrote {path}")
         this_length = [r for r in rows if r["max_tokens"] == args.tokens]  # figures compare at one length
         plot(this_length, qname, args.tokens, RESULTS / f"stage1_ablation_{qname}.png")

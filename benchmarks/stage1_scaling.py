@@ -85,7 +85,7 @@ def main() -> None:
                       f"same 2.5-bit assignment: {r['same_assignment_at_2.5']}")
     settings = {"device": device_name(), "stage1": cfg.stage1.model_dump(exclude={"processes"}),
                 "calibration_sequences": cfg.text.calibration_sequences, "overrides": args.set}
-    console.print(f"wrote {write_results('stage1_scaling', settings, rows)}")
+    console.print(f"wrote {write_results('stage1_scaling', settings, rows, ('processes', 'rank'))}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def main() -> None:
     settings = {"model": ws.model_hash, "text": ws.text_hash, "context": cfg.evaluation.context_length,
                 "tokens": rows[0]["eval_tokens"], "zero_shot_items": args.items, "group_size": cfg.quantizer.group_size,
                 "calibration_sequences": cfg.text.calibration_sequences, "gptq": cfg.quantizer.gptq.model_dump()}
-    path = write_results("uniform", settings, rows)
+    path = write_results("uniform", settings, rows, ("quantizer", "method", "budget"))
     print_table([{**r, "method": f"{r.get('quantizer', '')}-{r['budget']:g}"} for r in rows], "uniform baselines")
     console.print(f"wrote {path}")
 

@@ -77,7 +77,7 @@ def main() -> None:
             rows.append(out)
     settings = {"device": backend.device(), "python": args.python, "tokens": args.tokens, "items": args.items,
                 "quantizer": ws.quantizer_record(), "tasks": e.zero_shot_tasks}
-    console.print(f"wrote {write_results('vllm_agreement', settings, rows)}")
+    console.print(f"wrote {write_results('vllm_agreement', settings, rows, ('variant',))}")
 
 
 if __name__ == "__main__":
