@@ -59,7 +59,43 @@ CLAIMS = {  # README text with {} for the figure -> the figure as the results fi
     "(a 70B model) solve in at most {} s": lambda: _slowest("llama-70b", "nominal"),
     "in bytes in at most {} s;": lambda: _slowest("llama-8b", "bytes"),
     "proven bound in at most {} s": lambda: _slowest("block-wise", "nominal"),
+    "| 4.25 | {} |": lambda: _marlin_row(4.25),
+    "| 4.5 | {} |": lambda: _marlin_row(4.5),
+    "| 5 | {} |": lambda: _marlin_row(5.0),
+    "| 6 | {} |": lambda: _marlin_row(6.0),
+    "at 2.5 / 3 / 3.5 / 4 bits GAMMA {}, the proxy": lambda: _transformers_rtn("gamma"),
+    "the proxy {}, the best split": lambda: _transformers_rtn("hawq"),
+    "the best split {}; uniform 2/3/4": lambda: _transformers_rtn("uniform"),
+    "| inside a run (each budget's task: Stage II, quantize, export, evaluate, register) | {} s |":
+        lambda: f"{_summary('budget_fanout')['in_run_budget_seconds_mean']:.1f}",
+    "| alone, in a fresh `gamma run` process | {} s |":
+        lambda: f"{_summary('budget_fanout')['fresh_process_seconds']:.1f}",
+    "| Stage II + quantization alone | {} s |":
+        lambda: f"{_summary('budget_fanout')['solve_quantize_seconds_mean']:.1f}",
+    "A fresh process adds {} s of fixed start-up": lambda: f"{_summary('budget_fanout')['fixed_start_up_seconds']:.1f}",
+    "1 process {} s and": lambda: _field("stage1_scaling", "stage1_seconds", "{:.0f}", processes=1),
+    "s and {} GiB; 2 processes": lambda: f"{_row('stage1_scaling', processes=1)['peak_memory_mb'] / 1024:.1f}",
+    "2 processes {} s and": lambda: _field("stage1_scaling", "stage1_seconds", "{:.0f}", processes=2, rank=0),
+    "(3 bits: {} against": lambda: _field("uniform", "perplexity", "{:.1f}", quantizer="gptq", budget=3.0),
+    "(3 bits: 46.1 against {})": lambda: _field("uniform", "perplexity", "{:.1f}", quantizer="rtn", budget=3.0),
 }
+
+
+def _summary(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())["settings"]["summary"]
+
+
+def _marlin_row(budget: float) -> str:
+    rows = [_row("serving_profiles", profile="vllm-marlin", quantizer="rtn", method=m, budget=budget)
+            for m in ("gamma", "hawq", "uniform")]
+    cells = [f"{r['perplexity']:.2f} ± {r['perplexity_se']:.2f}, KL {r['kl_divergence']:.3f}" for r in rows]
+    return " | ".join(cells) + f" | {rows[0]['total_bytes'] / 2**20:.1f}"  # GAMMA's MiB
+
+
+def _transformers_rtn(method: str) -> str:
+    rows = [_row("serving_profiles", profile="transformers", quantizer="rtn", method=method, budget=b)
+            for b in (2.5, 3.0, 3.5, 4.0)]
+    return " / ".join(f"{r['perplexity']:.1f}" for r in rows)
 
 
 def _marlin(method: str, budget: float) -> str:
