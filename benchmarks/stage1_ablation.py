@@ -210,7 +210,7 @@ def main() -> None:
         ev = Evaluator(qname, bits, args, cache)
         settings = {"note": "rows accumulate over invocations (soft-fisher: the default, proxy_clip 0)",
                     "candidates": bits, "eval_tokens": "per row: max_tokens asked, eval_tokens counted",
-                    "zero_shot_items": "per row: zero_shot_tasks",
+                    "zero_shot_items": "per row (zero_shot_items, zero_shot_tasks)",
                     "train_budget": args.train_budget, "configs": CONFIGS, "params": ev.cfg.stage1.model_dump(),
                     "calibration_sequences": ev.cfg.text.calibration_sequences, "model_md5": ev.ws.model_hash,
                     "text_md5": ev.ws.text_hash, "context_length": ev.cfg.evaluation.context_length}
