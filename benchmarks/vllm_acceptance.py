@@ -3,7 +3,9 @@
 For each serving profile one mixed-precision variant of the embedded model (RTN, the profile's
 widths dealt round-robin over its allocation units, so every width it claims is used and its tie
 groups hold), plus uniform 4-bit symmetric and 4-bit asymmetric ``vllm-marlin`` variants and a
-``vllm-marlin`` 4/16 mix. Each is quantized and exported the pipeline's way
+``vllm-marlin`` 4/16 mix, and uniform 4-bit ``vllm-marlin`` variants of two small random-weight
+mixture-of-experts models (Mixtral, Qwen3-MoE: experts quantized, stored under vLLM's per-expert
+names). Each is quantized and exported the pipeline's way
 (``quantize_and_evaluate``: transformers' perplexity on the in-memory model, which is exactly what
 the checkpoint stores), then handed to vLLM in its own environment (``vllm_accepts``: its
 compressed-tensors config parsing and per-layer schemes, its weight loading, one forward), and
@@ -54,7 +56,8 @@ from gamma.progress import console
 from gamma.run.variant import quantize_and_evaluate
 from gamma.run.workspace import Workspace
 
-# variant: (serving profile, widths dealt over its allocation units, symmetric)
+# variant: (serving profile, widths dealt over its allocation units, symmetric[, architecture of a
+# small random-weight model built from its config instead of the embedded model])
 VARIANTS = {
     "research-mixed": ("research", (2, 3, 4, 8, 16), False),
     "transformers-mixed": ("transformers", (2, 3, 4, 8, 16), True),
@@ -63,13 +66,33 @@ VARIANTS = {
     "vllm-marlin-4-16": ("vllm-marlin", (4, 16), True),
     "vllm-marlin-w4-symmetric": ("vllm-marlin", (4,), True),
     "vllm-marlin-w4-asymmetric": ("vllm-marlin", (4,), False),
+    "mixtral-w4": ("vllm-marlin", (4,), True, "Mixtral"),
+    "qwen3moe-w4": ("vllm-marlin", (4,), True, "Qwen3Moe"),
 }
+MOE = {"Mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+       "Qwen3Moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "head_dim": 64}}
 KEY = ("variant",)
 
 
-def config(profile: str, symmetric: bool, args):
+def moe_model(arch: str, where: Path) -> Path:
+    """A 2-block random-weight ``arch`` model (4 experts, widths 256) with the embedded tokenizer."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ROOT / "data" / "models" / "smollm2-135m")
+    config = getattr(transformers, f"{arch}Config")(
+        hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=4096, vocab_size=len(tokenizer), **MOE[arch])
+    torch.manual_seed(0)
+    folder = where / f"{arch.lower()}-fp"
+    getattr(transformers, f"{arch}ForCausalLM")(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def config(profile: str, symmetric: bool, args, model: Path | None = None):
     p = PROFILES[profile]
-    return load_config(ROOT / "params.yaml", {
+    return load_config(ROOT / "params.yaml", {**({"model.path": str(model)} if model else {}),
         "serving.profile": profile, "candidates": list(p.bits), "quantizer.method": "rtn",
         "quantizer.symmetric": symmetric, "allocation.ties": p.ties or "none",
         "allocation.experts": p.experts or "per_expert", "evaluation.max_tokens": args.tokens,
@@ -103,8 +126,8 @@ def vllm_perplexity(python: str, ckpt: Path, ws: Workspace, tokenizer) -> dict:
 
 
 def measure(name: str, args, where: Path) -> dict:
-    profile, widths, symmetric = VARIANTS[name]
-    ws = Workspace(config(profile, symmetric, args))
+    profile, widths, symmetric, *arch = VARIANTS[name]
+    ws = Workspace(config(profile, symmetric, args, moe_model(arch[0], where) if arch else None))
     model, tokenizer = ws.load()
     a = ws.cfg.allocation
     assignment = dealt(model, widths, a.ties, a.experts)
@@ -145,7 +168,8 @@ def main() -> None:
     os.environ.update({k: v for k, v in CHECK_ENV.items() if k == "VLLM_CPU_KVCACHE_SPACE"})
     settings = {"python": args.python, "device": "cpu", "avx512": cpu_runs_vllm_int4(), "eval_tokens": args.tokens,
                 "quantizer": "rtn, group size of params.yaml",
-                "variants": {k: {"profile": p, "widths": list(w), "symmetric": s} for k, (p, w, s) in VARIANTS.items()},
+                "variants": {k: {"profile": v[0], "widths": list(v[1]), "symmetric": v[2], "model": v[3] if v[3:] else
+                                 "embedded"} for k, v in VARIANTS.items()},
                 "assignment": "the profile's widths dealt round-robin over its allocation units",
                 "check_env": CHECK_ENV, "check": "vllm_worker.py --check-load: config, load, one forward"}
     rows = []

@@ -90,6 +90,11 @@ def test_serving_profiles_name_what_vllm_cannot_load():
     del mixed["model.layers.1.self_attn.k_proj"]
     [why] = serving_problems(mixed, cpu, unquantized=["model.layers.1.self_attn.k_proj", "lm_head"])
     assert "q_proj/k_proj/v_proj" in why and "model.layers.1.self_attn" in why
+    # quantized MoE experts: the GPU build's MoE kernels take them, the CPU build has none
+    moe = {f"model.layers.0.block_sparse_moe.experts.{e}.{w}": (4, True) for e in range(4) for w in ("w1", "w2", "w3")}
+    assert serving_problems(moe, gpu) == []
+    [why] = serving_problems(moe, cpu)
+    assert "MoE experts" in why and "12 expert modules" in why
 
 
 def test_vllm_command_and_configuration(tmp_path, monkeypatch):

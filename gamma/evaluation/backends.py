@@ -74,6 +74,7 @@ class ServingProfile:
     engine: str
     schemes: frozenset[tuple[int, bool]]  # (bits, symmetric) its kernels take
     group_sizes: frozenset[int] | None  # None: any the kernel's shape rules allow
+    quantized_experts: bool = True  # whether it has a kernel for quantized MoE experts
 
     @property
     def bits(self) -> frozenset[int]:
@@ -83,7 +84,9 @@ class ServingProfile:
 VLLM_PROFILES = {
     "cuda": ServingProfile("vLLM on GPU (Marlin kernels)", frozenset({(4, True), (4, False), (8, True)}),
                            frozenset({-1, 32, 64, 128})),
-    "cpu": ServingProfile("vLLM CPU build", frozenset({(4, True), (4, False)}), None),
+    # the CPU build has no WNA16 MoE backend (vLLM 0.32.0: "No WNA16 MoE backend supports the
+    # deployment configuration", raised while the layers are built, before any weight is read)
+    "cpu": ServingProfile("vLLM CPU build", frozenset({(4, True), (4, False)}), None, quantized_experts=False),
 }
 
 
@@ -129,6 +132,10 @@ def serving_problems(schemes: dict[str, tuple[int, bool]], profile: ServingProfi
     if profile.group_sizes is not None and not set(group_sizes) <= profile.group_sizes:
         problems.append(f"{profile.engine} takes group sizes {sorted(profile.group_sizes)}; the variant has "
                         f"{sorted(set(group_sizes) - profile.group_sizes)}")
+    experts = sorted(name for name in schemes if ".experts." in name)
+    if experts and not profile.quantized_experts:
+        problems.append(f"{profile.engine} has no kernel for quantized MoE experts; the variant quantizes "
+                        f"{len(experts)} expert modules (first: {experts[0]})")
     every = {**schemes, **{name: "unquantized" for name in unquantized}}
     for shards in FUSED_SHARDS:
         fused: dict[str, set] = {}
