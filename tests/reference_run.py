@@ -1,7 +1,8 @@
 """The figures that the equivalence test compares across commits: a small `gamma learn`,
-`gamma allocate` and `gamma quantize` on the embedded model (float32), RTN and GPTQ, through the
-command line that every commit has. Writes the score table, the Stage II assignments and a hash
-of every exported tensor.
+`gamma allocate` and `gamma quantize` on the first ``BLOCKS`` blocks of the embedded model (float32,
+the same weights; a user's model directory to both commits), RTN and GPTQ, through the command
+line that every commit has. Writes the score table, the Stage II assignments and a hash of every
+exported tensor.
 
 tests/test_equivalence.py runs this file with dd5a73c's code first on the path (taken from git
 history) and compares with what this checkout gives; `tests/data/reference_dd5a73c.json`, for a
@@ -21,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (2.5, 3.0, 3.5)
+BLOCKS = 4  # of the embedded model's 30: every code path the same, GPTQ's sequential walk 7x shorter
 SETTINGS = {
     "model.data_dir": str(ROOT / "data"), "text.calibration_sequences": 4, "text.sequence_length": 64,
     "stage1.steps": 6, "stage1.sequences_per_step": 2, "stage1.tokens_per_sequence": 64,
@@ -50,13 +52,29 @@ def tensor_hashes(checkpoint: Path) -> dict[str, str]:
     return out
 
 
+def first_blocks(where: Path) -> Path:
+    """The embedded model cut to its first ``BLOCKS`` blocks (embeddings, norm and head kept), in float32."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    embedded = ROOT / "data" / "models" / "smollm2-135m"
+    config = AutoConfig.from_pretrained(embedded)
+    config.num_hidden_layers = BLOCKS
+    model = AutoModelForCausalLM.from_pretrained(embedded, config=config, dtype=torch.float32)
+    model.save_pretrained(where)
+    AutoTokenizer.from_pretrained(embedded).save_pretrained(where)
+    return where
+
+
 def produce(method: str, where: Path) -> dict:
     """One quantizer's score table, assignments and exported tensors, through the command line."""
     from gamma import cli
 
     params = where / "params.yaml"
     params.write_text("{}\n")
-    sets = [f"{k}={v}" for k, v in {**SETTINGS, "quantizer.method": method, "output_dir": str(where)}.items()]
+    model = first_blocks(where / "model")
+    sets = [f"{k}={v}" for k, v in {**SETTINGS, "model.path": str(model), "quantizer.method": method,
+                                    "output_dir": str(where)}.items()]
     common = ["--params", str(params)] + [a for s in sets for a in ("--set", s)]
     for argv in (["learn"], ["allocate", "--budgets", ",".join(map(str, BUDGETS))], ["quantize", "--budget", "3"]):
         code = cli.main(argv + common)

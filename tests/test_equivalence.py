@@ -1,7 +1,8 @@
 """Issue 23's data path (block-streamed teacher, packed candidates, per-block GPTQ, weights in the
 model's dtype) against the commit before it, dd5a73c: on the embedded model in float32 the same
 score table (within 1e-4), the same Stage II assignments and the same exported tensors, bit for
-bit, for RTN and GPTQ (``tests/reference_run.py``: learn, allocate, quantize on the command line).
+bit, for RTN and GPTQ (``tests/reference_run.py``: learn, allocate, quantize on the command line,
+on the embedded model's first blocks).
 
 Floating-point results differ a little between CPUs (AVX-512 or not): the test compares first with
 ``tests/data/reference_dd5a73c.json`` (written by that commit's code on an AVX-512 Xeon) and, where
@@ -63,7 +64,7 @@ def differences(ours: dict, theirs: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_the_streamed_data_path_gives_what_the_commit_before_it_gave(method, tmp_path, tmp_path_factory):
+def test_the_streamed_data_path_gives_what_the_commit_before_it_gave(method, model_dir, tmp_path, tmp_path_factory):
     ours = produce(method, tmp_path)
     found = differences(ours, json.loads(COMMITTED.read_text())[method])
     if found:
