@@ -173,8 +173,8 @@ def test_a_killed_learn_process_resumes_to_the_uninterrupted_table(tmp_path):
 
     from gamma.config import command_line
 
-    sets = {"text.calibration_sequences": 2, "text.sequence_length": 64, "stage1.steps": 20,
-            "stage1.checkpoint_every": 1, "stage1.extra_budgets": []}
+    sets = {"text.calibration_sequences": 2, "text.sequence_length": 64, "stage1.steps": 12,
+            "stage1.tokens_per_sequence": 32, "stage1.checkpoint_every": 1, "stage1.extra_budgets": []}
     params = str(defaults(tmp_path))
     subprocess.run(command_line("learn", {**sets, "output_dir": str(tmp_path / "full")}, "--params", params),
                    check=True, capture_output=True)
