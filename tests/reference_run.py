@@ -1,6 +1,6 @@
 """The figures that the equivalence test compares across commits: a small `gamma learn`,
 `gamma allocate` and `gamma quantize` on the first ``BLOCKS`` blocks of the embedded model (float32,
-the same weights; a user's model directory to both commits), RTN and GPTQ, through the command
+the same weights, given to both commits as a user's model directory), RTN and GPTQ, through the command
 line that every commit has. Writes the score table, the Stage II assignments and a hash of every
 exported tensor.
 
