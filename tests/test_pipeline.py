@@ -259,7 +259,8 @@ def test_dask_runner_registers_the_same_variants_as_threads(tmp_path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     params = {"model": {"path": str(model_dir), "data_dir": str(Path(model_dir).parents[1])},
-              "text": {"calibration_sequences": 2, "sequence_length": 64}, "stage1": {"steps": 2},
+              "text": {"calibration_sequences": 2, "sequence_length": 64},
+              "stage1": {"steps": 2, "tokens_per_sequence": 32, "extra_budgets": []},  # one small table
               "evaluation": {"max_tokens": 256, "context_length": 128, "zero_shot_items": 0},
               "uniform_bits": [], "stage2": {"budgets": [3.0]},
               "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifacts": str(tmp_path / "art")}}

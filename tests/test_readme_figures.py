@@ -122,6 +122,25 @@ def _readme() -> str:
     return re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
 
 
+def quality_row(budget: float) -> str:
+    """docs/results.md's allocation-quality row at ``budget``: per quantizer GAMMA, the proxy and the
+    best split, the lowest perplexity in bold (thousands without decimals)."""
+    cells = []
+    for quantizer in ("rtn", "gptq"):
+        ppl = [_row("allocation_quality", quantizer=quantizer, method=m, budget=budget)["perplexity"]
+               for m in ("gamma", "proxy", "split")]
+        for p in ppl:
+            text = f"{p:,.0f}" if p >= 1000 else f"{p:.1f}"
+            cells.append(f"**{text}**" if p == min(ppl) else text)
+    return f"| {budget:g} | " + " | ".join(cells) + " |"
+
+
+@pytest.mark.parametrize("budget", [2.25, 2.5, 2.75, 3.0, 3.5])
+def test_the_allocation_quality_table_is_its_results_file(budget):
+    docs = re.sub(r"[ \t]+", " ", (ROOT / "docs" / "results.md").read_text())
+    assert quality_row(budget) in docs, f"docs/results.md should have the row {quality_row(budget)!r}"
+
+
 @pytest.mark.parametrize("claim", sorted(CLAIMS))
 def test_a_readme_figure_is_the_figure_in_its_results_file(claim):
     want = " ".join(claim.split()).format(CLAIMS[claim]())
