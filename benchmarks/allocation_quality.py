@@ -42,6 +42,7 @@ from gamma.stage2.scores import Scores
 
 KEY = ("quantizer", "method", "budget")
 
+
 def compare(qname: str, budgets: list[float], args, overrides: dict) -> tuple[list[dict], dict]:
     """Every method at every budget for one quantizer; returns the rows and the settings used."""
     cfg = load_config("params.yaml", {"evaluation.max_tokens": args.tokens, "evaluation.zero_shot_items": args.items,

@@ -52,6 +52,7 @@ def table_files(ws: Workspace, name: str) -> list[Path]:
         files.append(TABLES / f"{name}-{b:g}-{key[:16]}.json")
     return files
 
+
 KEY = ("quantizer", "method", "budget")
 ALL = "gamma,gamma-blocks,uniform,hawq,higgs,scalebits,windquant,evopress"
 

@@ -86,10 +86,10 @@ def _summary(name: str) -> dict:
 
 
 def _marlin_row(budget: float) -> str:
-    rows = [_row("serving_profiles", profile="vllm-marlin", quantizer="rtn", method=m, budget=budget)
-            for m in ("gamma", "hawq", "uniform")]
-    cells = [f"{r['perplexity']:.2f} ± {r['perplexity_se']:.2f}, KL {r['kl_divergence']:.3f}" for r in rows]
-    return " | ".join(cells) + f" | {rows[0]['total_bytes'] / 2**20:.1f}"  # GAMMA's MiB
+    rows = {m: _row("serving_profiles", profile="vllm-marlin", quantizer="rtn", method=m, budget=budget)
+            for m in ("gamma", "hawq", "uniform")}
+    cells = [f"{_marlin(m, budget)}, KL {r['kl_divergence']:.3f}" for m, r in rows.items()]
+    return " | ".join(cells) + f" | {rows['gamma']['total_bytes'] / 2**20:.1f}"  # GAMMA's MiB
 
 
 def _transformers_rtn(method: str) -> str:
