@@ -68,6 +68,10 @@ class QuantizerConfig(_Section):
     group_size: int = Field(64, ge=-1, description="-1 means one group per output row")
     symmetric: bool = False
     gptq: GPTQConfig = GPTQConfig()
+    candidate_store: Literal["auto", "held", "rebuilt"] = Field("auto", description=(
+        "held: every module's candidates quantized once and held packed on the host (b/8 bytes per weight "
+        "per width); rebuilt: quantized again on the device whenever a block needs them, nothing held (RTN "
+        "only: GPTQ's come from the calibration Hessians); auto: rebuilt for RTN on a CUDA device, else held"))
 
     @field_validator("group_size")
     @classmethod
@@ -75,6 +79,21 @@ class QuantizerConfig(_Section):
         if v == 0:
             raise ValueError("group_size must be -1 (per row) or positive, got 0")
         return v
+
+    def store_on(self, device_type: str) -> str:
+        """``candidate_store`` resolved for a device type: ``auto`` rebuilds RTN's on CUDA, where
+        quantizing a block costs milliseconds and holding 2/3/4-bit candidates costs the host 0.56x
+        the bf16 model; on the CPU rebuilding costs time on every Stage I step."""
+        if self.candidate_store != "auto":
+            return self.candidate_store
+        return "rebuilt" if self.method == "rtn" and device_type == "cuda" else "held"
+
+    @model_validator(mode="after")
+    def _rebuilt_needs_rtn(self):
+        if self.candidate_store == "rebuilt" and self.method != "rtn":
+            raise ValueError(f"quantizer.candidate_store='rebuilt' needs a quantizer without Hessians (rtn), not "
+                             f"{self.method!r}: its candidates come from the calibration Hessians; use held or auto")
+        return self
 
 
 class VllmConfig(_Section):

@@ -8,6 +8,7 @@ width (every allocator chooses among the very same quantized weights), the knaps
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from gamma.config import Stage2Config
 from gamma.model.assignment import module_cost_bits, stored_bytes, unquantized_tensors
+from gamma.model.candidates import RebuiltCandidates
 from gamma.model.loading import quantizable_modules
 from gamma.quant.hessians import collect_hessians
 from gamma.quant.interface import QuantizedWeight, QuantSpec
@@ -48,7 +50,7 @@ class AllocationProblem:
 
     model: nn.Module  # full precision; allocators that apply candidates restore it
     calibration: torch.Tensor  # [N, T] token ids, never the evaluation text
-    candidates: dict[str, list[QuantizedWeight]]
+    candidates: Mapping[str, list[QuantizedWeight]]  # held (a dict) or ``RebuiltCandidates``
     bits: list[int]
     group_size: int = 64
     symmetric: bool = False
@@ -69,6 +71,8 @@ class AllocationProblem:
         missing = sorted(set(self.candidates) - set(layers))[:3]
         if missing:
             raise AllocatorError(f"candidates name modules the model does not have: {missing}")
+        if isinstance(self.candidates, RebuiltCandidates):  # quantize the originals, whatever the model holds
+            self.candidates.source = self.full_precision
 
     def keep_originals(self) -> None:
         """Copy the full-precision weights aside, once, before anything changes the model (a copy as
@@ -94,7 +98,8 @@ class AllocationProblem:
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
-        return [self.candidates[m][0].shape for m in self.modules]
+        layers = quantizable_modules(self.model)
+        return [tuple(layers[m].weight.shape) for m in self.modules]
 
     @cached_property
     def fixed_bytes(self) -> int:

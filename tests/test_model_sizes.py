@@ -268,3 +268,39 @@ def test_every_phase_records_the_device_it_computed_on(tmp_path, bf16_dir):
     float32 = Workspace(load_config(defaults(tmp_path), {**cfg.model_dump(), "model": {
         **cfg.model.model_dump(), "dtype": "float32"}, "quantizer": {"method": "rtn", "group_size": 32}}))
     assert quantize_and_evaluate(float32, 4)["eval_devices"] == "cpu (whole model)"
+
+
+def test_rebuilt_candidates_are_the_held_ones_and_learn_the_same_table(bf16_dir, tmp_path):
+    """``quantizer.candidate_store: rebuilt`` holds no candidate on the host: each block's are
+    quantized again when asked, the very weights ``held`` keeps packed, so Stage I learns the very
+    same table, and an allocator that has changed the model's weights still gets the originals'."""
+    from conftest import DATA
+
+    from gamma.model.candidates import RebuiltCandidates, apply_candidates
+    from gamma.model.memory import estimate_memory
+    from gamma.run.workspace import Workspace
+    from gamma.stage1.learn import learn_score_table
+
+    problems, tables = {}, {}
+    for store in ("held", "rebuilt"):
+        cfg = load_config(defaults(tmp_path), {
+            "model.path": str(bf16_dir), "model.data_dir": str(DATA), "quantizer.group_size": 32,
+            "quantizer.candidate_store": store, "text.calibration_sequences": 3, "text.sequence_length": 32,
+            "stage1.steps": 3, "stage1.sequences_per_step": 2, "evaluation.max_tokens": 128,
+            "evaluation.context_length": 32})
+        problems[store] = Workspace(cfg).problem()
+        tables[store] = learn_score_table(problems[store], cfg.stage1)
+        host = estimate_memory(cfg, bf16_dir).host["candidates (packed)"]
+        assert (host > 0) == (store == "held")
+    held, rebuilt = problems["held"], problems["rebuilt"]
+    assert isinstance(rebuilt.candidates, RebuiltCandidates) and isinstance(held.candidates, dict)
+    assert list(rebuilt.candidates) == list(held.candidates) and rebuilt.sizes == held.sizes
+    assert tables["rebuilt"].scores == tables["held"].scores
+    rebuilt.keep_originals()
+    apply_candidates(rebuilt.model, rebuilt.candidates, rebuilt.bits, dict.fromkeys(rebuilt.modules, 2))
+    for name, cands in held.candidates.items():
+        for a, b in zip(cands, rebuilt.candidates[name]):
+            assert torch.equal(a.dequantize(), b.dequantize()), name
+    assert load_config().quantizer.store_on("cuda") == "rebuilt" and load_config().quantizer.store_on("cpu") == "held"
+    with pytest.raises(ConfigError, match="candidate_store='rebuilt'.*gptq"):
+        load_config(overrides={"quantizer": {"method": "gptq", "candidate_store": "rebuilt"}})

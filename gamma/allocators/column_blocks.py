@@ -166,7 +166,7 @@ def build_column_blocks(problem: AllocationProblem, width: int, order: dict[str,
             h = h[perm][:, perm] if h is not None else None
             candidates[name] = [problem.quantizer.quantize(w, QuantSpec(b, problem.group_size, problem.symmetric), h)
                                 for b in problem.bits]
-        per_col = torch.stack([(cw * (w - q.dequantize()) ** 2).reshape(-1, w.shape[1]).sum(dim=0)
+        per_col = torch.stack([(cw * (w - q.dequantize(w.device)) ** 2).reshape(-1, w.shape[1]).sum(dim=0)
                                for q in candidates[name]])  # [K, in]
         blocks = per_col.reshape(len(problem.bits), -1, width).sum(dim=2).T  # [in / width, K]
         owner += [i] * blocks.shape[0]

@@ -1,10 +1,10 @@
 """What a run will need, estimated from the model's config.json and the settings before anything
 heavy is loaded, printed, recorded, and checked against what the host and device have.
 
-Host: the weights in ``model.dtype``, the packed candidates, the teacher's hidden states and
-gradients. Device: one block in float32 with its Fisher, its dense candidates (all of them while
-they fit the cache), one step's activations, the head, and one block's GPTQ Hessians. When the
-device is the CPU both live in the same memory.
+Host: the weights in ``model.dtype``, the packed candidates (none when they are rebuilt on the
+device), the teacher's hidden states and gradients. Device: one block in float32 with its Fisher,
+its dense candidates (all of them while they fit the cache), one step's activations, the head, and
+one block's GPTQ Hessians. When the device is the CPU both live in the same memory.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ RUNTIME_BYTES = 0.3 * GB  # Python with torch, transformers and gamma imported (
 LOWERED_BY = {
     "runtime": "nothing (Python, torch and transformers themselves)",
     "weights": "model.dtype=bfloat16",
-    "candidates (packed)": "fewer candidates",
+    "candidates (packed)": "fewer candidates or, with RTN, quantizer.candidate_store=rebuilt",
     "teacher hidden states": "text.calibration_sequences, text.sequence_length or stage1.max_host_activations_gb",
     "teacher gradients": "text.calibration_sequences, text.sequence_length or stage1.max_host_activations_gb",
     "one block's GPTQ Hessians": "quantizer.method=rtn",
@@ -199,10 +199,13 @@ def estimate_memory(cfg: GammaConfig, model_dir: str | Path, sequences: int | No
     with_grads = cfg.stage1.loss == "fisher" or cfg.stage1.init == "proxy"
     activations = (s.layers + 1) * n * t * s.hidden
     dense = k * quantized * 4
+    device_name = str(resolve_device(cfg.model.device))
+    held = cfg.quantizer.store_on(torch.device(device_name).type) == "held"  # rebuilt: only one block's, dense
     host = {
         "runtime": RUNTIME_BYTES,
         "weights": s.parameters * itemsize,
-        "candidates (packed)": packed_candidate_bytes(quantized, cfg.candidates, cfg.quantizer.group_size, s.hidden),
+        "candidates (packed)": packed_candidate_bytes(quantized, cfg.candidates, cfg.quantizer.group_size, s.hidden)
+        if held else 0.0,
         "teacher hidden states": activations * itemsize,
         "teacher gradients": s.layers * n * t * s.hidden * max(itemsize, 2) if with_grads else 0.0,
     }
@@ -216,7 +219,7 @@ def estimate_memory(cfg: GammaConfig, model_dir: str | Path, sequences: int | No
         # GPTQ's candidates are built block by block: one block's Hessians (float64 sums) at a time
         "one block's GPTQ Hessians": s.block_hessians * 8 if cfg.quantizer.method == "gptq" else 0.0,
     }
-    estimate = MemoryEstimate(host, device, str(resolve_device(cfg.model.device)))
+    estimate = MemoryEstimate(host, device, device_name)
     if sum(host[p] for p in SPILLED) > cfg.stage1.max_host_activations_gb * GB:
         estimate.disk = {p: host.pop(p) for p in SPILLED}
     return estimate

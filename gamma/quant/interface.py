@@ -68,8 +68,8 @@ class QuantizedWeight:
 
     def dequantize(self, device: str | torch.device | None = None) -> torch.Tensor:
         """The float32 weight, on ``device`` (default: where the codes are; the codes travel, not floats)."""
-        return dequantize_codes(self.codes if device is None else self.codes.to(device), self.scales, self.zeros,
-                                self.spec)
+        q = self if device is None else self.to(device)
+        return dequantize_codes(q.codes, q.scales, q.zeros, q.spec)
 
     def to(self, device: str | torch.device) -> QuantizedWeight:
         return QuantizedWeight(self.codes.to(device), self.scales.to(device), self.zeros.to(device), self.spec)
@@ -130,10 +130,6 @@ class Unquantized:
     weight: torch.Tensor  # float16 [out, in], its own copy: the model's weight changes under allocators
     spec: QuantSpec = QuantSpec(UNQUANTIZED, -1, True)
 
-    @classmethod
-    def of(cls, weight: torch.Tensor) -> Unquantized:
-        return cls(weight.detach().to("cpu", torch.float16, copy=True))
-
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
@@ -142,7 +138,8 @@ class Unquantized:
         return self.weight.to(device or self.weight.device, torch.float32)
 
     def pack(self) -> Unquantized:
-        return self
+        """Held on the host, like a packed candidate."""
+        return Unquantized(self.weight.cpu())
 
     def to(self, device: str | torch.device) -> Unquantized:
         return Unquantized(self.weight.to(device), self.spec)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,7 +18,7 @@ from gamma.config import GammaConfig, shares_widths
 from gamma.evaluation.metrics import reference_logprobs
 from gamma.hashing import content_md5
 from gamma.model.blocks import walk_error
-from gamma.model.candidates import build_candidates
+from gamma.model.candidates import RebuiltCandidates, build_candidates
 from gamma.model.coverage import coverage
 from gamma.model.device import resolve_device
 from gamma.model.loading import ModelInputError, load_model, quantizable_modules, resolve_dtype, resolve_model_path
@@ -200,10 +201,15 @@ class Workspace:
                                  q.symmetric, cfg.stage1.seed, self.quantizer(), None, cfg.stage2, self.provenance(),
                                  str(self.device), units, zero_points=cfg.serving.zero_points)
 
-    def candidates(self, model) -> dict:
-        """Every module at every candidate width. GPTQ's are built block by block during the walk that
+    def candidates(self, model) -> Mapping:
+        """Every module at every candidate width: held packed on the host, or rebuilt on the device
+        whenever asked (``candidate_store``). GPTQ's are built block by block during the walk that
         takes the block's full-precision Hessians, which are then dropped: never all of them at once."""
         cfg, q, quantizer = self.cfg, self.cfg.quantizer, self.quantizer()
+        if q.store_on(self.device.type) == "rebuilt":
+            console.print(f"candidates: {quantizer.name} at bits {cfg.candidates}, rebuilt on {self.device} "
+                          "whenever a block needs them (quantizer.candidate_store), none held on the host")
+            return RebuiltCandidates(model, quantizer, cfg.candidates, q.group_size, q.symmetric, self.device)
         if not quantizer.needs_hessians:
             return build_candidates(model, quantizer, cfg.candidates, q.group_size, q.symmetric, device=self.device)
         built: dict = {}

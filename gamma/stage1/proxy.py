@@ -57,7 +57,7 @@ def relative_error_costs(model: nn.Module, candidates: dict[str, list[QuantizedW
     for name, cands in candidates.items():
         w = modules[name].weight.detach()
         norm = float(w.pow(2).sum())
-        rows.append([w.numel() * float((w - q.dequantize()).pow(2).sum()) / norm for q in cands])
+        rows.append([w.numel() * float((w - q.dequantize(w.device)).pow(2).sum()) / norm for q in cands])
     return np.array(rows)
 
 

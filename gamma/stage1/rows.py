@@ -4,6 +4,7 @@ each block's candidate weights made dense on the compute device when its turn co
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +46,7 @@ class LogitRows:
     unit (``units``: modules sharing one width, by index; default one per module, named after
     it), or with ``layouts`` one per column block of each module (named ``module#j``)."""
 
-    def __init__(self, model: nn.Module, candidates: dict[str, list[QuantizedWeight]], bits: list[int],
+    def __init__(self, model: nn.Module, candidates: Mapping[str, list[QuantizedWeight]], bits: list[int],
                  layouts: dict[str, ColumnLayout] | None = None, cache_limit_bytes: float | None = None,
                  units: list[list[int]] | None = None):
         self.candidates, self.bits, self.layouts = candidates, list(bits), layouts
@@ -68,7 +69,7 @@ class LogitRows:
         self.by_block: dict[int, list[int]] = {}
         for i, name in enumerate(self.modules):
             self.by_block.setdefault(block_index(name), []).append(i)
-        total = sum(q.shape[0] * q.shape[1] * 4 for qs in candidates.values() for q in qs)
+        total = sum(weights[m].weight.numel() for m in self.modules) * len(self.bits) * 4  # without building any
         limit = memory.DENSE_CACHE_BYTES if cache_limit_bytes is None else cache_limit_bytes
         self.cache: dict[str, torch.Tensor] | None = {} if total <= limit else None
 
