@@ -73,8 +73,8 @@ def build_model(spec: str, where: Path) -> Path:
 
 def memory_estimates(name: str) -> dict:
     """gamma's own memory estimate (the one every run prints) for ``name``'s shapes in bfloat16
-    under params.yaml, RTN and GPTQ, computing on a CUDA device: from config.json alone, nothing is
-    built or run."""
+    under params.yaml, RTN (candidates held, and rebuilt per block: what ``auto`` picks on CUDA) and
+    GPTQ, computing on a CUDA device: from config.json alone, nothing is built or run."""
     import tempfile
 
     from gamma.config import load_config
@@ -83,8 +83,9 @@ def memory_estimates(name: str) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps({**SHAPES[name], "torch_dtype": "bfloat16"}))
-        for method in ("rtn", "gptq"):
-            estimate = estimate_memory(load_config(ROOT / "params.yaml", {"quantizer.method": method}), tmp)
+        for method, store in (("rtn", "held"), ("rtn_rebuilt", "rebuilt"), ("gptq", "held")):
+            sets = {"quantizer.method": method.removesuffix("_rebuilt"), "quantizer.candidate_store": store}
+            estimate = estimate_memory(load_config(ROOT / "params.yaml", sets), tmp)
             estimate.device_name = "cuda"  # where the product runs these models; nothing is allocated
             host, device = estimate.totals()
             out.update({f"estimate_host_gb_{method}": round(host / 1024**3, 2),

@@ -5,20 +5,26 @@ Llama-3.2-1B at full depth, Llama-3.1-8B block shapes with 1, 2 and 4 blocks, on
 block. Each model runs in a fresh process, phase by phase through the library as the pipeline
 calls it (load with the walk check, candidates RTN and GPTQ, teacher capture with gradients,
 Stage I: one step and three, Stage II, quantize and export, perplexity on 2k tokens); a sampler
-thread reads the process's resident memory every 20 ms, so each phase gets its own peak. Over the
+thread reads the process's resident memory every 20 ms, so each phase gets its own peak, and after
+each phase the freed memory is handed back (malloc_trim) and what the process still holds is read:
+what stays on the host between phases (on a GPU machine the device's part is not among it). With
+``--store rebuilt`` RTN's candidates are rebuilt per block (``quantizer.candidate_store``). Over the
 8B block sweep it fits peak host memory and the steady Stage I step (after the first) against
 the number of blocks, checks them against the goals of issue 23, and projects host and device
 memory (gamma's own estimate) and time per step to full 8B, 32B and 70B models at the default
-calibration size. Writes benchmarks/results/scale.json (rows keyed by model and phase, the
+calibration size. Writes benchmarks/results/scale.json (rows keyed by model, store and phase, the
 summary in its settings) and benchmarks/results/scale.png (peak memory against blocks).
 
     python benchmarks/scale.py [--models llama-3.2-1b,llama-3.1-8b:1,llama-3.1-8b:2] [--gptq llama-3.2-1b]
+    python benchmarks/scale.py --models llama-3.2-1b --gptq "" --store rebuilt
     python benchmarks/scale.py --models ""     # the summary and the plot again, from the rows there
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import subprocess
 import sys
@@ -62,12 +68,18 @@ class PeakMemory:
         self.peak = self.process.memory_info().rss
         t0 = time.perf_counter()
         yield
-        rows.append({"phase": name, "seconds": round(time.perf_counter() - t0, 2),
-                     "peak_host_gb": round(max(self.peak, self.process.memory_info().rss) / GB, 3)})
+        seconds, peak = time.perf_counter() - t0, max(self.peak, self.process.memory_info().rss)
+        gc.collect()
+        _LIBC.malloc_trim(0)  # glibc keeps freed memory resident; what is still held after this is in use
+        rows.append({"phase": name, "seconds": round(seconds, 2), "peak_host_gb": round(peak / GB, 3),
+                     "held_host_gb": round(self.process.memory_info().rss / GB, 3)})
         console.print(rows[-1])
 
 
-def run_phases(model_dir: str, gptq: bool, sequences: int, length: int, spec: str) -> list[dict]:
+_LIBC = ctypes.CDLL("libc.so.6")
+
+
+def run_phases(model_dir: str, gptq: bool, sequences: int, length: int, spec: str, store: str) -> list[dict]:
     """Every phase on the model at ``model_dir`` (``spec``'s blocks), in this process. Stage I caches
     the dense candidates only when the whole model's fit ``DENSE_CACHE_BYTES``: a few blocks of a
     large model run as the whole model does (uncached), so that time per step scales to it."""
@@ -88,6 +100,7 @@ def run_phases(model_dir: str, gptq: bool, sequences: int, length: int, spec: st
     memory, rows = PeakMemory(), []
     sets = {"model.path": model_dir, "model.data_dir": str(ROOT / "data"), "text.calibration_sequences": sequences,
             "text.sequence_length": length, "stage1.steps": 1, "stage1.extra_budgets": [],
+            "quantizer.candidate_store": store,
             "evaluation.max_tokens": 2048, "evaluation.context_length": 512}
     cfg = load_config(ROOT / "params.yaml", sets)
     ws = Workspace(cfg)
@@ -98,7 +111,8 @@ def run_phases(model_dir: str, gptq: bool, sequences: int, length: int, spec: st
         candidates = ws.candidates(model)
     if gptq:
         with memory.phase(rows, "candidates gptq"):
-            Workspace(load_config(ROOT / "params.yaml", {**sets, "quantizer.method": "gptq"})).candidates(model)
+            Workspace(load_config(ROOT / "params.yaml", {**sets, "quantizer.method": "gptq",
+                                                          "quantizer.candidate_store": "held"})).candidates(model)
     problem = AllocationProblem(model, ws.calibration, candidates, cfg.candidates, cfg.quantizer.group_size,
                                 cfg.quantizer.symmetric, provenance=ws.provenance(), device=str(ws.device))
     with memory.phase(rows, "teacher capture with gradients"):
@@ -120,18 +134,18 @@ def run_phases(model_dir: str, gptq: bool, sequences: int, length: int, spec: st
     return rows
 
 
-def measure(spec: str, gptq: bool, sequences: int, length: int) -> list[dict]:
+def measure(spec: str, gptq: bool, sequences: int, length: int, store: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         console.rule(f"{spec}: building")
         model_dir = build_model(spec, Path(tmp) / "model")
         size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / GB
         out = Path(tmp) / "phases.json"
         cmd = [sys.executable, __file__, "--child", str(model_dir), "--out", str(out), "--sequences", str(sequences),
-               "--length", str(length), "--spec", spec] + (["--with-gptq"] if gptq else [])
+               "--length", str(length), "--spec", spec, "--store", store] + (["--with-gptq"] if gptq else [])
         subprocess.run(cmd, cwd=ROOT, check=True)
         name, _, blocks = spec.partition(":")
         n_blocks = int(blocks) if blocks else SHAPES[name]["num_hidden_layers"]
-        return [{"model": spec, "blocks": n_blocks, "checkpoint_gb": round(size, 3), **r}
+        return [{"model": spec, "store": store, "blocks": n_blocks, "checkpoint_gb": round(size, 3), **r}
                 for r in json.loads(out.read_text())]
 
 
@@ -161,9 +175,9 @@ def linear_fit(xs: list[int], ys: list[float]) -> dict:
             "largest_fit_error": round(float(worst), 3)}
 
 
-def steady_step(rows: list[dict], model: str) -> float:
+def steady_step(rows: list[dict], model: str, store: str = "held") -> float:
     """Seconds per Stage I step after the first: (time of 1 + STEADY steps - time of one) / STEADY."""
-    seconds = {r["phase"]: r["seconds"] for r in rows if r["model"] == model}
+    seconds = {r["phase"]: r["seconds"] for r in rows if (r["model"], r["store"]) == (model, store)}
     return (seconds[STEPS] - seconds[STEP]) / STEADY
 
 
@@ -174,17 +188,22 @@ def summarize(rows: list[dict], sequences: int, length: int) -> dict:
     cfg = load_config(ROOT / "params.yaml")
     bits, group = cfg.candidates, cfg.quantizer.group_size
     out: dict = {"host_goal": {}}
-    for model in sorted({r["model"] for r in rows}):
+    for model, store in sorted({(r["model"], r["store"]) for r in rows}):
         name, _, blocks = model.partition(":")
         s = config_shapes(name)
         s = Shapes(**{**vars(s), "layers": int(blocks) if blocks else s.layers})
-        peak = max(r["peak_host_gb"] for r in rows if r["model"] == model)
+        mine = [r for r in rows if (r["model"], r["store"]) == (model, store)]
+        peak = max(r["peak_host_gb"] for r in mine)
+        held = max((r["held_host_gb"] for r in mine if "held_host_gb" in r), default=None)
         goal = host_goal_gb(s, sequences, length)
-        out["host_goal"][model] = {"peak_host_gb": peak, "goal_gb": round(goal, 2), "met": peak <= goal}
-    sweep = sorted({r["blocks"] for r in rows if r["model"].startswith("llama-3.1-8b:")})
+        out["host_goal"][f"{model} ({store})"] = {
+            "peak_host_gb": peak, "goal_gb": round(goal, 2), "met": peak <= goal,
+            "held_host_gb": held, "held_met": None if held is None else held <= goal}
+    held = [r for r in rows if r["store"] == "held"]  # the 8B sweep: candidates held, as on the CPU by default
+    sweep = sorted({r["blocks"] for r in held if r["model"].startswith("llama-3.1-8b:")})
     if len(sweep) >= 2:
-        peaks = [max(r["peak_host_gb"] for r in rows if r["model"] == f"llama-3.1-8b:{b}") for b in sweep]
-        steps = [steady_step(rows, f"llama-3.1-8b:{b}") for b in sweep]
+        peaks = [max(r["peak_host_gb"] for r in held if r["model"] == f"llama-3.1-8b:{b}") for b in sweep]
+        steps = [steady_step(held, f"llama-3.1-8b:{b}") for b in sweep]
         host, step = linear_fit(sweep, peaks), linear_fit(sweep, steps)
         expected = per_block_expected_gb(config_shapes("llama-3.1-8b"), sequences, length, bits, group)
         host["expected_per_block"] = round(expected, 3)
@@ -215,8 +234,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in sorted({r["model"].split(":")[0] for r in rows}):
-        mine = [r for r in rows if r["model"].split(":")[0] == name]
+    for name in sorted({r["model"].split(":")[0] for r in rows if r["store"] == "held"}):
+        mine = [r for r in rows if r["model"].split(":")[0] == name and r["store"] == "held"]
         blocks = sorted({r["blocks"] for r in mine})
         ax.plot(blocks, [max(r["peak_host_gb"] for r in mine if r["blocks"] == b) for b in blocks], "o-", label=name)
     ax.set_xlabel("decoder blocks")
@@ -236,17 +255,19 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--with-gptq", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--store", default="held", choices=("held", "rebuilt"),
+                    help="quantizer.candidate_store for the Stage I phases (rebuilt: RTN's, per block)")
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        rows = run_phases(args.child, args.with_gptq, args.sequences, args.length, args.spec)
+        rows = run_phases(args.child, args.with_gptq, args.sequences, args.length, args.spec, args.store)
         Path(args.out).write_text(json.dumps(rows))
         return
     gptq = set(filter(None, args.gptq.split(",")))
     settings = {"sequences": args.sequences, "length": args.length, "gptq": sorted(gptq), "device": "cpu"}
     for spec in filter(None, args.models.split(",")):  # written after each model: a later failure loses nothing
-        path = write_results("scale", settings, measure(spec, spec in gptq, args.sequences, args.length),
-                             key=("model", "phase"))
+        path = write_results("scale", settings, measure(spec, spec in gptq, args.sequences, args.length, args.store),
+                             key=("model", "store", "phase"))
         console.print(f"wrote {path}")
     data = json.loads((RESULTS / "scale.json").read_text())
     data["settings"]["summary"] = summarize(data["rows"], args.sequences, args.length)
