@@ -63,7 +63,10 @@ class RebuiltCandidates(Mapping):
         self.modules = quantizable_modules(model)
         self.quantizer, self.bits, self.group_size, self.symmetric = quantizer, list(bits), group_size, symmetric
         self.device = torch.device(device)
-        self.source: Callable[[str], torch.Tensor] = lambda name: self.modules[name].weight.detach()
+        self.source: Callable[[str], torch.Tensor] = self.model_weight
+
+    def model_weight(self, name: str) -> torch.Tensor:
+        return self.modules[name].weight.detach()
 
     def __getitem__(self, name: str) -> list:
         computed_on(self.device)
