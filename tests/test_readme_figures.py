@@ -118,6 +118,33 @@ def _slowest(case: str, unit: str) -> str:
     return f"{max(r['solve_seconds'] for r in rows if case in r['case'] and r['unit'] == unit):.1f}"
 
 
+SCALE_PHASES = ("load", "candidates rtn", "teacher capture with gradients", "steady", "quantize and export",
+                "perplexity (2k tokens)")
+
+
+def scale_row(model: str, store: str) -> str:
+    """The README's row of the scale table for ``model`` with candidates ``store``: each phase's
+    seconds, the steady Stage I step, the peak and (where measured) what the host held after a phase."""
+    rows = [r for r in json.loads((RESULTS / "scale.json").read_text())["rows"]
+            if (r["model"], r["store"]) == (model, store)]
+    seconds = {r["phase"]: r["seconds"] for r in rows}
+    seconds["steady"] = (seconds["Stage I, 3 steps"] - seconds["one Stage I step"]) / 2
+    held = [r["held_host_gb"] for r in rows if "held_host_gb" in r]
+    cells = [f"{seconds[p]:.1f} s" if seconds[p] < 10 else f"{seconds[p]:.0f} s" for p in SCALE_PHASES]
+    cells += [f"{max(r['peak_host_gb'] for r in rows):.1f} GB", f"{max(held):.1f} GB" if held else "not measured"]
+    name = {"llama-3.1-8b": "Llama-3.1-8B", "llama-3.2-1b": "Llama-3.2-1B", "llama-3.1-70b": "Llama-3.1-70B"}
+    blocks = rows[0]["blocks"]
+    label = f"{name[model.partition(':')[0]]}, {blocks} block{'s' if blocks > 1 else ''}"
+    return f"| {label} | {store} | " + " | ".join(cells) + " |"
+
+
+@pytest.mark.parametrize("model,store", [("llama-3.1-8b:1", "held"), ("llama-3.1-8b:2", "held"),
+                                         ("llama-3.1-8b:4", "held"), ("llama-3.2-1b", "held"),
+                                         ("llama-3.2-1b", "rebuilt"), ("llama-3.1-70b:1", "held")])
+def test_the_scale_table_is_its_results_file(model, store):
+    assert scale_row(model, store) in _readme(), f"README should have the row {scale_row(model, store)!r}"
+
+
 def _readme() -> str:
     return re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
 
