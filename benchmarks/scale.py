@@ -221,7 +221,9 @@ def project(step_fit: dict, cfg) -> dict:
     out = {}
     for name in ("llama-3.1-8b", "qwen2.5-32b", "llama-3.1-70b"):
         s = config_shapes(name)
+        goal = host_goal_gb(s, cfg.text.calibration_sequences, cfg.text.sequence_length)
         out[name] = {"blocks": s.layers, "bf16_gb": round(s.parameters * 2 / GB, 2), **memory_estimates(name),
+                     "host_goal_gb": round(goal, 2),
                      "stage1_step_seconds_cpu": round(per_weight * s.block_linear * s.layers + step_fit["fixed"], 1),
                      "calibration": f"{cfg.text.calibration_sequences} x {cfg.text.sequence_length}"}
     return out

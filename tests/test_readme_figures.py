@@ -78,7 +78,23 @@ CLAIMS = {  # README text with {} for the figure -> the figure as the results fi
     "2 processes {} s and": lambda: _field("stage1_scaling", "stage1_seconds", "{:.0f}", processes=2, rank=0),
     "(3 bits: {} against": lambda: _field("uniform", "perplexity", "{:.1f}", quantizer="gptq", budget=3.0),
     "(3 bits: 46.1 against {})": lambda: _field("uniform", "perplexity", "{:.1f}", quantizer="rtn", budget=3.0),
+    "gamma's estimate is {} GB of host memory with RTN's": lambda: _projected_8b("estimate_host_gb_rtn_rebuilt"),
+    "against a goal of {} GB; 27.6 GB": lambda: _projected_8b("host_goal_gb"),
+    "GB; {} GB with candidates held": lambda: _projected_8b("estimate_host_gb_rtn"),
+    "Stage I's own phases peak at {} GB": lambda: _stage1_peak("rebuilt"),
+    "GB ({} GB held), under": lambda: _stage1_peak("held"),
 }
+
+
+def _projected_8b(field: str) -> str:
+    return f"{_summary('scale')['projected']['llama-3.1-8b'][field]:.1f}"
+
+
+def _stage1_peak(store: str) -> str:
+    rows = json.loads((RESULTS / "scale.json").read_text())["rows"]
+    stage1 = [r["peak_host_gb"] for r in rows if (r["model"], r["store"]) == ("llama-3.2-1b", store)
+              and r["phase"].startswith(("one Stage I", "Stage I,"))]
+    return f"{max(stage1):.1f}"
 
 
 def _summary(name: str) -> dict:
