@@ -65,6 +65,11 @@ class PeakMemory:
 
     @contextmanager
     def phase(self, rows: list, name: str):
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         self.peak = self.process.memory_info().rss
         t0 = time.perf_counter()
         yield
@@ -73,6 +78,8 @@ class PeakMemory:
         _LIBC.malloc_trim(0)  # glibc keeps freed memory resident; what is still held after this is in use
         rows.append({"phase": name, "seconds": round(seconds, 2), "peak_host_gb": round(peak / GB, 3),
                      "held_host_gb": round(self.process.memory_info().rss / GB, 3)})
+        if cuda:  # on a GPU machine the device's own peak, apart from the host's
+            rows[-1]["peak_device_gb"] = round(torch.cuda.max_memory_allocated() / GB, 3)
         console.print(rows[-1])
 
 
@@ -266,7 +273,10 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(rows))
         return
     gptq = set(filter(None, args.gptq.split(",")))
-    settings = {"sequences": args.sequences, "length": args.length, "gptq": sorted(gptq), "device": "cpu"}
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # model.device: auto, as params.yaml has it
+    settings = {"sequences": args.sequences, "length": args.length, "gptq": sorted(gptq), "device": device}
     for spec in filter(None, args.models.split(",")):  # written after each model: a later failure loses nothing
         path = write_results("scale", settings, measure(spec, spec in gptq, args.sequences, args.length, args.store),
                              key=("model", "store", "phase"))
