@@ -96,8 +96,9 @@ class AllocationProblem:
     def modules(self) -> list[str]:
         return list(self.candidates)
 
-    @property
+    @cached_property
     def sizes(self) -> list[tuple[int, int]]:
+        """Each module's weight shape, from the model (no candidate is built for it); walked once."""
         layers = quantizable_modules(self.model)
         return [tuple(layers[m].weight.shape) for m in self.modules]
 
