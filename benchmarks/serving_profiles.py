@@ -11,8 +11,10 @@ divergence from the unquantized model on the first ``--kl-tokens``); its real by
 checkpoint's tensors (``total_bytes``, exact) and its files (``checkpoint_bytes``), and
 transformers' own ``from_pretrained`` is tried on every checkpoint (accepted = identical logits).
 vLLM's loader is exercised separately (``benchmarks/vllm_acceptance.py``). GPTQ uses Hessians
-taken once from the full-precision model (``quantizer.gptq.sequential=false``): the pipeline's
-sequential GPTQ pass per variant would cost minutes each here.
+taken once from the full-precision model (``quantizer.gptq.sequential=false``), so a variant's
+weights are exactly the candidates the allocators chose among: they are taken from the problem
+instead of quantized again (the pipeline's sequential GPTQ pass per variant costs minutes each
+here).
 
 Writes ``benchmarks/results/serving_profiles.json`` (rows merged by profile, quantizer, method and
 budget: a rerun replaces only what it recomputed) and ``serving_profiles.png`` (perplexity
@@ -20,6 +22,7 @@ against bytes, one panel per profile).
 
     python benchmarks/serving_profiles.py [--profiles vllm-marlin,vllm-humming,transformers]
         [--quantizers rtn,gptq] [--allocators gamma,hawq,uniform] [--tokens 4096] [--kl-tokens 4096]
+        [--no-references] [--set key=value] [--name serving_profiles]
 """
 
 from __future__ import annotations
@@ -73,10 +76,11 @@ def transformers_reads(path: Path) -> str:
         return str(err).replace(str(path), "<checkpoint>")
 
 
-def measure(ws: Workspace, assignment: dict | int, where: Path, hessians) -> dict:
-    """The pipeline's path for one variant: quantize a fresh model, export, read back, evaluate."""
+def measure(ws: Workspace, assignment: dict | int, where: Path, problem) -> dict:
+    """The pipeline's path for one variant: quantize a fresh model (from the problem's candidates),
+    export, read back, evaluate."""
     t0 = time.perf_counter()
-    row = quantize_and_evaluate(ws, assignment, hessians=hessians, save_to=where)
+    row = quantize_and_evaluate(ws, assignment, save_to=where, problem=problem)
     row["transformers"] = transformers_reads(where)
     row["seconds"] = time.perf_counter() - t0
     shutil.rmtree(where, ignore_errors=True)
@@ -89,13 +93,12 @@ def run(profile: str, quantizer: str, allocators: list[str], args) -> list[dict]
     cfg = config(profile, quantizer, args)
     ws = Workspace(cfg)
     problem = ws.problem()
-    hessians = ws.reusable_hessians(ws.load()[0]) if quantizer == "gptq" else None
     out = WORK / profile / quantizer / "checkpoints"
     rows = []
     base = {"profile": profile, "quantizer": quantizer}
-    for bits in cfg.uniform_bits:
+    for bits in cfg.uniform_bits if args.references else []:
         rows.append({**base, "method": f"uniform-{bits}", "budget": float(bits),
-                     **measure(ws, bits, out / f"uniform-{bits}", hessians)})
+                     **measure(ws, bits, out / f"uniform-{bits}", problem)})
         console.print(f"{profile} {quantizer} uniform-{bits}: {rows[-1]}")
         write_results(args.name, settings(args), rows, KEY)
     for name in allocators:
@@ -108,7 +111,7 @@ def run(profile: str, quantizer: str, allocators: list[str], args) -> list[dict]
                 continue
             row = {**base, "method": name, "budget": budget, "allocate_seconds": result.seconds,
                    "prepare_seconds": result.prepare_seconds,
-                   **measure(ws, result.assignment, out / f"{name}-{budget:g}", hessians)}
+                   **measure(ws, result.assignment, out / f"{name}-{budget:g}", problem)}
             rows.append(row)
             console.print(f"{profile} {quantizer} {name} {budget:g}: ppl {row['perplexity']:.2f} "
                           f"kl {row['kl_divergence']:.4f} bytes {row['total_bytes']:,.0f} {row['transformers']}")
@@ -118,7 +121,8 @@ def run(profile: str, quantizer: str, allocators: list[str], args) -> list[dict]
 
 def settings(args) -> dict:
     return {"profiles": {p: {"overrides": s, "stage1_budget": t, "budgets": b} for p, (s, t, b) in PROFILES.items()},
-            "eval_tokens": args.tokens, "kl_tokens": args.kl_tokens, "gptq": "Hessians from the full-precision model",
+            "eval_tokens": args.tokens, "kl_tokens": args.kl_tokens,
+            "gptq": "Hessians from the full-precision model; variants made of the problem's candidates",
             "params": "params.yaml defaults otherwise (Stage I: 100 steps, 16 calibration sequences)",
             "overrides": args.set}
 
@@ -154,6 +158,8 @@ def main() -> None:
     ap.add_argument("--allocators", default="gamma,hawq,uniform")
     ap.add_argument("--tokens", type=int, default=4096, help="held-out evaluation tokens (perplexity)")
     ap.add_argument("--kl-tokens", type=int, default=4096, help="tokens of the KL divergence")
+    ap.add_argument("--no-references", dest="references", action="store_false",
+                    help="skip the uniform rows at each candidate width (a rerun of one allocator)")
     ap.add_argument("--set", action="append", default=[], help="a config override key=value (repeatable)")
     ap.add_argument("--name", default="serving_profiles", help="results file name (a smoke run keeps its own)")
     args = ap.parse_args()

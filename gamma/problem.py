@@ -21,7 +21,7 @@ from gamma.model.assignment import module_cost_bits, stored_bytes, unquantized_t
 from gamma.model.candidates import RebuiltCandidates
 from gamma.model.loading import quantizable_modules
 from gamma.quant.hessians import collect_hessians
-from gamma.quant.interface import QuantizedWeight, QuantSpec
+from gamma.quant.interface import PackedWeight, QuantizedWeight, QuantSpec
 from gamma.stage1.proxy import FisherCosts, KeepFisher
 from gamma.stage1.teacher import TeacherData, capture_teacher
 from gamma.stage2.projection import allowed_mask
@@ -91,6 +91,14 @@ class AllocationProblem:
     def full_precision(self, name: str) -> torch.Tensor:
         """Module ``name``'s original weight (whatever the model holds now)."""
         return self._original[name] if self._original else quantizable_modules(self.model)[name].weight.detach()
+
+    def candidate(self, name: str, bits: int) -> QuantizedWeight:
+        """Module ``name`` at ``bits``, unpacked: the very weights Stage I chose among (a variant
+        quantized from the same full-precision weights and Hessians takes them, ``apply_assignment(held=)``)."""
+        if bits not in self.bits:
+            raise AllocatorError(f"{name}: {bits} bits is not among the candidates {self.bits}")
+        c = self.candidates[name][self.bits.index(bits)]
+        return c.unpack() if isinstance(c, PackedWeight) else c
 
     @property
     def modules(self) -> list[str]:

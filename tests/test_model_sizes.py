@@ -202,6 +202,26 @@ def test_gptq_candidates_built_block_by_block_equal_those_from_all_hessians_at_o
             assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales), name
 
 
+    # so a variant quantized from the same full-precision Hessians is made of those very candidates
+    import copy
+    import dataclasses
+    from itertools import cycle
+
+    from gamma.model.assignment import apply_assignment
+    from gamma.quant.interface import QuantizationError
+
+    problem = AllocationProblem(model, ws.calibration, streamed, cfg.candidates, 32, False)
+    assignment = dict(zip(streamed, cycle(cfg.candidates)))
+    gptq = dataclasses.replace(ws.quantizer(), sequential=False)
+    again, acct = apply_assignment(copy.deepcopy(model), assignment, gptq, 32, False, ws.hessians(model))
+    taken, held_acct = apply_assignment(copy.deepcopy(model), assignment, gptq, 32, False, held=problem.candidate)
+    assert acct == held_acct and set(again) == set(taken) == set(assignment)
+    for name, record in again.items():
+        assert torch.equal(record.codes, taken[name].codes) and torch.equal(record.scales, taken[name].scales)
+    with pytest.raises(QuantizationError, match="sequential"):
+        apply_assignment(copy.deepcopy(model), assignment, ws.quantizer(), 32, False, held=problem.candidate)
+
+
 def test_activations_beyond_the_host_limit_are_memory_mapped_and_change_nothing(bf16_dir, tmp_path):
     model, _ = load_model(bf16_dir)
     sequences = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(4))

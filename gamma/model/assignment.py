@@ -8,7 +8,7 @@ each assigned module's weight by its dequantized quantized weight and returns th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -127,13 +127,19 @@ def apply_assignment(
     calibration: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
     zero_points: str = "packed",
+    held: Callable[[str, int], QuantizedWeight] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], SizeAccount]:
     """Quantize every assigned module of ``model`` in place (weights become their dequantized
     values), one module at a time on ``device`` in float32, the records kept on the host. GPTQ
     needs ``hessians`` (from ``collect_hessians``) or, when it is ``sequential``, the
     ``calibration`` sequences to take them block by block from the quantized prefix.
+    ``held(module, bits)``: the module already quantized at that width from the same full-precision
+    weights and Hessians (an allocation problem's candidates), taken instead of quantizing again.
     Returns the records and the size account."""
     validate_assignment(model, assignment)
+    if held is not None and quantizer.sequential:
+        raise QuantizationError("sequential GPTQ quantizes each module from the quantized prefix's Hessians: "
+                                "candidates from the full-precision ones are not its records")
     modules = quantizable_modules(model)
     records: dict[str, QuantizedWeight] = {}
     computed_on(device)
@@ -144,8 +150,13 @@ def apply_assignment(
                 continue  # left as it is: stored at float16, listed in the export's ignore
             module = modules[name]
             spec = QuantSpec(assignment[name], group_size, symmetric)
-            weight = module.weight.detach().to(device, torch.float32)
-            record = quantizer.quantize(weight, spec, block_hessians.get(name) if block_hessians else None)
+            if held is not None:
+                record = held(name, assignment[name])
+                if record.spec != spec:
+                    raise QuantizationError(f"{name}: the held candidate is {record.spec}, the assignment asks {spec}")
+            else:
+                weight = module.weight.detach().to(device, torch.float32)
+                record = quantizer.quantize(weight, spec, block_hessians.get(name) if block_hessians else None)
             module.weight.copy_(record.dequantize().to(module.weight.dtype))
             records[name] = record.to("cpu")
 
@@ -160,7 +171,7 @@ def apply_assignment(
                          on_block=lambda index, h: quantize(sorted(by_block.get(index, [])), h))
         # progress: collect_hessians shows the block walk, which now includes the quantization
     else:
-        if quantizer.needs_hessians and hessians is None:
+        if quantizer.needs_hessians and hessians is None and held is None:
             raise QuantizationError(f"{quantizer.name} needs hessians=collect_hessians(model, calibration)")
         names = sorted(assignment, key=lambda n: (block_index(n), n))
         quantize(track(names, f"quantizing ({quantizer.name})"), hessians)

@@ -73,10 +73,12 @@ def evaluate_model(ws: Workspace, model, tokenizer, zero_shot_items: int | None 
 
 
 def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessians=None,
-                          save_to: str | Path | None = None, loaded=None) -> dict:
+                          save_to: str | Path | None = None, loaded=None,
+                          problem: AllocationProblem | None = None) -> dict:
     """Apply an assignment (or one uniform bit width) to a fresh model (``loaded``: a full-precision
     ``(model, tokenizer)`` this call may consume), export it as a compressed-tensors checkpoint when
-    ``save_to`` is given, and evaluate it."""
+    ``save_to`` is given, and evaluate it. ``problem``: take each module's quantized weights from
+    its candidates instead of quantizing again (not for sequential GPTQ, whose weights differ)."""
     model, tokenizer = loaded or ws.load()
     if ws.cfg.evaluation.backend == "transformers":
         ws.reference(model)  # from this full-precision copy, before it is quantized, if not there yet
@@ -88,11 +90,12 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
     with compute.phase("quantization"):
         if quantizer.sequential:
             hessians = None  # taken block by block from the quantized prefix instead
-        elif quantizer.needs_hessians and hessians is None:
+        elif quantizer.needs_hessians and hessians is None and problem is None:
             hessians = ws.hessians(model)
         records, acct = apply_assignment(model, assignment, quantizer, q.group_size, q.symmetric, hessians,
                                          calibration=ws.calibration if quantizer.sequential else None,
-                                         device=ws.device, zero_points=ws.cfg.serving.zero_points)
+                                         device=ws.device, zero_points=ws.cfg.serving.zero_points,
+                                         held=problem.candidate if problem is not None else None)
     round_to_storage(model, set(records))  # evaluate exactly what the checkpoint stores
     covered = coverage(model, set(records))
     console.log(covered.line())
