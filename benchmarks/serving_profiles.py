@@ -84,8 +84,12 @@ def measure(ws: Workspace, assignment: dict | int, where: Path, problem) -> dict
     row["transformers"] = transformers_reads(where)
     row["seconds"] = time.perf_counter() - t0
     shutil.rmtree(where, ignore_errors=True)
+    if isinstance(assignment, dict):  # what the allocator chose: the share of the weights at each width
+        weights = dict(zip(problem.modules, problem.params.tolist()))
+        row["width_share"] = {b: round(sum(weights[m] for m, w in assignment.items() if w == b) / sum(weights.values()),
+                                       4) for b in problem.bits}
     keep = ("avg_bits", "effective_bits", "total_bytes", "checkpoint_bytes", "perplexity", "perplexity_se",
-            "kl_divergence", "kl_divergence_se", "kl_tokens", "eval_tokens", "transformers", "seconds")
+            "kl_divergence", "kl_divergence_se", "kl_tokens", "eval_tokens", "transformers", "seconds", "width_share")
     return {k: row[k] for k in keep if k in row}
 
 
