@@ -44,12 +44,15 @@ from gamma.progress import console
 from gamma.run.variant import quantize_and_evaluate
 from gamma.run.workspace import Workspace
 
-# per profile: the settings it fixes, the Stage I training budget and the budgets to serve
+# per profile: the settings it fixes (and its Stage I recipe), the Stage I training budget and the budgets to serve
 PROFILES = {
     "vllm-marlin": ({"candidates": [4, 8, 16], "quantizer.symmetric": True, "allocation.ties": "fused",
                      "allocation.experts": "per_layer", "uniform_bits": [4, 8]}, 5.0, [4.25, 4.5, 5.0, 6.0]),
+    # straight-through draws and a table at each budget from 3 bits up (2.5 projects from 3.0's): chosen
+    # after the soft relaxation's one table at 3 bits lost to uniform at 3 and 4 bits (docs/serving_profiles.md)
     "vllm-humming": ({"candidates": [2, 3, 4, 8], "quantizer.symmetric": False, "allocation.ties": "fused",
-                      "allocation.experts": "per_layer", "uniform_bits": [2, 3, 4]}, 3.0, [2.5, 3.0, 3.5, 4.0]),
+                      "allocation.experts": "per_layer", "uniform_bits": [2, 3, 4], "stage1.relaxation": "hard",
+                      "stage1.extra_budgets": [3.5, 4.0]}, 3.0, [2.5, 3.0, 3.5, 4.0]),
     "transformers": ({"candidates": [2, 3, 4], "quantizer.symmetric": True, "uniform_bits": [2, 3, 4]}, 3.0,
                      [2.5, 3.0, 3.5, 4.0]),
 }
@@ -60,8 +63,8 @@ WORK = ROOT / "runs" / "serving_profiles"
 def config(profile: str, quantizer: str, args):
     settings, train, _ = PROFILES[profile]
     return load_config(ROOT / "params.yaml", {
-        **settings, "serving.profile": profile, "quantizer.method": quantizer, "quantizer.gptq.sequential": False,
-        "stage1.budget": train, "stage1.extra_budgets": [], "evaluation.max_tokens": args.tokens,
+        "stage1.extra_budgets": [], **settings, "serving.profile": profile, "quantizer.method": quantizer,
+        "quantizer.gptq.sequential": False, "stage1.budget": train, "evaluation.max_tokens": args.tokens,
         "evaluation.kl_tokens": args.kl_tokens, "evaluation.zero_shot_items": 0,
         "output_dir": str(WORK / profile / quantizer), **parse_overrides(args.set)})
 
@@ -155,6 +158,42 @@ def plot(path: Path) -> Path:
     return out
 
 
+METHODS = {"gamma": "GAMMA", "hawq": "Fisher proxy", "uniform": "best two-level split"}
+
+
+def _ppl(r: dict) -> str:
+    return " ± ".join(f"{v:,.0f}" if r["perplexity"] >= 1000 else f"{v:.1f}"
+                      for v in (r["perplexity"], r["perplexity_se"]))
+
+
+def table(rows: list[dict], profile: str) -> str:
+    """docs/serving_profiles.md's table of ``profile``: per quantizer and method the perplexity ± SE
+    and the KL divergence at each budget (the lowest perplexity of a quantizer and budget in bold),
+    then a line of the uniform references."""
+    budgets = PROFILES[profile][2]
+    mine = {(r["quantizer"], r["method"], r["budget"]): r for r in rows if r["profile"] == profile and "error" not in r}
+    lines = ["| quantizer | method | " + " | ".join(f"{b:g} bits" for b in budgets) + " |",
+             "|---|---|" + "---|" * len(budgets)]
+    refs = []
+    for q in ("rtn", "gptq"):
+        best = {b: min((r["perplexity"] for (rq, m, rb), r in mine.items() if rq == q and rb == b and m in METHODS),
+                       default=None) for b in budgets}
+        for m, label in METHODS.items():
+            if not any((q, m, b) in mine for b in budgets):
+                continue
+            cells = []
+            for b in budgets:
+                r = mine.get((q, m, b))
+                cell = "not run" if r is None else f"{_ppl(r)} ({r['kl_divergence']:.3f})"
+                cells.append(f"**{cell}**" if r and r["perplexity"] == best[b] else cell)
+            lines.append(f"| {q.upper()} | {label} | " + " | ".join(cells) + " |")
+        uniform = sorted((r["budget"], r) for (rq, m, _), r in mine.items() if rq == q and m.startswith("uniform-"))
+        if uniform:
+            refs.append(f"{q.upper()} uniform " + ", ".join(f"{b:g} bits {_ppl(r)} ({r['kl_divergence']:.3f})"
+                                                           for b, r in uniform))
+    return "\n".join(lines) + ("\n\n" + "; ".join(refs) + "." if refs else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profiles", default=",".join(PROFILES))
@@ -166,7 +205,12 @@ def main() -> None:
                     help="skip the uniform rows at each candidate width (a rerun of one allocator)")
     ap.add_argument("--set", action="append", default=[], help="a config override key=value (repeatable)")
     ap.add_argument("--name", default="serving_profiles", help="results file name (a smoke run keeps its own)")
+    ap.add_argument("--tables", action="store_true", help="print the markdown tables of the results file and stop")
     args = ap.parse_args()
+    if args.tables:
+        rows = json.loads((RESULTS / f"{args.name}.json").read_text())["rows"]
+        print("\n\n".join(f"{p}\n\n{table(rows, p)}" for p in PROFILES))
+        return
     for quantizer in args.quantizers.split(","):
         for profile in args.profiles.split(","):
             run(profile, quantizer, args.allocators.split(","), args)

@@ -191,3 +191,16 @@ def test_the_allocation_quality_table_is_its_results_file(budget):
 def test_a_readme_figure_is_the_figure_in_its_results_file(claim):
     want = " ".join(claim.split()).format(CLAIMS[claim]())
     assert want in _readme(), f"README should say {want!r} ({claim!r})"
+
+
+@pytest.mark.parametrize("profile", ["vllm-marlin", "vllm-humming", "transformers"])
+def test_the_serving_profile_tables_are_their_results_file(profile):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serving_profiles import table
+
+    rows = json.loads((RESULTS / "serving_profiles.json").read_text())["rows"]
+    docs = (ROOT / "docs" / "serving_profiles.md").read_text()
+    assert table(rows, profile) in docs, f"docs/serving_profiles.md should have the table of {profile}:\n" + table(
+        rows, profile)
