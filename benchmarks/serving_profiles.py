@@ -22,7 +22,7 @@ against bytes, one panel per profile).
 
     python benchmarks/serving_profiles.py [--profiles vllm-marlin,vllm-humming,transformers]
         [--quantizers rtn,gptq] [--allocators gamma,hawq,uniform] [--tokens 4096] [--kl-tokens 4096]
-        [--no-references] [--set key=value] [--name serving_profiles]
+        [--no-references] [--set key=value] [--recipe LABEL] [--name serving_profiles] [--tables]
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ PROFILES = {
                      [2.5, 3.0, 3.5, 4.0]),
 }
 KEY = ("profile", "quantizer", "method", "budget")
+RECIPES = "serving_profiles_recipes"  # other Stage I recipes than a profile's own (``--recipe``)
+RECIPE_KEY = ("recipe", "profile", "quantizer", "method", "budget")
 WORK = ROOT / "runs" / "serving_profiles"
 
 
@@ -107,7 +109,7 @@ def run(profile: str, quantizer: str, allocators: list[str], args) -> list[dict]
         rows.append({**base, "method": f"uniform-{bits}", "budget": float(bits),
                      **measure(ws, bits, out / f"uniform-{bits}", problem)})
         console.print(f"{profile} {quantizer} uniform-{bits}: {rows[-1]}")
-        write_results(args.name, settings(args), rows, KEY)
+        save(rows, args)
     for name in allocators:
         allocator = allocator_from_config(cfg, name)
         for budget in PROFILES[profile][2]:
@@ -122,8 +124,15 @@ def run(profile: str, quantizer: str, allocators: list[str], args) -> list[dict]
             rows.append(row)
             console.print(f"{profile} {quantizer} {name} {budget:g}: ppl {row['perplexity']:.2f} "
                           f"kl {row['kl_divergence']:.4f} bytes {row['total_bytes']:,.0f} {row['transformers']}")
-            write_results(args.name, settings(args), rows, KEY)
+            save(rows, args)
     return rows
+
+
+def save(rows: list[dict], args) -> None:
+    if args.recipe:
+        write_results(RECIPES, settings(args), [{**r, "recipe": args.recipe} for r in rows], RECIPE_KEY)
+    else:
+        write_results(args.name, settings(args), rows, KEY)
 
 
 def settings(args) -> dict:
@@ -194,6 +203,18 @@ def table(rows: list[dict], profile: str) -> str:
     return "\n".join(lines) + ("\n\n" + "; ".join(refs) + "." if refs else "")
 
 
+def recipes_table(rows: list[dict], profile: str = "vllm-humming", quantizer: str = "rtn") -> str:
+    """GAMMA under each Stage I recipe of ``RECIPES`` (and the profile's own rows), per budget."""
+    budgets = PROFILES[profile][2]
+    cells = {(r["recipe"], r["budget"]): r for r in rows if (r["profile"], r["quantizer"]) == (profile, quantizer)}
+    lines = ["| Stage I recipe | " + " | ".join(f"{b:g} bits" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for recipe in dict.fromkeys(r for r, _ in cells):
+        lines.append(f"| {recipe} | " + " | ".join(
+            f"{_ppl(cells[recipe, b])} ({cells[recipe, b]['kl_divergence']:.3f})" if (recipe, b) in cells else
+            "not run" for b in budgets) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profiles", default=",".join(PROFILES))
@@ -205,11 +226,15 @@ def main() -> None:
                     help="skip the uniform rows at each candidate width (a rerun of one allocator)")
     ap.add_argument("--set", action="append", default=[], help="a config override key=value (repeatable)")
     ap.add_argument("--name", default="serving_profiles", help="results file name (a smoke run keeps its own)")
+    ap.add_argument("--recipe", default="", help=f"a label for other Stage I settings (--set): rows go to "
+                                                  f"{RECIPES}.json under it, not to the profiles' results")
     ap.add_argument("--tables", action="store_true", help="print the markdown tables of the results file and stop")
     args = ap.parse_args()
     if args.tables:
         rows = json.loads((RESULTS / f"{args.name}.json").read_text())["rows"]
         print("\n\n".join(f"{p}\n\n{table(rows, p)}" for p in PROFILES))
+        if (RESULTS / f"{RECIPES}.json").exists():
+            print(f"\n{RECIPES}\n\n" + recipes_table(json.loads((RESULTS / f"{RECIPES}.json").read_text())["rows"]))
         return
     for quantizer in args.quantizers.split(","):
         for profile in args.profiles.split(","):

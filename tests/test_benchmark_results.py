@@ -36,7 +36,10 @@ def _keys() -> dict[str, tuple]:
         for call in ast.walk(tree):
             if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "write_results":
                 key = call.args[3] if len(call.args) > 3 else next(k.value for k in call.keywords if k.arg == "key")
-                name = call.args[0].value if isinstance(call.args[0], ast.Constant) else script.stem
+                first = call.args[0]
+                name = (first.value if isinstance(first, ast.Constant) else
+                        ast.literal_eval(consts[first.id]) if isinstance(first, ast.Name) and first.id in consts
+                        else script.stem)
                 keys[name] = ast.literal_eval(consts[key.id] if isinstance(key, ast.Name) else key)
     return keys
 

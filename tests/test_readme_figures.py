@@ -63,9 +63,6 @@ CLAIMS = {  # README text with {} for the figure -> the figure as the results fi
     "| 4.5 | {} |": lambda: _marlin_row(4.5),
     "| 5 | {} |": lambda: _marlin_row(5.0),
     "| 6 | {} |": lambda: _marlin_row(6.0),
-    "at 2.5 / 3 / 3.5 / 4 bits GAMMA {}, the proxy": lambda: _profile_rtn("gamma"),
-    "the proxy {}, the best split": lambda: _profile_rtn("hawq"),
-    "the best split {}; uniform 2/3/4": lambda: _profile_rtn("uniform"),
     "| inside a run (each budget's task: Stage II, quantize, export, evaluate, register) | {} s |":
         lambda: f"{_summary('budget_fanout')['in_run_budget_seconds_mean']:.1f}",
     "| alone, in a fresh `gamma run` process | {} s |":
@@ -78,9 +75,10 @@ CLAIMS = {  # README text with {} for the figure -> the figure as the results fi
     "2 processes {} s and": lambda: _field("stage1_scaling", "stage1_seconds", "{:.0f}", processes=2, rank=0),
     "(3 bits: {} against": lambda: _field("uniform", "perplexity", "{:.1f}", quantizer="gptq", budget=3.0),
     "(3 bits: 46.1 against {})": lambda: _field("uniform", "perplexity", "{:.1f}", quantizer="rtn", budget=3.0),
-    "2/3/4/8, one table at 3 bits): GAMMA {}, the proxy": lambda: _profile_rtn("gamma", "vllm-humming"),
-    "GAMMA 940.6 / 119.9 / 46.9 / 40.5, the proxy {}, the best": lambda: _profile_rtn("hawq", "vllm-humming"),
-    "the best split {}; uniform 2/3/4 bits 576": lambda: _profile_rtn("uniform", "vllm-humming"),
+    "uniform 3-bit: {} against": lambda: _humming("gamma", 3.0),
+    "against {} (KL 1.451": lambda: _humming("uniform-3", 3.0),
+    "(KL {} against 1.457)": lambda: _humming("gamma", 3.0, "kl"),
+    "(KL 1.451 against {})": lambda: _humming("uniform-3", 3.0, "kl"),
     "gamma's estimate is {} GB of host memory with RTN's": lambda: _projected_8b("estimate_host_gb_rtn_rebuilt"),
     "against a goal of {} GB; 27.6 GB": lambda: _projected_8b("host_goal_gb"),
     "GB; {} GB with candidates held": lambda: _projected_8b("estimate_host_gb_rtn"),
@@ -111,10 +109,9 @@ def _marlin_row(budget: float) -> str:
     return " | ".join(cells) + f" | {rows['gamma']['total_bytes'] / 2**20:.1f}"  # GAMMA's MiB
 
 
-def _profile_rtn(method: str, profile: str = "transformers") -> str:
-    rows = [_row("serving_profiles", profile=profile, quantizer="rtn", method=method, budget=b)
-            for b in (2.5, 3.0, 3.5, 4.0)]
-    return " / ".join(f"{r['perplexity']:.1f}" for r in rows)
+def _humming(method: str, budget: float, what: str = "perplexity") -> str:
+    r = _row("serving_profiles", profile="vllm-humming", quantizer="rtn", method=method, budget=budget)
+    return f"{r['kl_divergence']:.3f}" if what == "kl" else f"{r['perplexity']:.1f} ± {r['perplexity_se']:.1f}"
 
 
 def _marlin(method: str, budget: float) -> str:
@@ -204,3 +201,8 @@ def test_the_serving_profile_tables_are_their_results_file(profile):
     docs = (ROOT / "docs" / "serving_profiles.md").read_text()
     assert table(rows, profile) in docs, f"docs/serving_profiles.md should have the table of {profile}:\n" + table(
         rows, profile)
+    if profile == "vllm-humming":
+        from serving_profiles import RECIPES, recipes_table
+
+        recipes = recipes_table(json.loads((RESULTS / f"{RECIPES}.json").read_text())["rows"])
+        assert recipes in docs, f"docs/serving_profiles.md should have the recipes table:\n{recipes}"
