@@ -2,7 +2,10 @@
 block at a time through the compute device, and the streamed teacher capture equals the whole
 model's own forward and backward (tiny random-weight models built from configs)."""
 
+import copy
+import dataclasses
 import json
+from itertools import cycle
 
 import pytest
 import torch
@@ -10,11 +13,13 @@ import torch.nn.functional as F
 from conftest import defaults
 
 from gamma.config import ConfigError, load_config
+from gamma.model.assignment import apply_assignment
 from gamma.model.candidates import build_candidates
 from gamma.model.device import DeviceError, on_device, resolve_device
 from gamma.model.loading import load_model, quantizable_modules, resolve_dtype
 from gamma.problem import AllocationProblem
 from gamma.quant import get_quantizer
+from gamma.quant.interface import QuantizationError
 from gamma.stage1.proxy import KeepFisher
 from gamma.stage1.teacher import capture_teacher
 
@@ -183,7 +188,8 @@ def test_evaluation_streams_a_model_that_cannot_run_whole_and_scores_the_same(bf
 
 
 def test_gptq_candidates_built_block_by_block_equal_those_from_all_hessians_at_once(bf16_dir, model_dir):
-    """No Hessian of a whole model is held: each block's are consumed into its candidates."""
+    """No Hessian of a whole model is held: each block's are consumed into its candidates, which are
+    then the very records of a variant quantized with the full-precision Hessians."""
     from pathlib import Path
 
     from gamma.run.workspace import Workspace
@@ -201,15 +207,7 @@ def test_gptq_candidates_built_block_by_block_equal_those_from_all_hessians_at_o
         for a, b in zip(cands, streamed[name]):
             assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales), name
 
-
     # so a variant quantized from the same full-precision Hessians is made of those very candidates
-    import copy
-    import dataclasses
-    from itertools import cycle
-
-    from gamma.model.assignment import apply_assignment
-    from gamma.quant.interface import QuantizationError
-
     problem = AllocationProblem(model, ws.calibration, streamed, cfg.candidates, 32, False)
     assignment = dict(zip(streamed, cycle(cfg.candidates)))
     gptq = dataclasses.replace(ws.quantizer(), sequential=False)
