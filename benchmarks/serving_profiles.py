@@ -175,6 +175,11 @@ def _ppl(r: dict) -> str:
                       for v in (r["perplexity"], r["perplexity_se"]))
 
 
+def _cell(r: dict) -> str:
+    """A row's perplexity ± SE, then its KL divergence in brackets."""
+    return f"{_ppl(r)} ({r['kl_divergence']:.3f})"
+
+
 def table(rows: list[dict], profile: str) -> str:
     """docs/serving_profiles.md's table of ``profile``: per quantizer and method the perplexity ± SE
     and the KL divergence at each budget (the lowest perplexity of a quantizer and budget in bold),
@@ -193,13 +198,12 @@ def table(rows: list[dict], profile: str) -> str:
             cells = []
             for b in budgets:
                 r = mine.get((q, m, b))
-                cell = "not run" if r is None else f"{_ppl(r)} ({r['kl_divergence']:.3f})"
+                cell = "not run" if r is None else _cell(r)
                 cells.append(f"**{cell}**" if r and r["perplexity"] == best[b] else cell)
             lines.append(f"| {q.upper()} | {label} | " + " | ".join(cells) + " |")
         uniform = sorted((r["budget"], r) for (rq, m, _), r in mine.items() if rq == q and m.startswith("uniform-"))
         if uniform:
-            refs.append(f"{q.upper()} uniform " + ", ".join(f"{b:g} bits {_ppl(r)} ({r['kl_divergence']:.3f})"
-                                                           for b, r in uniform))
+            refs.append(f"{q.upper()} uniform " + ", ".join(f"{b:g} bits {_cell(r)}" for b, r in uniform))
     return "\n".join(lines) + ("\n\n" + "; ".join(refs) + "." if refs else "")
 
 
@@ -210,8 +214,7 @@ def recipes_table(rows: list[dict], profile: str = "vllm-humming", quantizer: st
     lines = ["| Stage I recipe | " + " | ".join(f"{b:g} bits" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for recipe in dict.fromkeys(r for r, _ in cells):
         lines.append(f"| {recipe} | " + " | ".join(
-            f"{_ppl(cells[recipe, b])} ({cells[recipe, b]['kl_divergence']:.3f})" if (recipe, b) in cells else
-            "not run" for b in budgets) + " |")
+            _cell(cells[recipe, b]) if (recipe, b) in cells else "not run" for b in budgets) + " |")
     return "\n".join(lines)
 
 
