@@ -1,6 +1,7 @@
 """Stage I's training loop: learn, once, a preference over candidate bit widths for every row.
 
-A plain loop: draw the batch, teacher-forced loss per block, constraint, step, log, checkpoint.
+A plain loop: draw the batch, teacher-forced loss per block (or the end-to-end KL:
+``end_to_end.py``), constraint, step, log, checkpoint.
 Each step streams through the blocks: only one block's candidates and activations are resident
 on the compute device; the block's teacher-forced reconstruction loss is backpropagated to its
 logits; the gradients of all logits accumulate, and one Adam step follows, with the augmented
@@ -22,7 +23,9 @@ from torch import nn
 from gamma.config import Stage1Config
 from gamma.model.blocks import BlockRunner
 from gamma.progress import console, track
+from gamma.model.loading import block_index
 from gamma.stage1.checkpoint import Checkpoint
+from gamma.stage1.end_to_end import EndToEnd
 from gamma.stage1.lagrangian import AugmentedLagrangian, price_shift
 from gamma.stage1.loss import block_error, channel_fisher
 from gamma.stage1.relaxation import MixedLinear, PreferenceLogits, swapped
@@ -80,6 +83,8 @@ def learn_preferences(model: nn.Module, teacher: TeacherData, rows: LogitRows, c
         console.print(f"Stage I (B={cfg.budget}): resumed from step {start} of {cfg.steps} ({checkpoint.path})")
     last_save = time.perf_counter()
     forcing = TeacherForcing(BlockRunner(model, dev), teacher, rows, cfg, shard)
+    if cfg.loss == "end_to_end":
+        forcing = EndToEnd(forcing)
 
     steps = range(start, cfg.steps)
     for step in track(steps, f"Stage I ({cfg.relaxation}/{cfg.loss}, B={cfg.budget})", total=len(steps)):
@@ -126,6 +131,9 @@ class TeacherForcing:
         per_channel = cfg.loss == "fisher" and cfg.fisher_weight == "channel"
         self.per_channel = channel_fisher(teacher.grads, shard.sequences, shard) if per_channel else None
         self.linear = dict(runner.model.named_modules())
+        # (block, module name within it) -> its logit row (or rows: column blocks)
+        self.row_of = {(block_index(m), m[len(f"model.layers.{block_index(m)}."):]): rows.of_module[i]
+                       for i, m in enumerate(rows.modules)}
 
     def loss_gradients(self, mixes: list[torch.Tensor], batch: torch.Tensor) -> tuple[list[torch.Tensor], float]:
         """``dL/dmix`` for each draw (summed over processes) and the step's loss (the mean over draws)."""
@@ -141,32 +149,40 @@ class TeacherForcing:
             step_loss = float(self.shard.sum(torch.tensor([step_loss], dtype=torch.float64))[0])
         return mix_grads, step_loss
 
+    def mixed_block(self, b: int, mix: torch.Tensor | None = None) -> dict[str, MixedLinear]:
+        """Block ``b``'s modules as ``MixedLinear`` (names relative to the block), set to ``mix``."""
+        rows, dev = self.rows, self.runner.device
+        mixed = {}
+        for i in rows.by_block.get(b, []):
+            name = rows.modules[i]
+            mixed[name[len(f"model.layers.{b}."):]] = module = MixedLinear(
+                rows.dense(name, dev), self.linear[name].bias, rows.columns(name, dev))
+            if mix is not None:
+                module.set_mix(mix[rows.of_module[i]])
+        return mixed
+
     def block(self, b: int, idx: list[int], mine: torch.Tensor, batch_size: int, mixes, mix_grads) -> float:
-        rows, dev, prefix = self.rows, self.runner.device, f"model.layers.{b}."
-        names = {i: rows.modules[i][len(prefix):] for i in idx}
         runner = self.runner
         x = runner.to_device(self.teacher.hidden[b][mine, :self.tokens])
         y = runner.to_device(self.teacher.hidden[b + 1][mine, :self.tokens])
         g2 = None
         if self.cfg.loss == "fisher":
-            g2 = self.per_channel[b].to(dev) if self.per_channel is not None else \
+            g2 = self.per_channel[b].to(runner.device) if self.per_channel is not None else \
                 runner.to_device(self.teacher.grads[b][mine, :self.tokens]).pow(2)
         loss = 0.0
         with runner.resident(runner.blocks[b]):
-            mixed = {names[i]: MixedLinear(rows.dense(rows.modules[i], dev), self.linear[rows.modules[i]].bias,
-                                           rows.columns(rows.modules[i], dev)) for i in idx}
+            mixed = self.mixed_block(b)
             for mix, mix_grad in zip(mixes, mix_grads):
-                for i in idx:
-                    mixed[names[i]].set_mix(mix[rows.of_module[i]])
+                for name, module in mixed.items():
+                    module.set_mix(mix[self.row_of[b, name]])
                 with swapped(runner.blocks[b], mixed), torch.enable_grad():
                     err = block_error(self.cfg.loss, runner.run_block(b, x), x, y, g2, self.full_length) \
                         * len(mine) / batch_size / len(mixes)
                     err.backward()
-                for i in idx:
-                    mix_grad[rows.of_module[i]] += mixed[names[i]].mix_grad()  # a unit's members add up
+                for name, module in mixed.items():
+                    mix_grad[self.row_of[b, name]] += module.mix_grad()  # a unit's members add up
                 loss += float(err.detach())
         return loss
-
 
 def finish(logits: PreferenceLogits, lagrangian: AugmentedLagrangian, history: dict, rows: LogitRows,
            cfg: Stage1Config, timing: tuple[float, int]) -> Stage1Result:
