@@ -3,16 +3,16 @@ import pytest
 import torch
 
 from gamma.config import Stage1Config, Stage2Config
+from gamma.model.blocks import BlockRunner
 from gamma.model.candidates import build_candidates
 from gamma.quant import get_quantizer
 from gamma.stage1.checkpoint import Checkpoint
 from gamma.stage1.end_to_end import EndToEnd, next_token_kl
 from gamma.stage1.loop import TeacherForcing, learn_preferences, temperature_at
-from gamma.stage1.relaxation import MixedLinear, swapped
-from gamma.stage1.shard import Shard
-from gamma.model.blocks import BlockRunner
 from gamma.stage1.proxy import FisherCosts, KeepFisher, costs_to_logits
+from gamma.stage1.relaxation import MixedLinear, swapped
 from gamma.stage1.rows import LogitRows
+from gamma.stage1.shard import Shard
 from gamma.stage1.teacher import capture_teacher
 from gamma.stage2.projection import project
 from gamma.stage2.scores import Scores, ScoreTable, ScoreTableError

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gamma.stage1.relaxation import MixedLinear, swapped
+from gamma.stage1.relaxation import swapped
 
 
 def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ from torch import nn
 
 from gamma.config import Stage1Config
 from gamma.model.blocks import BlockRunner
-from gamma.progress import console, track
 from gamma.model.loading import block_index
+from gamma.progress import console, track
 from gamma.stage1.checkpoint import Checkpoint
 from gamma.stage1.end_to_end import EndToEnd
 from gamma.stage1.lagrangian import AugmentedLagrangian, price_shift
