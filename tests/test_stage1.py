@@ -244,4 +244,3 @@ def test_end_to_end_gradients_equal_autograd_through_the_models_own_forward(setu
     direct = torch.stack([mixed[n].mix_grad() for n in cands])
     assert loss == pytest.approx(float(direct_loss.detach()), rel=1e-4) and loss > 0
     torch.testing.assert_close(streamed, direct, rtol=2e-3, atol=1e-6 * float(direct.abs().max()))
-

@@ -9,8 +9,9 @@ on the embedded model: every block-local estimate prices it far below what it co
 Memory stays one block: forward block by block with each block's (mixed) input kept on the host,
 the KL at the head, then backward block by block in reverse, each block's mixed weights built
 again and the block recomputed from its stored input (the teacher capture's pattern). Per step
-this builds every block's dense candidates twice and runs each block three times (forward,
-recomputed forward, backward), against once and twice for teacher forcing.
+this builds every block's dense candidates twice (unless ``LogitRows.dense`` caches them) and
+runs each block three times (forward, recomputed forward, backward), against once and twice for
+teacher forcing.
 """
 
 from __future__ import annotations
@@ -45,10 +46,7 @@ class EndToEnd:
             share = len(mine) / len(batch) / len(mixes)
             for mix, mix_grad in zip(mixes, mix_grads):
                 step_loss += self._one_draw(mix, mix_grad, mine, target, share)
-        if f.shard.all_reduce is not None:
-            mix_grads = [f.shard.sum(g) for g in mix_grads]
-            step_loss = float(f.shard.sum(torch.tensor([step_loss], dtype=torch.float64))[0])
-        return mix_grads, step_loss
+        return f.summed(mix_grads, step_loss)
 
     @torch.no_grad()
     def _teacher_logits(self, mine: torch.Tensor) -> torch.Tensor:
@@ -82,4 +80,3 @@ class EndToEnd:
                 mix_grad[f.row_of[b, name]] += module.mix_grad()  # a unit's members add up
             grad = x.grad
         return float(loss.detach())
-

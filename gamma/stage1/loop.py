@@ -144,10 +144,14 @@ class TeacherForcing:
             if len(mine) == 0:
                 break
             step_loss += self.block(b, idx, mine, len(batch), mixes, mix_grads)
-        if self.shard.all_reduce is not None:
-            mix_grads = [self.shard.sum(g) for g in mix_grads]
-            step_loss = float(self.shard.sum(torch.tensor([step_loss], dtype=torch.float64))[0])
-        return mix_grads, step_loss
+        return self.summed(mix_grads, step_loss)
+
+    def summed(self, mix_grads: list[torch.Tensor], step_loss: float) -> tuple[list[torch.Tensor], float]:
+        """This process's mix gradients and loss summed over the data-parallel processes."""
+        if self.shard.all_reduce is None:
+            return mix_grads, step_loss
+        return [self.shard.sum(g) for g in mix_grads], \
+            float(self.shard.sum(torch.tensor([step_loss], dtype=torch.float64))[0])
 
     def mixed_block(self, b: int, mix: torch.Tensor | None = None) -> dict[str, MixedLinear]:
         """Block ``b``'s modules as ``MixedLinear`` (names relative to the block), set to ``mix``."""
@@ -183,6 +187,7 @@ class TeacherForcing:
                     mix_grad[self.row_of[b, name]] += module.mix_grad()  # a unit's members add up
                 loss += float(err.detach())
         return loss
+
 
 def finish(logits: PreferenceLogits, lagrangian: AugmentedLagrangian, history: dict, rows: LogitRows,
            cfg: Stage1Config, timing: tuple[float, int]) -> Stage1Result:
