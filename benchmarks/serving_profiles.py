@@ -48,11 +48,12 @@ from gamma.run.workspace import Workspace
 PROFILES = {
     "vllm-marlin": ({"candidates": [4, 8, 16], "quantizer.symmetric": True, "allocation.ties": "fused",
                      "allocation.experts": "per_layer", "uniform_bits": [4, 8]}, 5.0, [4.25, 4.5, 5.0, 6.0]),
-    # straight-through draws and a table at each budget from 3 bits up (2.5 projects from 3.0's): chosen
-    # after the soft relaxation's one table at 3 bits lost to uniform at 3 and 4 bits (docs/serving_profiles.md)
+    # straight-through draws, a table at each budget from 3 bits up (2.5 projects from 3.0's) and the end-to-end
+    # KL loss: chosen after the soft relaxation's one teacher-forced table lost to uniform (docs/serving_profiles.md;
+    # its GPTQ rows in the results file predate the end-to-end loss)
     "vllm-humming": ({"candidates": [2, 3, 4, 8], "quantizer.symmetric": False, "allocation.ties": "fused",
                       "allocation.experts": "per_layer", "uniform_bits": [2, 3, 4], "stage1.relaxation": "hard",
-                      "stage1.extra_budgets": [3.5, 4.0]}, 3.0, [2.5, 3.0, 3.5, 4.0]),
+                      "stage1.extra_budgets": [3.5, 4.0], "stage1.loss": "end_to_end"}, 3.0, [2.5, 3.0, 3.5, 4.0]),
     "transformers": ({"candidates": [2, 3, 4], "quantizer.symmetric": True, "uniform_bits": [2, 3, 4]}, 3.0,
                      [2.5, 3.0, 3.5, 4.0]),
 }
