@@ -17,6 +17,7 @@ from gamma.config import ConfigError, VllmConfig, load_config
 from gamma.evaluation.backends import (
     VLLM_PROFILES,
     WORKER,
+    BackendFailed,
     BackendUnavailable,
     VllmBackend,
     checkpoint_schemes,
@@ -33,6 +34,8 @@ from gamma.run.variant import evaluate_model
 from gamma.run.workspace import Workspace
 
 FAKE_VLLM = '''
+import atexit
+import os
 import types
 import torch
 from gamma.model.export import load_checkpoint
@@ -46,8 +49,13 @@ class SamplingParams:
 class LLM:
     def __init__(self, model, **engine):
         self.model, _ = load_checkpoint(model)
+        if os.environ.get("STAND_IN_ABORTS") == "at_exit":  # as vLLM 0.32's CPU teardown once did
+            atexit.register(os.abort)
+
 
     def generate(self, prompts, params):
+        if os.environ.get("STAND_IN_ABORTS") == "while_scoring":
+            os.abort()
         outs = []
         for p in prompts:
             ids = torch.tensor([p["prompt_token_ids"]])
@@ -158,6 +166,14 @@ def test_vllm_worker_protocol_matches_transformers(symmetric_4bit, tmp_path, cal
     assert got["perplexity"] == pytest.approx(want_ppl.perplexity, rel=1e-3)  # batch 1 vs 2
     assert got["zero_shot"] == pytest.approx(want_zs["average"])
     assert got["eval_backend"] == "vllm stand-in on cpu"
+    # an abort in vLLM's teardown, after the scores were written whole, keeps them and says so
+    monkeypatch.setenv("STAND_IN_ABORTS", "at_exit")
+    aborted = evaluate_with_vllm(backend, ckpt, windows, tok, [], 0, 128)
+    assert aborted["perplexity"] == got["perplexity"]
+    assert aborted["eval_backend"] == "vllm stand-in on cpu (worker exited -6 after scoring)"
+    monkeypatch.setenv("STAND_IN_ABORTS", "while_scoring")
+    with pytest.raises(BackendFailed, match="exited with -6"):
+        evaluate_with_vllm(backend, ckpt, windows, tok, [], 0, 128)
 
 
 def test_unservable_variant_falls_back_or_fails_as_configured(symmetric_4bit, model_dir, tmp_path):

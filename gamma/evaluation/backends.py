@@ -265,9 +265,13 @@ class VllmBackend:
                 if time.monotonic() > deadline:
                     proc.kill()
                     raise BackendFailed(f"vLLM worker exceeded evaluation.vllm.timeout_s={self.cfg.timeout_s}")
-            if proc.wait():
+            if proc.wait() and not out.exists():
                 raise BackendFailed(f"vLLM worker exited with {proc.returncode}: " + " | ".join(tail))
             result = json.loads(out.read_text())
+        if proc.returncode:  # after its scores were written whole: vLLM's teardown, the scores stand
+            result.setdefault("engine", {})["exit"] = proc.returncode
+            console.log(f"[yellow]vLLM worker exited with {proc.returncode} after writing its scores "
+                        "(during vLLM's teardown); the scores are kept")
         if len(result["scores"]) != len(requests):
             raise BackendFailed(f"vLLM worker answered {len(result['scores'])} of {len(requests)} requests")
         return [(float(s), bool(g)) for s, g in result["scores"]], result.get("engine", {})
@@ -289,5 +293,6 @@ def evaluate_with_vllm(backend: VllmBackend, checkpoint: str | Path, windows: to
         results.append(tr.result(scores[start : start + len(tr.requests)]))
         start += len(tr.requests)
     zs = summarize_tasks(results) if per_task else None
+    exit_note = f" (worker exited {engine['exit']} after scoring)" if engine.get("exit") else ""
     return figures(ppl, zs, time.perf_counter() - t0,
-                   f"vllm {engine.get('vllm', '?')} on {engine.get('device', backend.device())}")
+                   f"vllm {engine.get('vllm', '?')} on {engine.get('device', backend.device())}{exit_note}")

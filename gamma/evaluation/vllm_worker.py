@@ -35,6 +35,14 @@ import traceback
 PROMPT = "The capital of France is"
 
 
+def write_json(path: str, obj: dict) -> None:
+    # whole or not at all: vLLM's teardown can abort the process (SIGABRT) right after this
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
 def engine_settings(args) -> dict:
     # on vLLM's CPU build the "gpu" memory utilization is the fraction of RAM it reserves
     return {"model": args.model, "max_model_len": args.max_model_len, "enforce_eager": True,
@@ -63,7 +71,7 @@ def score(args) -> int:
     result = {"scores": scores, "engine": {"vllm": vllm.__version__, "device": args.device,
                                            "load_seconds": load_seconds,
                                            "score_seconds": time.perf_counter() - t0 - load_seconds}}
-    json.dump(result, open(args.out, "w"))
+    write_json(args.out, result)
     print(f"scored {len(scores)} requests in {result['engine']['score_seconds']:.1f} s", file=sys.stderr)
     return 0
 
@@ -118,7 +126,7 @@ def check_load(args) -> int:
     def stage(name: str) -> None:
         record["stage"] = name
         record["error"] = f"the worker died during stage {name!r}"  # replaced by the outcome below
-        json.dump(record, open(args.out, "w"))
+        write_json(args.out, record)
 
     t0 = time.perf_counter()
     try:
@@ -141,7 +149,7 @@ def check_load(args) -> int:
         record.update(describe(err))
         traceback.print_exc()
     record["seconds"] = round(time.perf_counter() - t0, 1)
-    json.dump(record, open(args.out, "w"))
+    write_json(args.out, record)
     print(f"vLLM {'accepts' if record['accepted'] else 'refuses'} {args.model} (stage {record['stage']})"
           + ("" if record["accepted"] else f": {record['error']}"), file=sys.stderr)
     return 0
