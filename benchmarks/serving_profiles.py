@@ -49,8 +49,7 @@ PROFILES = {
     "vllm-marlin": ({"candidates": [4, 8, 16], "quantizer.symmetric": True, "allocation.ties": "fused",
                      "allocation.experts": "per_layer", "uniform_bits": [4, 8]}, 5.0, [4.25, 4.5, 5.0, 6.0]),
     # straight-through draws, a table at each budget from 3 bits up (2.5 projects from 3.0's) and the end-to-end
-    # KL loss: chosen after the soft relaxation's one teacher-forced table lost to uniform (docs/serving_profiles.md;
-    # its GPTQ rows in the results file predate the end-to-end loss)
+    # KL loss: chosen after the soft relaxation's one teacher-forced table lost to uniform (docs/serving_profiles.md)
     "vllm-humming": ({"candidates": [2, 3, 4, 8], "quantizer.symmetric": False, "allocation.ties": "fused",
                       "allocation.experts": "per_layer", "uniform_bits": [2, 3, 4], "stage1.relaxation": "hard",
                       "stage1.extra_budgets": [3.5, 4.0], "stage1.loss": "end_to_end"}, 3.0, [2.5, 3.0, 3.5, 4.0]),
@@ -208,7 +207,7 @@ def table(rows: list[dict], profile: str) -> str:
     return "\n".join(lines) + ("\n\n" + "; ".join(refs) + "." if refs else "")
 
 
-def recipes_table(rows: list[dict], profile: str = "vllm-humming", quantizer: str = "rtn") -> str:
+def recipes_table(rows: list[dict], profile: str, quantizer: str) -> str:
     """GAMMA under each Stage I recipe of ``RECIPES`` (and the profile's own rows), per budget."""
     budgets = PROFILES[profile][2]
     cells = {(r["recipe"], r["budget"]): r for r in rows if (r["profile"], r["quantizer"]) == (profile, quantizer)}
@@ -238,7 +237,9 @@ def main() -> None:
         rows = json.loads((RESULTS / f"{args.name}.json").read_text())["rows"]
         print("\n\n".join(f"{p}\n\n{table(rows, p)}" for p in PROFILES))
         if (RESULTS / f"{RECIPES}.json").exists():
-            print(f"\n{RECIPES}\n\n" + recipes_table(json.loads((RESULTS / f"{RECIPES}.json").read_text())["rows"]))
+            recipes = json.loads((RESULTS / f"{RECIPES}.json").read_text())["rows"]
+            for profile, quantizer in dict.fromkeys((r["profile"], r["quantizer"]) for r in recipes):
+                print(f"\n{RECIPES}: {profile} {quantizer}\n\n" + recipes_table(recipes, profile, quantizer))
         return
     for quantizer in args.quantizers.split(","):
         for profile in args.profiles.split(","):

@@ -79,6 +79,8 @@ CLAIMS = {  # README text with {} for the figure -> the figure as the results fi
     "against {} (KL 1.429": lambda: _humming("uniform-3", 3.0),
     "(KL {} against 1.457)": lambda: _humming("gamma", 3.0, "kl"),
     "(KL 1.429 against {})": lambda: _humming("uniform-3", 3.0, "kl"),
+    "2.5 bits included: {} against": lambda: _humming("gamma", 2.5, quantizer="gptq"),
+    "against the proxy's {}. It loses": lambda: _humming("hawq", 2.5, quantizer="gptq"),
     "gamma's estimate is {} GB of host memory with RTN's": lambda: _projected_8b("estimate_host_gb_rtn_rebuilt"),
     "against a goal of {} GB; 27.6 GB": lambda: _projected_8b("host_goal_gb"),
     "GB; {} GB with candidates held": lambda: _projected_8b("estimate_host_gb_rtn"),
@@ -109,8 +111,8 @@ def _marlin_row(budget: float) -> str:
     return " | ".join(cells) + f" | {rows['gamma']['total_bytes'] / 2**20:.1f}"  # GAMMA's MiB
 
 
-def _humming(method: str, budget: float, what: str = "perplexity") -> str:
-    r = _row("serving_profiles", profile="vllm-humming", quantizer="rtn", method=method, budget=budget)
+def _humming(method: str, budget: float, what: str = "perplexity", quantizer: str = "rtn") -> str:
+    r = _row("serving_profiles", profile="vllm-humming", quantizer=quantizer, method=method, budget=budget)
     return f"{r['kl_divergence']:.3f}" if what == "kl" else f"{r['perplexity']:.1f} ± {r['perplexity_se']:.1f}"
 
 
@@ -214,8 +216,9 @@ def test_the_serving_profile_tables_are_their_results_file(profile):
     docs = (ROOT / "docs" / "serving_profiles.md").read_text()
     assert table(rows, profile) in docs, f"docs/serving_profiles.md should have the table of {profile}:\n" + table(
         rows, profile)
-    if profile == "vllm-humming":
-        from serving_profiles import RECIPES, recipes_table
+    from serving_profiles import RECIPES, recipes_table
 
-        recipes = recipes_table(json.loads((RESULTS / f"{RECIPES}.json").read_text())["rows"])
-        assert recipes in docs, f"docs/serving_profiles.md should have the recipes table:\n{recipes}"
+    recipes = json.loads((RESULTS / f"{RECIPES}.json").read_text())["rows"]
+    for quantizer in dict.fromkeys(r["quantizer"] for r in recipes if r["profile"] == profile):
+        want = recipes_table(recipes, profile, quantizer)
+        assert want in docs, f"docs/serving_profiles.md should have the {profile} {quantizer} recipes table:\n{want}"
