@@ -94,6 +94,43 @@ def memory_estimates(name: str) -> dict:
     return out
 
 
+LEARNED = ("gamma", "gamma-blocks")  # allocators with score tables to learn
+
+
+def table_files(ws, name: str, where: Path) -> list[Path]:
+    """Where the score tables of a learned allocator with the workspace's settings are kept under
+    ``where``, one per training budget, named by everything that determines them."""
+    from gamma.run.tables import run_settings
+    from gamma.stage1.learn import stage1_key
+
+    settings = {**run_settings(ws), "allocator": name, "blocks": ws.cfg.allocation.gamma_blocks.model_dump()}
+    files = []
+    for b in ws.cfg.stage1.training_budgets:  # each table's key holds its own training budget only
+        key = stage1_key(ws.provenance(), {**settings, "stage1": {**settings["stage1"], "budget": b}})
+        files.append(where / f"{name}-{b:g}-{key[:16]}.json")
+    return files
+
+
+def prepared_allocator(ws, name: str, problem, where: Path):
+    """The allocator ``name`` of the workspace's settings, prepared on ``problem``, and whether its
+    score tables were read back: a learned one reads the tables an earlier run saved under
+    ``where`` for the very same settings, model and text, or learns them and saves them there (a
+    rerun of the evaluation costs no Stage I)."""
+    from gamma.allocators import allocator_from_config
+    from gamma.progress import console
+    from gamma.stage2.scores import ScoreTable
+
+    files = table_files(ws, name, where) if name in LEARNED else []
+    cached = [ScoreTable.load(f) for f in files] if files and all(f.exists() for f in files) else None
+    allocator = allocator_from_config(ws.cfg, name, cached)
+    if cached:
+        console.print(f"{name}: score tables read from {', '.join(str(f) for f in files)}, not learned again")
+    allocator.prepare(problem)
+    for f, table in zip(files if cached is None else [], allocator.tables):
+        table.save(f)
+    return allocator, cached is not None
+
+
 def quantizer_arguments(doc: str) -> argparse.ArgumentParser:
     """The options every per-quantizer comparison takes; callers add their own."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -25,32 +25,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, commit, previous_rows, quantizer_arguments, write_results
+from common import LEARNED, RESULTS, commit, prepared_allocator, previous_rows, quantizer_arguments, write_results
 
-from gamma.allocators import BlockAssignment, allocator_from_config
+from gamma.allocators import BlockAssignment
 from gamma.allocators.column_blocks import block_account
 from gamma.config import load_config, parse_overrides
 from gamma.model.assignment import account
 from gamma.progress import console
 from gamma.run.plots import plot_pareto
-from gamma.run.tables import run_settings
 from gamma.run.variant import evaluate_model
 from gamma.run.workspace import Workspace
-from gamma.stage1.learn import stage1_key
-from gamma.stage2.scores import ScoreTable
 
 TABLES = Path(__file__).resolve().parents[1] / "runs" / "compare_allocators"
-LEARNED = ("gamma", "gamma-blocks")
-
-
-def table_files(ws: Workspace, name: str) -> list[Path]:
-    """Where the score tables of a learned allocator with these settings are kept, one per training budget."""
-    settings = {**run_settings(ws), "allocator": name, "blocks": ws.cfg.allocation.gamma_blocks.model_dump()}
-    files = []
-    for b in ws.cfg.stage1.training_budgets:  # each table's key holds its own training budget only
-        key = stage1_key(ws.provenance(), {**settings, "stage1": {**settings["stage1"], "budget": b}})
-        files.append(TABLES / f"{name}-{b:g}-{key[:16]}.json")
-    return files
 
 
 KEY = ("quantizer", "method", "budget")
@@ -66,13 +52,7 @@ def compare(qname: str, budgets: list[float], names: list[str], args, overrides:
     tok = ws.tokenizer
     rows: list[dict] = []
     for name in names:
-        files = table_files(ws, name) if name in LEARNED else []
-        cached = [ScoreTable.load(f) for f in files] if files and all(f.exists() for f in files) else None
-        allocator = allocator_from_config(cfg, name, cached)
-        if files and cached is None:
-            allocator.prepare(problem)
-            for f, table in zip(files, allocator.tables):
-                table.save(f)
+        allocator, cached = prepared_allocator(ws, name, problem, TABLES)
         for budget in budgets:
             try:
                 result = allocator.allocate(problem, budget)

@@ -16,6 +16,9 @@ weights are exactly the candidates the allocators chose among: they are taken fr
 instead of quantized again (the pipeline's sequential GPTQ pass per variant costs minutes each
 here).
 
+GAMMA's score tables are kept under ``runs/serving_profiles/tables``, named by everything that
+determines them: a rerun with the same settings reads them instead of learning them again.
+
 Writes ``benchmarks/results/serving_profiles.json`` (rows merged by profile, quantizer, method and
 budget: a rerun replaces only what it recomputed) and ``serving_profiles.png`` (perplexity
 against bytes, one panel per profile).
@@ -35,9 +38,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, write_results
+from common import RESULTS, ROOT, prepared_allocator, write_results
 
-from gamma.allocators import allocator_from_config
 from gamma.config import load_config, parse_overrides
 from gamma.model.export import CheckpointError, check_transformers_reads, load_checkpoint
 from gamma.progress import console
@@ -111,7 +113,7 @@ def run(profile: str, quantizer: str, allocators: list[str], args) -> list[dict]
         console.print(f"{profile} {quantizer} uniform-{bits}: {rows[-1]}")
         save(rows, args)
     for name in allocators:
-        allocator = allocator_from_config(cfg, name)
+        allocator, _ = prepared_allocator(ws, name, problem, WORK / "tables")
         for budget in PROFILES[profile][2]:
             try:
                 result = allocator.allocate(problem, budget)

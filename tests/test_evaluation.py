@@ -1,5 +1,7 @@
 """The KL divergence from the unquantized model: exact against a direct computation, zero for the
-model itself, ordered by bits, and computed once per run from the caller's own full-precision copy."""
+model itself, ordered by bits, and computed once per run from the caller's own full-precision copy.
+Paired perplexity differences: per-window NLLs exact, the difference of two variants on the same
+windows, and its refusal of windows that do not pair."""
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gamma.config import load_config
-from gamma.evaluation.metrics import kl_divergence, reference_logprobs
+from gamma.evaluation.metrics import EvaluationError, kl_divergence, paired_difference, perplexity, reference_logprobs
 from gamma.model.assignment import apply_assignment, uniform_assignment
 from gamma.model.loading import load_model
 from gamma.quant.rtn import RTN
@@ -36,6 +38,24 @@ def test_kl_divergence_matches_a_direct_computation_and_orders_the_widths(model_
         assert got.kl == pytest.approx(direct, rel=2e-3) and got.tokens == windows.numel() and got.windows == 4
         kls[bits] = got.kl
     assert kls[2] > 5 * kls[4] > 0
+
+
+def test_a_paired_difference_separates_two_widths_on_the_same_windows(model_dir, windows):
+    model, _ = load_model(model_dir)
+    full = perplexity(model, windows, batch_size=3)
+    with torch.no_grad():
+        logits = model(windows).logits
+    direct = F.cross_entropy(logits[:, :-1].transpose(1, 2), windows[:, 1:], reduction="none").mean(1)
+    assert full.window_nll == pytest.approx(direct.tolist(), rel=1e-5) and len(full.window_nll) == 4
+    quantized, _ = load_model(model_dir)
+    apply_assignment(quantized, uniform_assignment(quantized, 3), RTN(), 64, False)
+    three = perplexity(quantized, windows, batch_size=3)
+    d = paired_difference(three, full)
+    assert d.nll == pytest.approx(three.nll - full.nll, abs=1e-9) and d.windows == 4
+    assert d.ratio == pytest.approx(three.perplexity / full.perplexity, rel=1e-9)
+    assert d.nll > 3 * d.standard_error > 0  # 3-bit RTN is worse on every window by far more than its spread
+    with pytest.raises(EvaluationError, match="got 4 and 2"):
+        paired_difference(three, perplexity(model, windows[:2]))
 
 
 def test_the_run_computes_its_reference_once_from_the_callers_copy(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ class Perplexity:
     tokens: int
     windows: int
     context_length: int
+    window_nll: tuple[float, ...] = field(default=(), repr=False)  # each window's mean NLL, for paired comparisons
 
 
 Request = tuple[list[int], int]  # token ids, and how many trailing tokens are scored
@@ -62,7 +63,31 @@ def perplexity_from_nll(nll: torch.Tensor, context_length: int) -> Perplexity:
     mean = nll.mean().item()
     se_nll = (nll.std(unbiased=True).item() / math.sqrt(len(nll))) if len(nll) > 1 else float("nan")
     ppl = math.exp(mean)
-    return Perplexity(ppl, ppl * se_nll, mean, len(nll) * (context_length - 1), len(nll), context_length)
+    return Perplexity(ppl, ppl * se_nll, mean, len(nll) * (context_length - 1), len(nll), context_length,
+                      tuple(nll.tolist()))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """How much worse ``a`` is than ``b`` on the same windows: the mean of the per-window NLL
+    differences and its standard error. The windows' own difficulty cancels in each difference, so
+    this separates two variants whose perplexities' standard errors overlap."""
+    nll: float  # mean over windows of nll_a - nll_b (nats per token)
+    standard_error: float
+    windows: int
+
+    @property
+    def ratio(self) -> float:
+        """perplexity(a) / perplexity(b)"""
+        return math.exp(self.nll)
+
+
+def paired_difference(a: Perplexity, b: Perplexity) -> PairedDifference:
+    if len(a.window_nll) != len(b.window_nll) or len(a.window_nll) < 2:
+        raise EvaluationError(f"a paired difference needs the same windows, at least 2, on both sides "
+                              f"(got {len(a.window_nll)} and {len(b.window_nll)})")
+    d = torch.tensor(a.window_nll, dtype=torch.float64) - torch.tensor(b.window_nll, dtype=torch.float64)
+    return PairedDifference(d.mean().item(), d.std(unbiased=True).item() / math.sqrt(len(d)), len(d))
 
 
 def perplexity_from_scores(scores: list[Score], windows: torch.Tensor) -> Perplexity:
@@ -341,6 +366,7 @@ def figures(ppl: Perplexity, zero_shot_summary: dict | None, seconds: float, bac
     zs, d = zero_shot_summary, divergence
     return {
         "perplexity": ppl.perplexity, "perplexity_se": ppl.standard_error, "eval_tokens": ppl.tokens,
+        "window_nll": [round(v, 6) for v in ppl.window_nll],  # for paired comparisons of variants
         "context_length": ppl.context_length, "kl_divergence": d.kl if d else float("nan"),
         "kl_divergence_se": d.standard_error if d else float("nan"), "kl_tokens": d.tokens if d else 0,
         "zero_shot": zs["average"] if zs else float("nan"), "zero_shot_se": zs["average_se"] if zs else float("nan"),

@@ -1,0 +1,92 @@
+"""Is one variant really worse than another? Allocators compared window by window on many tokens.
+
+``serving_profiles.py`` evaluates each variant on 4,096 held-out tokens: 8 windows of 512, so a
+perplexity's standard error is a few percent and two allocations a percent or two apart cannot be
+told apart there. The windows differ far more among themselves than two variants differ on one
+window; the mean of the per-window NLL differences and its standard error
+(``gamma.evaluation.metrics.paired_difference``) cancel the windows' own difficulty and separate
+the variants on the same text.
+
+For one profile, quantizer and budget of ``serving_profiles.py`` (its settings and Stage I recipe;
+its saved score tables are read, not learned again, when they exist), each method's variant is
+made of the problem's candidates, evaluated on ``--tokens`` held-out tokens (and the KL divergence
+on the first ``--kl-tokens``), and compared with the first method: ``nll_diff`` is the first
+method's mean NLL minus this one's (positive: the first is worse), ``ratio`` its perplexity over
+this one's.
+
+Writes ``benchmarks/results/paired_comparison.json`` (rows keyed by profile, quantizer, budget,
+method and tokens).
+
+    python benchmarks/paired_comparison.py --profile vllm-humming --quantizer rtn --budget 3.0
+        [--methods gamma,uniform,hawq] [--tokens 32768] [--kl-tokens 4096] [--set key=value]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import prepared_allocator, write_results
+from serving_profiles import PROFILES, WORK, config
+
+from gamma.evaluation.metrics import Perplexity, paired_difference
+from gamma.progress import console
+from gamma.run.variant import quantize_and_evaluate
+from gamma.run.workspace import Workspace
+
+KEY = ("profile", "quantizer", "budget", "method", "eval_tokens")
+
+
+def as_perplexity(row: dict) -> Perplexity:
+    nll = row["window_nll"]
+    return Perplexity(row["perplexity"], row["perplexity_se"], sum(nll) / len(nll), row["eval_tokens"], len(nll),
+                      row["context_length"], tuple(nll))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=list(PROFILES), required=True)
+    ap.add_argument("--quantizer", choices=["rtn", "gptq"], required=True)
+    ap.add_argument("--budget", type=float, required=True)
+    ap.add_argument("--methods", default="gamma,uniform,hawq", help="the first is compared with each other one")
+    ap.add_argument("--tokens", type=int, default=32768, help="held-out evaluation tokens")
+    ap.add_argument("--kl-tokens", type=int, default=4096, help="tokens of the KL divergence")
+    ap.add_argument("--set", action="append", default=[], help="a config override key=value (repeatable)")
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    if len(methods) < 2:
+        ap.error(f"--methods {args.methods!r}: name at least two methods to compare")
+    cfg = config(args.profile, args.quantizer, args)
+    ws = Workspace(cfg)
+    problem = ws.problem()
+    base = {"profile": args.profile, "quantizer": args.quantizer, "budget": args.budget}
+    rows, first = [], None
+    for name in methods:
+        allocator, cached = prepared_allocator(ws, name, problem, WORK / "tables")
+        t0 = time.perf_counter()
+        result = allocator.allocate(problem, args.budget)
+        row = quantize_and_evaluate(ws, result.assignment, problem=problem)
+        keep = ("avg_bits", "effective_bits", "total_bytes", "perplexity", "perplexity_se", "kl_divergence",
+                "kl_divergence_se", "kl_tokens", "eval_tokens", "context_length", "window_nll")
+        row = {**base, "method": name, "tables_read_back": cached, "seconds": time.perf_counter() - t0,
+               **{k: row[k] for k in keep}}
+        ppl = as_perplexity(row)
+        first = first or ppl
+        if ppl is not first:
+            d = paired_difference(first, ppl)
+            row.update(nll_diff=d.nll, nll_diff_se=d.standard_error, ratio=d.ratio, windows=d.windows)
+        rows.append(row)
+        console.print(f"{args.profile} {args.quantizer} {name} {args.budget:g}: ppl {row['perplexity']:.2f} "
+                      f"± {row['perplexity_se']:.2f} on {row['eval_tokens']} tokens, kl {row['kl_divergence']:.4f}"
+                      + (f"; {methods[0]} - {name}: {d.nll:+.4f} ± {d.standard_error:.4f} nats/token "
+                         f"(perplexity ratio {d.ratio:.4f})" if ppl is not first else ""))
+        write_results("paired_comparison", {"tokens": args.tokens, "kl_tokens": args.kl_tokens,
+                                            "profile_settings": PROFILES[args.profile][0], "overrides": args.set},
+                      rows, KEY)
+
+
+if __name__ == "__main__":
+    main()
