@@ -126,8 +126,9 @@ def prepared_allocator(ws, name: str, problem, where: Path):
     if cached:
         console.print(f"{name}: score tables read from {', '.join(str(f) for f in files)}, not learned again")
     allocator.prepare(problem)
-    for f, table in zip(files if cached is None else [], allocator.tables):
-        table.save(f)
+    if files and cached is None:
+        for f, table in zip(files, allocator.tables):
+            table.save(f)
     return allocator, cached is not None
 
 

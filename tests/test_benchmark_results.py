@@ -52,3 +52,31 @@ def test_every_row_has_its_commit_and_a_key_of_its_own(name):
     assert all(r.get("commit") for r in rows), f"{name}.json: rows without the commit they were measured at"
     seen = [tuple(json.dumps(r.get(k)) for k in keys[name]) for r in rows]
     assert len(seen) == len(set(seen)), f"{name}.json: rows share a key {keys[name]}"
+
+
+def test_a_benchmark_reads_back_the_score_tables_it_saved_and_only_those(tmp_path, model_dir):
+    import common
+    import torch
+    from conftest import defaults
+    from test_model_sizes import tiny_llama
+
+    from gamma.config import load_config
+    from gamma.run.workspace import Workspace
+
+    folder = tiny_llama(tmp_path / "tiny", torch.float32, model_dir)
+    sets = {"model.path": str(folder), "model.data_dir": str(model_dir.parents[1]), "text.calibration_sequences": 2,
+            "text.sequence_length": 64, "evaluation.context_length": 64, "stage1.steps": 2,
+            "stage1.extra_budgets": [3.5],
+            "output_dir": str(tmp_path / "out")}
+    ws = Workspace(load_config(defaults(tmp_path), sets))
+    problem, tables = ws.problem(), tmp_path / "tables"
+    learned, cached = common.prepared_allocator(ws, "gamma", problem, tables)
+    assert not cached and len(list(tables.glob("gamma-*.json"))) == 2  # one per training budget
+    again, cached = common.prepared_allocator(ws, "gamma", problem, tables)
+    assert cached and [t.scores for t in again.tables] == [t.scores for t in learned.tables]
+    assert again.allocate(problem, 3.0).assignment == learned.allocate(problem, 3.0).assignment
+    other = Workspace(load_config(defaults(tmp_path), {**sets, "stage1.lr": 0.01}))
+    _, cached = common.prepared_allocator(other, "gamma", problem, tables)
+    assert not cached and len(list(tables.glob("gamma-*.json"))) == 4  # other settings: learned, kept apart
+    uniform, cached = common.prepared_allocator(ws, "uniform", problem, tables)  # nothing to learn or keep
+    assert not cached and uniform.allocate(problem, 3.0).avg_bits == 3.0
