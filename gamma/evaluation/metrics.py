@@ -2,7 +2,9 @@
 zero-shot accuracy by log-likelihood.
 
 Perplexity uses consecutive non-overlapping windows of a stated context length; its standard
-error comes from the spread of the per-window mean NLL (delta method). The KL divergence is the
+error comes from the spread of the per-window mean NLL (delta method); two variants evaluated on
+the same windows compare window by window (``paired_difference``), which cancels the windows' own
+difficulty and separates them where their standard errors overlap. The KL divergence is the
 mean over tokens of KL(P || Q), P the unquantized model's next-token distribution (stored once per
 run, float16 log-probabilities, memory-mapped), Q the variant's, as llama.cpp's and exllamav3's
 tools report it: it compares a variant with its own origin token by token, so it separates
