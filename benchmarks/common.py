@@ -112,24 +112,33 @@ def table_files(ws, name: str, where: Path) -> list[Path]:
 
 
 def prepared_allocator(ws, name: str, problem, where: Path):
-    """The allocator ``name`` of the workspace's settings, prepared on ``problem``, and whether its
+    """The allocator ``name`` of the workspace's settings, prepared on ``problem``, and whether
     score tables were read back: a learned one reads the tables an earlier run saved under
-    ``where`` for the very same settings, model and text, or learns them and saves them there (a
-    rerun of the evaluation costs no Stage I)."""
+    ``where`` for the very same settings, model and text, learns only those of its training
+    budgets that are missing and saves them there (a rerun of the evaluation costs no Stage I)."""
     from gamma.allocators import allocator_from_config
     from gamma.progress import console
     from gamma.stage2.scores import ScoreTable
 
-    files = table_files(ws, name, where) if name in LEARNED else []
-    cached = [ScoreTable.load(f) for f in files] if files and all(f.exists() for f in files) else None
-    allocator = allocator_from_config(ws.cfg, name, cached)
-    if cached:
-        console.print(f"{name}: score tables read from {', '.join(str(f) for f in files)}, not learned again")
+    if name not in LEARNED:
+        allocator = allocator_from_config(ws.cfg, name)
+        allocator.prepare(problem)
+        return allocator, False
+    files = dict(zip(ws.cfg.stage1.training_budgets, table_files(ws, name, where)))
+    tables = {b: ScoreTable.load(f) for b, f in files.items() if f.exists()}
+    missing = [b for b in files if b not in tables]
+    if tables:
+        console.print(f"{name}: score tables read from {', '.join(str(files[b]) for b in tables)}, not learned again")
+    if missing:
+        part = ws.cfg.stage1.model_copy(update={"budget": missing[0], "extra_budgets": missing[1:]})
+        learner = allocator_from_config(ws.cfg.model_copy(update={"stage1": part}), name)
+        learner.prepare(problem)
+        for table in learner.tables:
+            tables[table.training_budget] = table
+            table.save(files[table.training_budget])
+    allocator = allocator_from_config(ws.cfg, name, [tables[b] for b in sorted(tables)])
     allocator.prepare(problem)
-    if files and cached is None:
-        for f, table in zip(files, allocator.tables):
-            table.save(f)
-    return allocator, cached is not None
+    return allocator, len(missing) < len(files)
 
 
 def quantizer_arguments(doc: str) -> argparse.ArgumentParser:

@@ -15,54 +15,75 @@ method's mean NLL minus this one's (positive: the first is worse), ``ratio`` its
 this one's.
 
 Writes ``benchmarks/results/paired_comparison.json`` (rows keyed by profile, quantizer, budget,
-method and tokens).
+method, tokens and the training budgets of the GAMMA its rows are compared with).
 
     python benchmarks/paired_comparison.py --profile vllm-humming --quantizer rtn --budget 3.0
         [--methods gamma,uniform,hawq] [--tokens 32768] [--kl-tokens 4096] [--set key=value]
+    python benchmarks/paired_comparison.py --table     # the results file as docs/serving_profiles.md shows it
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import prepared_allocator, write_results
-from serving_profiles import PROFILES, WORK, config
+import torch
 
-from gamma.evaluation.metrics import Perplexity, paired_difference
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, prepared_allocator, write_results
+from serving_profiles import METHODS, PROFILES, WORK, config
+
+from gamma.evaluation.metrics import paired_difference, perplexity_from_nll
 from gamma.progress import console
 from gamma.run.variant import quantize_and_evaluate
 from gamma.run.workspace import Workspace
 
-KEY = ("profile", "quantizer", "budget", "method", "eval_tokens")
+KEY = ("profile", "quantizer", "budget", "method", "eval_tokens", "training_budgets")
 
 
-def as_perplexity(row: dict) -> Perplexity:
-    nll = row["window_nll"]
-    return Perplexity(row["perplexity"], row["perplexity_se"], sum(nll) / len(nll), row["eval_tokens"], len(nll),
-                      row["context_length"], tuple(nll))
+def table(rows: list[dict]) -> str:
+    """docs/serving_profiles.md's table: each comparison's variants, and each against the first."""
+    lines = ["| profile | quantizer | bits | method | tokens | perplexity ± SE (KL) | the first minus this one "
+             "(nats per token) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        against = f"{r['nll_diff']:+.4f} ± {r['nll_diff_se']:.4f}" if "nll_diff" in r else "(the first)"
+        method = METHODS.get(r["method"], r["method"])
+        if r["method"] == "gamma":
+            method += " (tables at " + ", ".join(f"{b:g}" for b in r["training_budgets"]) + ")"
+        lines.append(f"| {r['profile']} | {r['quantizer'].upper()} | {r['budget']:g} | {method} "
+                     f"| {r['eval_tokens']:,} | {r['perplexity']:.2f} ± {r['perplexity_se']:.2f} "
+                     f"({r['kl_divergence']:.3f}) | {against} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", choices=list(PROFILES), required=True)
-    ap.add_argument("--quantizer", choices=["rtn", "gptq"], required=True)
-    ap.add_argument("--budget", type=float, required=True)
+    ap.add_argument("--table", action="store_true", help="print the results file's table and stop")
+    ap.add_argument("--profile", choices=list(PROFILES))
+    ap.add_argument("--quantizer", choices=["rtn", "gptq"])
+    ap.add_argument("--budget", type=float)
     ap.add_argument("--methods", default="gamma,uniform,hawq", help="the first is compared with each other one")
     ap.add_argument("--tokens", type=int, default=32768, help="held-out evaluation tokens")
     ap.add_argument("--kl-tokens", type=int, default=4096, help="tokens of the KL divergence")
     ap.add_argument("--set", action="append", default=[], help="a config override key=value (repeatable)")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads((RESULTS / "paired_comparison.json").read_text())["rows"]))
+        return
+    if None in (args.profile, args.quantizer, args.budget):
+        ap.error("--profile, --quantizer and --budget name the comparison")
     methods = args.methods.split(",")
     if len(methods) < 2:
         ap.error(f"--methods {args.methods!r}: name at least two methods to compare")
     cfg = config(args.profile, args.quantizer, args)
     ws = Workspace(cfg)
     problem = ws.problem()
-    base = {"profile": args.profile, "quantizer": args.quantizer, "budget": args.budget}
+    # GAMMA's training budgets name the comparison: its rows are compared with that GAMMA's
+    base = {"profile": args.profile, "quantizer": args.quantizer, "budget": args.budget,
+            "training_budgets": cfg.stage1.training_budgets}
     rows, first = [], None
     for name in methods:
         allocator, cached = prepared_allocator(ws, name, problem, WORK / "tables")
@@ -73,7 +94,7 @@ def main() -> None:
                 "kl_divergence_se", "kl_tokens", "eval_tokens", "context_length", "window_nll")
         row = {**base, "method": name, "tables_read_back": cached, "seconds": time.perf_counter() - t0,
                **{k: row[k] for k in keep}}
-        ppl = as_perplexity(row)
+        ppl = perplexity_from_nll(torch.tensor(row["window_nll"]), row["context_length"])
         first = first or ppl
         if ppl is not first:
             d = paired_difference(first, ppl)

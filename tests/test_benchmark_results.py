@@ -78,5 +78,10 @@ def test_a_benchmark_reads_back_the_score_tables_it_saved_and_only_those(tmp_pat
     other = Workspace(load_config(defaults(tmp_path), {**sets, "stage1.lr": 0.01}))
     _, cached = common.prepared_allocator(other, "gamma", problem, tables)
     assert not cached and len(list(tables.glob("gamma-*.json"))) == 4  # other settings: learned, kept apart
+    more = Workspace(load_config(defaults(tmp_path), {**sets, "stage1.extra_budgets": [3.5, 3.75]}))
+    grown, cached = common.prepared_allocator(more, "gamma", problem, tables)
+    assert cached and len(list(tables.glob("gamma-*.json"))) == 5  # only the missing table is learned
+    assert [t.scores for t in grown.tables[:2]] == [t.scores for t in learned.tables]
+    assert [t.training_budget for t in grown.tables] == [3.0, 3.5, 3.75]
     uniform, cached = common.prepared_allocator(ws, "uniform", problem, tables)  # nothing to learn or keep
     assert not cached and uniform.allocate(problem, 3.0).avg_bits == 3.0
