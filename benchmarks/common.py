@@ -42,8 +42,12 @@ def write_results(name: str, settings: dict, rows: list[dict], key: tuple[str, .
     stamp = {"commit": commit(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     settings = {**settings, **stamp}
     old = json.loads(path.read_text())["rows"] if path.exists() else []
-    new = {tuple(r.get(k) for k in key): {**stamp, **r} if "commit" in r else {**r, **stamp} for r in rows}
-    rows = [r for r in old if tuple(r.get(k) for k in key) not in new] + list(new.values())
+
+    def row_key(r: dict) -> tuple:  # a list in a key (training budgets, say) compares as a tuple
+        return tuple(tuple(v) if isinstance(v, list) else v for v in (r.get(k) for k in key))
+
+    new = {row_key(r): {**stamp, **r} if "commit" in r else {**r, **stamp} for r in rows}
+    rows = [r for r in old if row_key(r) not in new] + list(new.values())
     path.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1, default=str) + "\n")
     return path
 

@@ -24,6 +24,9 @@ def test_a_rerun_replaces_only_the_rows_it_recomputed(tmp_path, monkeypatch):
     rows = {(r["m"], r["b"]): r for r in json.loads((tmp_path / "x.json").read_text())["rows"]}
     assert {k: (r["ppl"], r["commit"]) for k, r in rows.items()} == {
         ("a", 1): (10.0, "aaaaaaa"), ("a", 2): (7.5, "bbbbbbb"), ("c", 2): (9.0, "bbbbbbb")}
+    for ppl in (5.0, 4.0):  # a list in the key: read back as a list, still the same row
+        common.write_results("y", {}, [{"m": "a", "b": [3.0, 3.5], "ppl": ppl}], ("m", "b"))
+    assert [r["ppl"] for r in json.loads((tmp_path / "y.json").read_text())["rows"]] == [4.0]
 
 
 def _keys() -> dict[str, tuple]:
