@@ -75,12 +75,26 @@ CLAIMS = {  # README text with {} for the figure -> the figure as the results fi
     "2 processes {} s and": lambda: _field("stage1_scaling", "stage1_seconds", "{:.0f}", processes=2, rank=0),
     "(3 bits: {} against": lambda: _field("uniform", "perplexity", "{:.1f}", quantizer="gptq", budget=3.0),
     "(3 bits: 46.1 against {})": lambda: _field("uniform", "perplexity", "{:.1f}", quantizer="rtn", budget=3.0),
-    "uniform 3-bit: {} against": lambda: _humming("gamma", 3.0),
-    "against {} (KL 1.429": lambda: _humming("uniform-3", 3.0),
-    "(KL {} against 1.457)": lambda: _humming("gamma", 3.0, "kl"),
-    "(KL 1.429 against {})": lambda: _humming("uniform-3", 3.0, "kl"),
-    "2.5 bits included: {} against": lambda: _humming("gamma", 2.5, quantizer="gptq"),
-    "against the proxy's {}. It loses": lambda: _humming("hawq", 2.5, quantizer="gptq"),
+    "the table's 4,096 tokens ({} against": lambda: _humming("gamma", 3.0),
+    "against {}, KL 1.429": lambda: _humming("uniform-3", 3.0),
+    "KL {} against 1.457)": lambda: _humming("gamma", 3.0, "kl"),
+    "KL 1.429 against {})": lambda: _humming("uniform-3", 3.0, "kl"),
+    "level with it on 32,704 tokens: {} against": lambda: _paired("gamma", "perplexity", "{:.2f}"),
+    "against {}, a paired difference": lambda: _paired("uniform", "perplexity", "{:.2f}"),
+    "a paired difference of {} ±": lambda: _paired("uniform", "nll_diff", "{:.4f}"),
+    "± {} nats per token in GAMMA's favour": lambda: _paired("uniform", "nll_diff_se", "{:.4f}"),
+    "(at 2.5 bits {} and": lambda: _served("transformers", "gamma", 2.5, quantizer="gptq"),
+    "and {} against the proxy's": lambda: _humming("gamma", 2.5, quantizer="gptq"),
+    "against the proxy's {} and 88.8": lambda: _served("transformers", "hawq", 2.5, quantizer="gptq"),
+    "107.4 ± 3.9 and {}), and best": lambda: _humming("hawq", 2.5, quantizer="gptq"),
+    "closes {}% of the 4-to-8-bit gap at 4.5 bits (goal: half)": lambda: _closed("gptq"),
+    "`benchmarks/allocation_ceiling.py`) closes {}%": lambda: _closed("gptq", "ceiling", "allocation_ceiling"),
+    "best at every budget ({} against the proxy's 7,822": lambda: _served("transformers", "gamma", 2.5, "alone"),
+    "against the proxy's {} at 2.5, 108.6": lambda: _served("transformers", "hawq", 2.5, "alone"),
+    "at 2.5, {} against 177.1 at 3": lambda: _served("transformers", "gamma", 3.0, "alone"),
+    "against {} at 3, 47.2": lambda: _served("transformers", "hawq", 3.0, "alone"),
+    "at 3, {} against 56.3 ± 3.1 at 3.5)": lambda: _served("transformers", "gamma", 3.5),
+    "against {} at 3.5). Every checkpoint": lambda: _served("transformers", "hawq", 3.5),
     "gamma's estimate is {} GB of host memory with RTN's": lambda: _projected_8b("estimate_host_gb_rtn_rebuilt"),
     "against a goal of {} GB; 27.6 GB": lambda: _projected_8b("host_goal_gb"),
     "GB; {} GB with candidates held": lambda: _projected_8b("estimate_host_gb_rtn"),
@@ -111,9 +125,22 @@ def _marlin_row(budget: float) -> str:
     return " | ".join(cells) + f" | {rows['gamma']['total_bytes'] / 2**20:.1f}"  # GAMMA's MiB
 
 
+def _served(profile: str, method: str, budget: float, what: str = "perplexity", quantizer: str = "rtn") -> str:
+    """A serving-profile row's perplexity ± SE, its perplexity alone (thousands without decimals) or its KL."""
+    r = _row("serving_profiles", profile=profile, quantizer=quantizer, method=method, budget=budget)
+    if what == "kl":
+        return f"{r['kl_divergence']:.3f}"
+    text = [f"{v:,.0f}" if r["perplexity"] >= 1000 else f"{v:.1f}" for v in (r["perplexity"], r["perplexity_se"])]
+    return text[0] if what == "alone" else " ± ".join(text)
+
+
 def _humming(method: str, budget: float, what: str = "perplexity", quantizer: str = "rtn") -> str:
-    r = _row("serving_profiles", profile="vllm-humming", quantizer=quantizer, method=method, budget=budget)
-    return f"{r['kl_divergence']:.3f}" if what == "kl" else f"{r['perplexity']:.1f} ± {r['perplexity_se']:.1f}"
+    return _served("vllm-humming", method, budget, what, quantizer)
+
+
+def _paired(method: str, field: str, fmt: str) -> str:
+    return fmt.format(_row("paired_comparison", profile="vllm-humming", quantizer="rtn", budget=3.0,
+                           method=method)[field])
 
 
 def _marlin(method: str, budget: float) -> str:
@@ -232,3 +259,14 @@ def test_the_serving_profile_tables_are_their_results_file(profile):
     for quantizer in dict.fromkeys(r["quantizer"] for r in recipes if r["profile"] == profile):
         want = recipes_table(recipes, profile, quantizer)
         assert want in docs, f"docs/serving_profiles.md should have the {profile} {quantizer} recipes table:\n{want}"
+
+
+def test_the_paired_comparisons_table_is_its_results_file():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from paired_comparison import table
+
+    want = table(json.loads((RESULTS / "paired_comparison.json").read_text())["rows"])
+    assert want in (ROOT / "docs" / "serving_profiles.md").read_text(), \
+        f"docs/serving_profiles.md should have the paired comparisons table:\n{want}"
