@@ -3,8 +3,8 @@
 Each allocation unit (under the profile's tie groups) is moved alone from ``--base`` to
 ``--upgrade`` bits on the uniform ``--base`` model, and the drop in held-out NLL this buys is
 measured on the evaluation windows themselves. The exact knapsack then picks, within each budget,
-the units whose summed drops are largest (a unit at 16 bits is scored as at ``--upgrade``: the
-8-bit candidates are within float16's noise here), and that assignment is evaluated on the same
+the units whose summed drops are largest (a unit at 16 bits is scored as at ``--upgrade``: it
+costs more for at most what 8 bits leave, which is not measured), and that assignment is evaluated on the same
 windows, the way ``serving_profiles.py`` evaluates its variants. It is not a method: the drops are
 measured on the test text and assumed additive, so it is an optimistic reference that says how
 much of a goal any module-level allocation can reach on this model, not one an allocator learning
