@@ -83,6 +83,8 @@ CLAIMS = {  # README text with {} for the figure -> the figure as the results fi
     "against {}, a paired difference": lambda: _paired("uniform", "perplexity", "{:.2f}"),
     "a paired difference of {} ±": lambda: _paired("uniform", "nll_diff", "{:.4f}"),
     "± {} nats per token in GAMMA's favour": lambda: _paired("uniform", "nll_diff_se", "{:.4f}"),
+    "0.59% worse: {} ±": lambda: _paired("hawq", "nll_diff", "{:+.4f}", "vllm-marlin", 6.0),
+    "0.59% worse: +0.0059 ± {} nats": lambda: _paired("hawq", "nll_diff_se", "{:.4f}", "vllm-marlin", 6.0),
     "(at 2.5 bits {} and": lambda: _served("transformers", "gamma", 2.5, quantizer="gptq"),
     "and {} against the proxy's": lambda: _humming("gamma", 2.5, quantizer="gptq"),
     "against the proxy's {} and 88.8": lambda: _served("transformers", "hawq", 2.5, quantizer="gptq"),
@@ -138,8 +140,8 @@ def _humming(method: str, budget: float, what: str = "perplexity", quantizer: st
     return _served("vllm-humming", method, budget, what, quantizer)
 
 
-def _paired(method: str, field: str, fmt: str) -> str:
-    return fmt.format(_row("paired_comparison", profile="vllm-humming", quantizer="rtn", budget=3.0,
+def _paired(method: str, field: str, fmt: str, profile: str = "vllm-humming", budget: float = 3.0) -> str:
+    return fmt.format(_row("paired_comparison", profile=profile, quantizer="rtn", budget=budget,
                            method=method)[field])
 
 
