@@ -44,6 +44,11 @@ from gamma.stage2.scores import Scores
 KEY = ("profile", "quantizer", "method", "budget")
 
 
+def units_of(problem) -> list[list[int]]:
+    """The problem's allocation units (module indices), each module its own when nothing is tied."""
+    return problem.units or [[i] for i in range(len(problem.modules))]
+
+
 def unit_gains(ws: Workspace, problem, base: int, upgrade: int) -> tuple[np.ndarray, float]:
     """Each unit's drop in mean NLL on the evaluation windows when it alone moves from ``base`` to
     ``upgrade`` bits on the uniform ``base`` model, and that model's NLL."""
@@ -55,7 +60,7 @@ def unit_gains(ws: Workspace, problem, base: int, upgrade: int) -> tuple[np.ndar
     batch = max(1, ws.cfg.evaluation.batch_size // 2)
     start = perplexity(model, ws.evaluation, batch, str(ws.device)).nll
     layers = quantizable_modules(model)
-    units = problem.units or [[i] for i in range(len(problem.modules))]
+    units = units_of(problem)
     gains = np.zeros(len(units))
     for u, members in track(list(enumerate(units)), f"units moved to {upgrade} bits", total=len(units)):
         names = [problem.modules[i] for i in members]
@@ -74,8 +79,7 @@ def ceiling_scores(problem, gains: np.ndarray, base: int, upgrade: int) -> Score
     ``base``, and far below any drop at every other width (never chosen)."""
     bits = problem.bits
     scores = np.full((len(problem.modules), len(bits)), -1e3)
-    units = problem.units or [[i] for i in range(len(problem.modules))]
-    for members, gain in zip(units, gains):
+    for members, gain in zip(units_of(problem), gains):
         scores[members, bits.index(base)] = 0.0
         for b in (upgrade, 16):
             if b in bits:
@@ -102,9 +106,9 @@ def main() -> None:
     problem = ws.problem()
     t0 = time.perf_counter()
     gains, start = unit_gains(ws, problem, args.base, args.upgrade)
-    units = problem.units or [[i] for i in range(len(problem.modules))]
     base = {"profile": args.profile, "quantizer": args.quantizer}
-    named = sorted(zip(gains.tolist(), ["+".join(problem.modules[i] for i in u) for u in units]), reverse=True)
+    names = ["+".join(problem.modules[i] for i in u) for u in units_of(problem)]
+    named = sorted(zip(gains.tolist(), names), reverse=True)
     rows = [{**base, "method": "unit_gains", "budget": float(args.base), "base_nll": start,
              "seconds": time.perf_counter() - t0, "gains": [{"unit": n, "nll_drop": g} for g, n in named]}]
     console.print("largest drops: " + ", ".join(f"{n} {g:.4f}" for g, n in named[:8]))

@@ -124,25 +124,29 @@ def prepared_allocator(ws, name: str, problem, where: Path):
     from gamma.progress import console
     from gamma.stage2.scores import ScoreTable
 
-    if name not in LEARNED:
+    files = dict(zip(ws.cfg.stage1.training_budgets, table_files(ws, name, where))) if name in LEARNED else {}
+    tables = {b: ScoreTable.load(f) for b, f in files.items() if f.exists()}
+    if not tables:  # nothing saved (or nothing to learn): the allocator prepares itself, as in a run
         allocator = allocator_from_config(ws.cfg, name)
         allocator.prepare(problem)
+        for table in allocator.tables if files else []:
+            table.save(files[table.training_budget])
         return allocator, False
-    files = dict(zip(ws.cfg.stage1.training_budgets, table_files(ws, name, where)))
-    tables = {b: ScoreTable.load(f) for b, f in files.items() if f.exists()}
+    console.print(f"{name}: score tables read from {', '.join(str(files[b]) for b in tables)}, not learned again")
     missing = [b for b in files if b not in tables]
-    if tables:
-        console.print(f"{name}: score tables read from {', '.join(str(files[b]) for b in tables)}, not learned again")
+    learned_seconds = 0.0
     if missing:
         part = ws.cfg.stage1.model_copy(update={"budget": missing[0], "extra_budgets": missing[1:]})
         learner = allocator_from_config(ws.cfg.model_copy(update={"stage1": part}), name)
         learner.prepare(problem)
+        learned_seconds = learner.prepare_seconds
         for table in learner.tables:
             tables[table.training_budget] = table
             table.save(files[table.training_budget])
     allocator = allocator_from_config(ws.cfg, name, [tables[b] for b in sorted(tables)])
     allocator.prepare(problem)
-    return allocator, len(missing) < len(files)
+    allocator.prepare_seconds += learned_seconds  # the one-off work this run did pay: the missing tables
+    return allocator, True
 
 
 def quantizer_arguments(doc: str) -> argparse.ArgumentParser:
