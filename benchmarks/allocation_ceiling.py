@@ -114,8 +114,8 @@ def main() -> None:
     console.print("largest drops: " + ", ".join(f"{n} {g:.4f}" for g, n in named[:8]))
     scores = ceiling_scores(problem, gains, args.base, args.upgrade)
     settings = {"base": args.base, "upgrade": args.upgrade, "eval_tokens": args.tokens,
-                "profile_settings": PROFILES[args.profile][0], "overrides": args.set}
-    for budget in PROFILES[args.profile][2]:
+                "profile_settings": PROFILES[args.profile], "overrides": args.set}
+    for budget in cfg.stage2.budgets:
         chosen = project(scores, budget, problem.stage2, group_size=problem.group_size, symmetric=problem.symmetric,
                          units=problem.units, fixed_bytes=problem.fixed_bytes, zero_points=problem.zero_points)
         row = quantize_and_evaluate(ws, chosen.assignment, problem=problem)

@@ -105,7 +105,7 @@ def main() -> None:
                       + (f"; {methods[0]} - {name}: {d.nll:+.4f} ± {d.standard_error:.4f} nats/token "
                          f"(perplexity ratio {d.ratio:.4f})" if ppl is not first else ""))
         write_results("paired_comparison", {"tokens": args.tokens, "kl_tokens": args.kl_tokens,
-                                            "profile_settings": PROFILES[args.profile][0], "overrides": args.set},
+                                            "profile_settings": PROFILES[args.profile], "overrides": args.set},
                       rows, KEY)
 
 

@@ -42,26 +42,14 @@ from common import RESULTS, ROOT, prepared_allocator, write_results
 
 from gamma.config import load_config, parse_overrides
 from gamma.model.export import CheckpointError, check_transformers_reads, load_checkpoint
+from gamma.operations.profiles import PROFILES as SERVING
 from gamma.progress import console
 from gamma.run.variant import quantize_and_evaluate
 from gamma.run.workspace import Workspace
 
-# per profile: the settings it fixes (and its Stage I recipe), the Stage I training budget and the budgets to serve
-PROFILES = {
-    "vllm-marlin": ({"candidates": [4, 8, 16], "quantizer.symmetric": True, "allocation.ties": "fused",
-                     "allocation.experts": "per_layer", "uniform_bits": [4, 8]}, 5.0, [4.25, 4.5, 5.0, 6.0]),
-    # straight-through draws, a table at each budget from 3 bits up (2.5 projects from 3.0's) and the end-to-end
-    # KL loss: chosen after the soft relaxation's one teacher-forced table lost to uniform (docs/serving_profiles.md)
-    "vllm-humming": ({"candidates": [2, 3, 4, 8], "quantizer.symmetric": False, "allocation.ties": "fused",
-                      "allocation.experts": "per_layer", "uniform_bits": [2, 3, 4], "stage1.relaxation": "hard",
-                      "stage1.extra_budgets": [3.5, 4.0], "stage1.loss": "end_to_end"}, 3.0, [2.5, 3.0, 3.5, 4.0]),
-    # the humming lesson: straight-through draws and the end-to-end loss beat the soft, teacher-forced table at
-    # 2.5 and 3 bits with both quantizers; a table at 3.5 bits (3.5 and 4 project from it), because the one at 3
-    # projected upward lost to the proxy at 3.5 with RTN (docs/serving_profiles.md)
-    "transformers": ({"candidates": [2, 3, 4], "quantizer.symmetric": True, "uniform_bits": [2, 3, 4],
-                      "stage1.relaxation": "hard", "stage1.loss": "end_to_end", "stage1.extra_budgets": [3.5]},
-                     3.0, [2.5, 3.0, 3.5, 4.0]),
-}
+# the profiles benchmarked: each brings its widths, tie groups, Stage I recipe and budgets
+# (gamma/operations/profiles.py, ``Profile.settings``; the recipes were chosen by this script's runs)
+PROFILES = {name: SERVING[name].settings for name in ("vllm-marlin", "vllm-humming", "transformers")}
 KEY = ("profile", "quantizer", "method", "budget")
 RECIPES = "serving_profiles_recipes"  # other Stage I recipes than a profile's own (``--recipe``)
 RECIPE_KEY = ("recipe", "profile", "quantizer", "method", "budget")
@@ -69,10 +57,11 @@ WORK = ROOT / "runs" / "serving_profiles"
 
 
 def config(profile: str, quantizer: str, args):
-    settings, train, _ = PROFILES[profile]
+    """The profile's own settings (params.yaml leaves them to it), GPTQ's Hessians from the
+    full-precision model, and the evaluation this script measures with."""
     return load_config(ROOT / "params.yaml", {
-        "stage1.extra_budgets": [], **settings, "serving.profile": profile, "quantizer.method": quantizer,
-        "quantizer.gptq.sequential": False, "stage1.budget": train, "evaluation.max_tokens": args.tokens,
+        "serving.profile": profile, "quantizer.method": quantizer,
+        "quantizer.gptq.sequential": False, "evaluation.max_tokens": args.tokens,
         "evaluation.kl_tokens": args.kl_tokens, "evaluation.zero_shot_items": 0,
         "output_dir": str(WORK / profile / quantizer), **parse_overrides(args.set)})
 
@@ -118,7 +107,7 @@ def run(profile: str, quantizer: str, allocators: list[str], args) -> list[dict]
         save(rows, args)
     for name in allocators:
         allocator, _ = prepared_allocator(ws, name, problem, WORK / "tables")
-        for budget in PROFILES[profile][2]:
+        for budget in cfg.stage2.budgets:
             try:
                 result = allocator.allocate(problem, budget)
             except ValueError as err:
@@ -142,7 +131,7 @@ def save(rows: list[dict], args) -> None:
 
 
 def settings(args) -> dict:
-    return {"profiles": {p: {"overrides": s, "stage1_budget": t, "budgets": b} for p, (s, t, b) in PROFILES.items()},
+    return {"profiles": PROFILES,
             "eval_tokens": args.tokens, "kl_tokens": args.kl_tokens,
             "gptq": "Hessians from the full-precision model; variants made of the problem's candidates",
             "params": "params.yaml defaults otherwise (Stage I: 100 steps, 16 calibration sequences)",
@@ -190,7 +179,7 @@ def table(rows: list[dict], profile: str) -> str:
     """docs/serving_profiles.md's table of ``profile``: per quantizer and method the perplexity ± SE
     and the KL divergence at each budget (the lowest perplexity of a quantizer and budget in bold),
     then a line of the uniform references."""
-    budgets = PROFILES[profile][2]
+    budgets = PROFILES[profile]["stage2.budgets"]
     mine = {(r["quantizer"], r["method"], r["budget"]): r for r in rows if r["profile"] == profile and "error" not in r}
     lines = ["| quantizer | method | " + " | ".join(f"{b:g} bits" for b in budgets) + " |",
              "|---|---|" + "---|" * len(budgets)]
@@ -215,7 +204,7 @@ def table(rows: list[dict], profile: str) -> str:
 
 def recipes_table(rows: list[dict], profile: str, quantizer: str) -> str:
     """GAMMA under each Stage I recipe of ``RECIPES`` (and the profile's own rows), per budget."""
-    budgets = PROFILES[profile][2]
+    budgets = PROFILES[profile]["stage2.budgets"]
     cells = {(r["recipe"], r["budget"]): r for r in rows if (r["profile"], r["quantizer"]) == (profile, quantizer)}
     lines = ["| Stage I recipe | " + " | ".join(f"{b:g} bits" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for recipe in dict.fromkeys(r for r, _ in cells):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from functools import reduce
 from pathlib import Path
 
 from prefect import flow
@@ -30,11 +31,14 @@ def gamma_pipeline(params: str = "params.yaml", overrides: dict | None = None, u
     cfg = load_config(params, overrides)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from_profile = profile_settings(cfg)
+    print(f"serving.profile={cfg.serving.profile} gives: {from_profile or 'nothing (params.yaml and --set give all)'}")
     inputs = prepare(cfg, use_dvc)
     client, experiment = tracking.client_for(cfg)  # database and experiment exist before the fan-out
     parent = client.create_run(experiment, run_name="pipeline",
                                tags={"gamma.kind": "pipeline", "model_md5": inputs["model_md5"],
-                                     "text_md5": inputs["text_md5"], "git_commit": inputs["git_commit"]})
+                                     "text_md5": inputs["text_md5"], "git_commit": inputs["git_commit"],
+                                     "serving_profile": cfg.serving.profile, "from_profile": from_profile[:5000]})
     parent_id = parent.info.run_id
     status = "FAILED"
     try:
@@ -64,6 +68,13 @@ def gamma_pipeline(params: str = "params.yaml", overrides: dict | None = None, u
     finally:
         client.set_terminated(parent_id, status)
     return rows
+
+
+def profile_settings(cfg) -> str:
+    """The settings the run took from its serving profile, as ``key=value`` text."""
+    values = cfg.model_dump()
+    return ", ".join(f"{k}={reduce(lambda node, part: node[part], k.split('.'), values)}"
+                     for k in cfg.serving.from_profile)
 
 
 def summarize(client, run_id: str, out: Path, inputs: dict, scores: dict, rows: list[dict],

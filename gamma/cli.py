@@ -11,6 +11,7 @@
   gamma rollback --budget 2.5 --alias production  give the alias back to its previous holder
   gamma rollout --fleet fleet.yaml   rollout manifest for a fleet; each class's bytes solved on demand
   gamma serve                        cron deployments of the pipeline and the re-evaluation (Prefect server)
+  gamma profiles                     the serving profiles: the widths, units, Stage I recipe and budgets each sets
 
 Every command reads params.yaml (``--params``) and accepts ``--set key=value`` overrides.
 The orchestrated pipeline (Prefect, MLflow, DVC) lives in ``flows/`` and is imported lazily.
@@ -229,6 +230,21 @@ def cmd_quantize(cfg: GammaConfig, args) -> dict:
     return row
 
 
+def cmd_profiles(cfg: GammaConfig, args) -> None:
+    from gamma.operations.profiles import PROFILE_SETTINGS, PROFILES
+
+    def value(v) -> str:
+        return (",".join(map(str, v)) or "none") if isinstance(v, (list, tuple)) else str(v)
+
+    rows = [{"setting": "engine", **{n: p.engine for n, p in PROFILES.items()}},
+            {"setting": "loaders checked", **{n: value(p.loads_in) for n, p in PROFILES.items()}}]
+    rows += [{"setting": k, **{n: value(p.settings[k]) for n, p in PROFILES.items()}} for k in PROFILE_SETTINGS]
+    print_table(rows, "serving profiles: each sets what params.yaml and --set leave out", ["setting", *PROFILES])
+    own = [k for k in PROFILE_SETTINGS if k not in cfg.serving.from_profile]
+    console.print(f"this configuration: serving.profile={cfg.serving.profile}"
+                  + (f"; it gives its own {', '.join(own)}" if own else "; every setting above from the profile"))
+
+
 def cmd_run(cfg: GammaConfig, args) -> None:
     from flows.pipeline import run_pipeline
 
@@ -338,12 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--fleet", required=True,
                     help="fleet YAML: classes of name, memory_mb, kv_cache_reserve_mb, count, engine")
     sub.add_parser("serve", parents=[common], help="cron deployments (pipeline, re-evaluation) on a Prefect server")
+    sub.add_parser("profiles", parents=[common], help="the serving profiles and the settings each one gives a run")
     return p
 
 
 COMMANDS = {"prepare": cmd_prepare, "uniform": cmd_uniform, "learn": cmd_learn, "allocate": cmd_allocate,
             "quantize": cmd_quantize, "run": cmd_run, "promote": cmd_promote, "rollback": cmd_rollback,
-            "rollout": cmd_rollout, "serve": cmd_serve}
+            "rollout": cmd_rollout, "serve": cmd_serve, "profiles": cmd_profiles}
 
 
 def main(argv: list[str] | None = None) -> int:

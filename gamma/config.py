@@ -335,6 +335,9 @@ class ServingConfig(_Section):
     profile: Literal["research", "transformers", "vllm-marlin", "vllm-humming"] = Field("research", description=(
         "the engine the variants are made for: its widths, symmetry, group sizes and allocation units "
         "(gamma/operations/profiles.py); research: everything gamma can represent"))
+    from_profile: list[str] = Field([], description=(
+        "the settings this run took from the profile because params.yaml and --set left them out "
+        "(written by load_config)"))
 
     @property
     def zero_points(self) -> str:
@@ -376,6 +379,19 @@ class GammaConfig(_Section):
         return self.model_copy(update={"stage1": self.stage1.model_copy(update={"budget": budget,
                                                                                "extra_budgets": []})})
 
+    # first: outside its profile, the other checks' complaints (a budget outside the widths) follow from it
+    @model_validator(mode="after")
+    def _inside_the_serving_profile(self) -> GammaConfig:
+        from gamma.operations.profiles import profile_problems  # pure data, no heavy imports
+
+        q, a = self.quantizer, self.allocation
+        problems = profile_problems(self.serving.profile, self.candidates, q.symmetric, q.group_size, a.ties,
+                                    a.experts)
+        if problems:
+            raise ValueError(f"serving.profile={self.serving.profile} does not take " + "; ".join(problems)
+                             + ". Leave these out of params.yaml and --set to take the profile's own (gamma profiles)")
+        return self
+
     @model_validator(mode="after")
     def _budgets_in_range(self) -> GammaConfig:
         lo, hi = min(self.candidates), max(self.candidates)
@@ -395,17 +411,6 @@ class GammaConfig(_Section):
     def _methods_solve_the_unit(self) -> GammaConfig:
         for name in self.allocation.methods:
             check_budget_unit(name, self.stage2.unit)
-        return self
-
-    @model_validator(mode="after")
-    def _inside_the_serving_profile(self) -> GammaConfig:
-        from gamma.operations.profiles import profile_problems  # pure data, no heavy imports
-
-        q, a = self.quantizer, self.allocation
-        problems = profile_problems(self.serving.profile, self.candidates, q.symmetric, q.group_size, a.ties,
-                                    a.experts)
-        if problems:
-            raise ValueError(f"serving.profile={self.serving.profile} does not take " + "; ".join(problems))
         return self
 
 
@@ -429,7 +434,8 @@ def validate_config(data: dict | None) -> GammaConfig:
 
 
 def load_config(path: str | Path = "params.yaml", overrides: dict | None = None) -> GammaConfig:
-    """Read ``params.yaml`` (missing file = all defaults) and apply nested ``overrides``."""
+    """Read ``params.yaml`` (missing file = all defaults), apply nested ``overrides``, then take what
+    both leave out of ``PROFILE_SETTINGS`` from the serving profile (``serving.from_profile`` names it)."""
     path = Path(path)
     data: dict = {}
     if path.exists():
@@ -448,6 +454,13 @@ def load_config(path: str | Path = "params.yaml", overrides: dict | None = None)
                 raise ConfigError(f"--set {dotted}: {'.'.join(parents[:i + 1])} is a value ({node!r}), not a "
                                   "section with settings inside")
         node[leaf] = value
+    from gamma.operations.profiles import fill_from_profile  # pure data
+
+    filled = fill_from_profile(data, ServingConfig.model_fields["profile"].default)
+    if filled and isinstance(data.get("serving"), dict):
+        data["serving"]["from_profile"] = filled
+    elif filled and data.get("serving") is None:
+        data["serving"] = {"from_profile": filled}
     return validate_config(data)
 
 

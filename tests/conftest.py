@@ -40,7 +40,8 @@ def calibration(model_and_tokenizer, text):
 
 
 def defaults(tmp_path: Path) -> Path:
-    """An empty params file: every setting at its default."""
+    """A params file with every setting at its default (the research profile's) but one score table
+    (``stage1.extra_budgets: []``), which is what the tests time."""
     path = tmp_path / "defaults.yaml"
-    path.touch()
+    path.write_text("stage1:\n  extra_budgets: []\n")
     return path

@@ -6,9 +6,16 @@ from gamma.config import ConfigError, GammaConfig, load_config, validate_config
 
 
 def test_defaults_are_valid_and_serve_embedded_run(tmp_path):
+    """No file: the model's defaults, and the research profile's settings (its band of tables)."""
+    from gamma.operations.profiles import PROFILE_SETTINGS
+
     cfg = load_config(tmp_path / "missing.yaml")
-    assert cfg == GammaConfig()
+    assert cfg.serving.profile == "research" and cfg.serving.from_profile == list(PROFILE_SETTINGS)
     assert cfg.model.path == "embedded" and cfg.candidates == [2, 3, 4]
+    assert cfg.stage1.training_budgets == [2.75, 3.0, 3.5]
+    bare = cfg.model_copy(update={"stage1": cfg.stage1.model_copy(update={"extra_budgets": []}),
+                                  "serving": cfg.serving.model_copy(update={"from_profile": []})})
+    assert bare == GammaConfig()
 
 
 def test_repo_params_yaml_is_valid():

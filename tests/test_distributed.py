@@ -17,7 +17,7 @@ def _params(tmp_path, model_dir, **model):
     params = {
         "model": {"path": str(model_dir), "data_dir": str(DATA), **model},
         "text": {"calibration_sequences": 4, "sequence_length": 64},
-        "stage1": {"steps": 4, "sequences_per_step": 4, "tokens_per_sequence": 32, "processes": 2},
+        "stage1": {"steps": 4, "sequences_per_step": 4, "tokens_per_sequence": 32, "processes": 2, "extra_budgets": []},
         "output_dir": str(tmp_path / "runs"),
     }
     path = tmp_path / "params.yaml"

@@ -37,7 +37,7 @@ def project(tmp_path, monkeypatch, model_dir, text):
         "model": {"path": str(model_dir), "data_dir": "data"},
         "text": {"source": "corpus", "calibration_sequences": 2, "sequence_length": 64, "eval_fraction": 0.25,
                  "split_seed": 0},
-        "stage1": {"steps": 2, "tokens_per_sequence": 32},
+        "stage1": {"steps": 2, "tokens_per_sequence": 32, "extra_budgets": []},  # one table (research's: three)
         "evaluation": {"max_tokens": 512, "context_length": 256, "zero_shot_items": 0},
         "uniform_bits": [4], "stage2": {"budgets": [3.0, 1.5]},
         "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "artifacts": str(root / "mlartifacts")},
@@ -88,6 +88,11 @@ def test_pipeline_registers_lineage_caches_stage1_and_isolates_failures(project,
     assert scores.tags["model_md5"] == summary["inputs"]["model_md5"] and len(scores.tags["git_commit"]) >= 7
     [variant] = _versions(client, f"{prefix}-3bit")
     assert variant.tags["score_version"] == str(scores.version) and variant.tags["text_md5"] == scores.tags["text_md5"]
+    pipeline_run = client.get_run(client.get_run(variant.run_id).data.tags.get("mlflow.parentRunId")
+                                  or variant.run_id)
+    assert pipeline_run.data.tags.get("serving_profile") == "research"  # what it took from the profile, recorded
+    assert "stage1.relaxation=soft" in pipeline_run.data.tags.get("from_profile", ""), pipeline_run.data.tags
+    assert "stage1.extra_budgets" not in pipeline_run.data.tags["from_profile"]  # params.yaml gave it
     assert float(variant.tags["metric.perplexity"]) == pytest.approx(ok["perplexity"])
     run = client.get_run(variant.run_id)
     assert run.data.metrics["total_bytes"] == pytest.approx(ok["total_bytes"])

@@ -1,23 +1,26 @@
 """Serving profiles: a configuration outside the profile is refused naming each value; a variant
 records the profile it was made for and the loaders that read it back."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from conftest import DATA, defaults
 
 from gamma import cli
+from gamma.config import load_config
+from gamma.operations.profiles import PROFILE_SETTINGS, PROFILES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("profile, sets, named", [
-    ("vllm-marlin", [], ["candidates=[2, 3, 4]", "allocation.ties=none", "allocation.experts=per_expert"]),
-    ("vllm-marlin", ["candidates=[4,8,16]", "stage1.budget=6", "stage1.extra_budgets=[]", "stage2.budgets=[5]",
-                     "allocation.ties=fused", "allocation.experts=per_layer", "quantizer.group_size=48"],
-     ["quantizer.group_size=48"]),
-    ("vllm-marlin", ["candidates=[4,8,16]", "stage1.budget=6", "stage1.extra_budgets=[]", "stage2.budgets=[5]",
-                     "allocation.ties=fused", "allocation.experts=per_layer"], ["with zero-points it serves [4, 16]"]),
-    ("vllm-humming", ["quantizer.group_size=48"], ["allocation.ties=none", "allocation.experts=per_expert",
-                                                   "quantizer.group_size=48"]),
+    ("vllm-marlin", ["candidates=[2,3,4]", "allocation.ties=none", "allocation.experts=per_expert"],
+     ["candidates=[2, 3, 4]", "allocation.ties=none", "allocation.experts=per_expert"]),
+    ("vllm-marlin", ["quantizer.group_size=48"], ["quantizer.group_size=48"]),
+    ("vllm-marlin", ["quantizer.symmetric=false"], ["with zero-points it serves [4, 16]"]),
+    ("vllm-humming", ["quantizer.group_size=48", "allocation.ties=none"], ["allocation.ties=none",
+                                                                        "quantizer.group_size=48"]),
 ])
 def test_a_configuration_outside_its_profile_is_refused_naming_every_value(profile, sets, named, tmp_path, capsys):
     argv = ["allocate", "--params", str(defaults(tmp_path)), "--set", f"serving.profile={profile}",
@@ -26,6 +29,39 @@ def test_a_configuration_outside_its_profile_is_refused_naming_every_value(profi
     captured = capsys.readouterr()
     out = " ".join((captured.out + captured.err).split())
     assert f"serving.profile={profile} does not take" in out and all(n in out for n in named), out
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_a_profile_alone_sets_its_widths_units_recipe_and_budgets(profile, tmp_path):
+    """``--set serving.profile=X`` is enough: what params.yaml leaves to the profile comes from it,
+    and is recorded as coming from it."""
+    cfg = load_config(ROOT / "params.yaml", {"serving.profile": profile})
+    given = PROFILES[profile].settings
+    assert sorted(given) == sorted(PROFILE_SETTINGS)
+    assert cfg.serving.from_profile == list(PROFILE_SETTINGS)
+    for dotted, value in given.items():
+        node = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        assert node == value, dotted
+    assert set(cfg.candidates) <= set(PROFILES[profile].bits)
+
+
+def test_what_the_file_or_set_gives_beats_the_profile(tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("serving:\n  profile: transformers\nstage1:\n  relaxation: soft\n")
+    cfg = load_config(params, {"stage2.budgets": [3.0]})
+    assert (cfg.stage1.relaxation, cfg.stage1.loss, cfg.stage2.budgets) == ("soft", "end_to_end", [3.0])
+    assert "stage1.relaxation" not in cfg.serving.from_profile and "stage2.budgets" not in cfg.serving.from_profile
+    assert "stage1.loss" in cfg.serving.from_profile
+
+
+def test_the_shipped_params_are_the_research_profile():
+    """params.yaml leaves every profile setting to the profile (a key written there would stop
+    ``--set serving.profile=...`` from setting it); research's are the main command's."""
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.serving.profile == "research" and cfg.serving.from_profile == list(PROFILE_SETTINGS)
+    assert cfg.stage1.training_budgets == [2.75, 3.0, 3.5] and cfg.stage2.budgets == [2.5, 3.0, 3.5]
 
 
 @pytest.mark.parametrize("symmetric", ["true", "false"])
