@@ -434,7 +434,7 @@ def validate_config(data: dict | None) -> GammaConfig:
 
 
 def load_config(path: str | Path = "params.yaml", overrides: dict | None = None) -> GammaConfig:
-    """Read ``params.yaml`` (missing file = all defaults), apply nested ``overrides``, then take what
+    """Read ``params.yaml`` (missing file: every default), apply nested ``overrides``, then take what
     both leave out of ``PROFILE_SETTINGS`` from the serving profile (``serving.from_profile`` names it)."""
     path = Path(path)
     data: dict = {}

@@ -2,7 +2,10 @@
 
 A profile fixes the candidate widths, the symmetry, the group sizes and the allocation units of a
 run, so that every variant it registers loads in the engine it is made for; ``check_profile``
-refuses a configuration outside it, naming every value and the setting that fits. Sources: vLLM's
+refuses a configuration outside it, naming every value and the setting that fits. A profile also
+brings a run's settings (``Profile.settings``: its widths, tie groups, Stage I recipe and budgets),
+which ``load_config`` takes for every key of ``PROFILE_SETTINGS`` that params.yaml and --set leave
+out, so that ``--set serving.profile=vllm-marlin`` alone is a run for Marlin. Sources: vLLM's
 compressed-tensors WNA16 path (Marlin: 4/8-bit symmetric ``uint4b8``/``uint8b128``, with
 zero-points 4-bit only ``uint4``, group sizes -1/32/64/128; every shard of a fused layer one
 scheme, every expert of a fused MoE layer one scheme), its Humming kernels (2 to 8 bits), and
