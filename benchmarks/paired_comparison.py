@@ -15,7 +15,7 @@ method's mean NLL minus this one's (positive: the first is worse), ``ratio`` its
 this one's.
 
 Writes ``benchmarks/results/paired_comparison.json`` (rows keyed by profile, quantizer, budget,
-method, tokens and the training budgets of the GAMMA its rows are compared with).
+method, tokens, and the Stage I recipe and training budgets of the GAMMA its rows are compared with).
 
     python benchmarks/paired_comparison.py --profile vllm-humming --quantizer rtn --budget 3.0
         [--methods gamma,uniform,hawq] [--tokens 32768] [--kl-tokens 4096] [--set key=value]
@@ -41,7 +41,7 @@ from gamma.progress import console
 from gamma.run.variant import quantize_and_evaluate
 from gamma.run.workspace import Workspace
 
-KEY = ("profile", "quantizer", "budget", "method", "eval_tokens", "training_budgets")
+KEY = ("profile", "quantizer", "budget", "method", "eval_tokens", "training_budgets", "stage1_recipe")
 
 
 def table(rows: list[dict]) -> str:
@@ -52,7 +52,7 @@ def table(rows: list[dict]) -> str:
         against = f"{r['nll_diff']:+.4f} ± {r['nll_diff_se']:.4f}" if "nll_diff" in r else "(the first)"
         method = METHODS.get(r["method"], r["method"])
         if r["method"] == "gamma":
-            method += " (tables at " + ", ".join(f"{b:g}" for b in r["training_budgets"]) + ")"
+            method += f" ({r['stage1_recipe']}; tables at " + ", ".join(f"{b:g}" for b in r["training_budgets"]) + ")"
         lines.append(f"| {r['profile']} | {r['quantizer'].upper()} | {r['budget']:g} | {method} "
                      f"| {r['eval_tokens']:,} | {r['perplexity']:.2f} ± {r['perplexity_se']:.2f} "
                      f"({r['kl_divergence']:.3f}) | {against} |")
@@ -81,9 +81,10 @@ def main() -> None:
     cfg = config(args.profile, args.quantizer, args)
     ws = Workspace(cfg)
     problem = ws.problem()
-    # GAMMA's training budgets name the comparison: its rows are compared with that GAMMA's
+    # GAMMA's Stage I recipe and training budgets name the comparison: its rows are compared with that GAMMA's
     base = {"profile": args.profile, "quantizer": args.quantizer, "budget": args.budget,
-            "training_budgets": cfg.stage1.training_budgets}
+            "training_budgets": cfg.stage1.training_budgets,
+            "stage1_recipe": f"{cfg.stage1.relaxation}, {cfg.stage1.loss}"}
     rows, first = [], None
     for name in methods:
         allocator, cached = prepared_allocator(ws, name, problem, WORK / "tables")
