@@ -1,5 +1,6 @@
-"""Serving profiles: a configuration outside the profile is refused naming each value; a variant
-records the profile it was made for and the loaders that read it back."""
+"""Serving profiles: a profile alone sets a run's widths, units, Stage I recipe and budgets; a
+configuration outside the profile is refused naming each value; a variant records the profile it
+was made for and the loaders that read it back."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,6 +63,14 @@ def test_the_shipped_params_are_the_research_profile():
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.serving.profile == "research" and cfg.serving.from_profile == list(PROFILE_SETTINGS)
     assert cfg.stage1.training_budgets == [2.75, 3.0, 3.5] and cfg.stage2.budgets == [2.5, 3.0, 3.5]
+
+
+def test_gamma_profiles_lists_each_profile_and_what_this_run_gives_itself(tmp_path, capsys):
+    code = cli.main(["profiles", "--params", str(defaults(tmp_path)), "--set", "serving.profile=vllm-marlin"])
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert code == 0 and all(name in out for name in PROFILES) and "4.25,4.5,5.0,6.0" in out, out
+    assert "serving.profile=vllm-marlin; it gives its own stage1.extra_budgets" in " ".join(out.split())
 
 
 @pytest.mark.parametrize("symmetric", ["true", "false"])
