@@ -40,8 +40,9 @@ class Profile:
 
 
 # The Stage I recipes are the ones docs/serving_profiles.md measured best for each profile: straight-through
-# draws and the end-to-end KL where 2- and 3-bit widths compound (transformers, vllm-humming), and a table at
-# (or just below) every budget, because a table projected upward to a budget lost there.
+# draws and the end-to-end KL (a table learned against each block's own target underrates how errors compound
+# downstream), and a table at (or just below) every budget, because a table projected upward to a budget
+# lost there. research keeps the method's own teacher-forced recipe.
 _TIED = {"allocation.ties": "fused", "allocation.experts": "per_layer"}
 _UNTIED = {"allocation.ties": "none", "allocation.experts": "per_expert"}
 _END_TO_END = {"stage1.relaxation": "hard", "stage1.loss": "end_to_end"}
@@ -52,7 +53,7 @@ PROFILES = {
     "vllm-marlin": Profile("vLLM, Marlin kernels (GPU)", (4, 8, 16), (True, False), (-1, 32, 64, 128), "fused",
                            "per_layer", ("gamma", "vllm"), asymmetric_bits=(4, 16), settings={
                                "candidates": [4, 8, 16], "uniform_bits": [4, 8], "quantizer.symmetric": True, **_TIED,
-                               "stage1.budget": 5.0, "stage1.extra_budgets": [], **_TEACHER_FORCED,
+                               "stage1.budget": 6.0, "stage1.extra_budgets": [4.5, 5.0], **_END_TO_END,
                                "stage2.budgets": [4.25, 4.5, 5.0, 6.0]}),
     "vllm-humming": Profile("vLLM, Humming kernels (GPU, experimental)", (2, 3, 4, 8, 16), (True, False),
                             (-1, 32, 64, 128), "fused", "per_layer", ("gamma", "vllm"), settings={
