@@ -13,7 +13,9 @@ its verdict is recorded with vLLM's own error. gamma's own prediction (``serving
 CPU and GPU profiles) is recorded next to it, so a profile that promises what vLLM refuses shows.
 Every accepted ``vllm-marlin`` variant whose quantized modules are all 4-bit is also evaluated
 through vLLM (perplexity on the same windows) when this machine runs them: vLLM's CPU build has
-4-bit kernels only, and only on AVX-512.
+4-bit kernels only, and only on AVX-512. The Marlin and Humming mixes are also re-checked and
+evaluated with the worker's reference kernel standing in for the missing 8/3/2-bit kernels
+(``-reference`` variants): vLLM's loader for every width, and what its forward computes.
 
 Writes ``benchmarks/results/vllm_acceptance.json``, rows merged by variant (a rerun replaces
 only the variants it recomputed).
@@ -69,6 +71,10 @@ VARIANTS = {
     "mixtral-w4": ("vllm-marlin", (4,), True, "Mixtral"),
     "qwen3moe-w4": ("vllm-marlin", (4,), True, "Qwen3Moe"),
 }
+# variant: the variant it re-checks with the worker's reference kernel standing in where the CPU
+# build has none (8-bit, 2/3-bit): vLLM's loader and what its forward computes, for every width
+REFERENCE_KERNEL = {"vllm-marlin-mixed-reference": "vllm-marlin-mixed",
+                    "vllm-humming-mixed-reference": "vllm-humming-mixed"}
 MOE = {"Mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
        "Qwen3Moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "head_dim": 64}}
 KEY = ("variant",)
@@ -117,16 +123,18 @@ def gamma_predicts(ckpt: Path) -> dict:
             for device in ("cpu", "cuda")}
 
 
-def vllm_perplexity(python: str, ckpt: Path, ws: Workspace, tokenizer) -> dict:
+def vllm_perplexity(python: str, ckpt: Path, ws: Workspace, tokenizer, reference_kernel: bool = False) -> dict:
     e = ws.cfg.evaluation
-    backend = VllmBackend(VllmConfig(python=python, device="cpu", gpu_memory_utilization=0.1), e.context_length + 1)
+    backend = VllmBackend(VllmConfig(python=python, device="cpu", gpu_memory_utilization=0.1), e.context_length + 1,
+                          reference_kernel)
     got = evaluate_with_vllm(backend, ckpt, ws.evaluation, tokenizer, [], 0, e.context_length)
     return {"vllm_perplexity": got["perplexity"], "vllm_perplexity_se": got["perplexity_se"],
             "vllm_eval_seconds": got["eval_seconds"], "vllm_backend": got["eval_backend"]}
 
 
 def measure(name: str, args, where: Path) -> dict:
-    profile, widths, symmetric, *arch = VARIANTS[name]
+    reference = name in REFERENCE_KERNEL
+    profile, widths, symmetric, *arch = VARIANTS[REFERENCE_KERNEL.get(name, name)]
     ws = Workspace(config(profile, symmetric, args, moe_model(arch[0], where) if arch else None))
     model, tokenizer = ws.load()
     a = ws.cfg.allocation
@@ -141,14 +149,15 @@ def measure(name: str, args, where: Path) -> dict:
            "transformers_perplexity": row["perplexity"], "transformers_perplexity_se": row["perplexity_se"],
            "eval_tokens": row["eval_tokens"], "quantize_and_evaluate_seconds": time.perf_counter() - t0,
            **gamma_predicts(ckpt)}
-    verdict = vllm_accepts(args.python, ckpt, "cpu")
+    verdict = vllm_accepts(args.python, ckpt, "cpu", reference_kernel=reference)
+    out["reference_kernel"] = reference
     out.update({k: verdict.get(k) for k in ("accepted", "stage", "error", "raised_at")},
                vllm=verdict.get("vllm"), vllm_schemes=verdict.get("schemes"), vllm_kernels=verdict.get("kernels"),
                vllm_next_token=verdict.get("next_token"), check_seconds=verdict.get("seconds"))
     four_bit_marlin = profile == "vllm-marlin" and out["quantized_bits"] == [4]
-    if verdict["accepted"] and four_bit_marlin:
+    if verdict["accepted"] and (four_bit_marlin or reference):
         try:  # the backend's own check says why not (no AVX-512 for the CPU build's int4 kernel...)
-            out.update(vllm_perplexity(args.python, ckpt, ws, tokenizer))
+            out.update(vllm_perplexity(args.python, ckpt, ws, tokenizer, reference))
             out["perplexity_ratio"] = out["vllm_perplexity"] / out["transformers_perplexity"]
         except BackendUnavailable as err:
             out["vllm_perplexity_skipped"] = str(err)
@@ -158,7 +167,7 @@ def measure(name: str, args, where: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--python", default=os.environ.get("GAMMA_VLLM_PYTHON", ""), help="python of the vLLM env")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join([*VARIANTS, *REFERENCE_KERNEL]))
     ap.add_argument("--tokens", type=int, default=2048, help="held-out tokens of each perplexity")
     args = ap.parse_args()
     problem = vllm_environment_problem(args.python) if args.python else "pass --python or set GAMMA_VLLM_PYTHON"
@@ -170,6 +179,8 @@ def main() -> None:
                 "quantizer": "rtn, group size of params.yaml",
                 "variants": {k: {"profile": v[0], "widths": list(v[1]), "symmetric": v[2], "model": v[3] if v[3:] else
                                  "embedded"} for k, v in VARIANTS.items()},
+                "reference_kernel": {k: f"{v}, re-checked and evaluated with vllm_worker.py --reference-kernel"
+                                     for k, v in REFERENCE_KERNEL.items()},
                 "assignment": "the profile's widths dealt round-robin over its allocation units",
                 "check_env": CHECK_ENV, "check": "vllm_worker.py --check-load: config, load, one forward"}
     rows = []

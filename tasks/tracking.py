@@ -176,7 +176,8 @@ def register_variant(client: MlflowClient, run_id: str, name: str, row: dict, fi
     where = {k: row[k] for k in ("quantize_devices", "eval_devices") if k in row}  # the devices each phase ran on
     serving = {k: ",".join(v) if isinstance(v, list) else v for k, v in row.items()
                if k in ("serving_profile", "loads_in")}  # the engine it is made for, the loaders checked
-    serving.update({f"refused_by.{k}": v[:500] for k, v in row.get("refused_by", {}).items()})  # and why not
+    serving.update({f"{why}.{k}": v[:500] for why in ("refused_by", "unchecked")  # and why not
+                    for k, v in row.get(why, {}).items()})
     tags = {**tags, **serving}
     for k, v in {**where, **tags}.items():
         client.set_tag(run_id, k, str(v))

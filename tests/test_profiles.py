@@ -2,6 +2,7 @@
 configuration outside the profile is refused naming each value; a variant records the profile it
 was made for and the loaders that read it back."""
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -95,3 +96,43 @@ def test_a_transformers_profile_variant_is_read_back_by_transformers_and_says_so
         with safe_open(str(f), "pt") as st:
             stored += sum(st.get_tensor(k).numel() * st.get_tensor(k).element_size() for k in st.keys())
     assert row["total_bytes"] == stored
+
+
+@pytest.mark.parametrize("environment", ["none", "vllm"])
+def test_a_vllm_profile_variant_says_whether_vllms_loader_was_checked(environment, tmp_path, model_dir, monkeypatch):
+    """Without a vLLM environment a vllm-marlin variant's ``loads_in`` is gamma's alone and
+    ``unchecked`` says why; with one, vLLM's own loader (config, weights, one forward; the worker's
+    reference kernel for the 8-bit layers the CPU build has no kernel for) is run on the variant
+    and ``loads_in`` names it."""
+    import torch
+    import transformers
+    from test_architectures import SETTINGS
+
+    from gamma.config import VllmConfig, parse_overrides
+    from gamma.evaluation.backends import BackendUnavailable, VllmBackend
+
+    if environment == "none":
+        monkeypatch.delenv("GAMMA_VLLM_PYTHON", raising=False)
+    else:
+        try:
+            VllmBackend(VllmConfig()).ready()
+        except BackendUnavailable as err:
+            pytest.skip(f"no vLLM that runs here: {err}")
+    folder, tokenizer = tmp_path / "qwen2", transformers.AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.save_pretrained(folder)  # head_dim 64: vLLM's CPU attention takes no smaller
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=256, vocab_size=len(tokenizer))).save_pretrained(folder)
+    sets = [f"model.path={folder}", f"model.data_dir={DATA}", f"output_dir={tmp_path / 'out'}", *SETTINGS,
+            "serving.profile=vllm-marlin", "quantizer.group_size=32"]
+    base = ["--params", str(defaults(tmp_path)), *(a for s in sets for a in ("--set", s))]
+    assert cli.main(["learn", *base]) == 0 and cli.main(["allocate", *base, "--budgets", "6"]) == 0
+    cfg = load_config(defaults(tmp_path), parse_overrides(sets))
+    row = cli.cmd_quantize(cfg, SimpleNamespace(assignment=None, budget=6.0))
+    assignment = json.loads((tmp_path / "out" / "models" / "6" / "gamma_assignment.json").read_text())
+    assert row["serving_profile"] == "vllm-marlin" and set(assignment.values()) > {4}  # 8 or 16 bits too
+    if environment == "none":
+        assert row["loads_in"] == ["gamma"] and "no vLLM environment" in row["unchecked"]["vllm"]
+    else:
+        assert row["loads_in"] == ["gamma", "vllm"] and "unchecked" not in row, row  # the forward ran too

@@ -11,16 +11,19 @@ import pytest
 from gamma.config import VllmConfig
 from gamma.evaluation.backends import (
     VLLM_PROFILES,
+    BackendUnavailable,
     VllmBackend,
     checkpoint_group_sizes,
     checkpoint_schemes,
     checkpoint_unquantized,
     cpu_runs_vllm_int4,
+    evaluate_with_vllm,
     serving_problems,
     vllm_accepts,
     vllm_environment_problem,
 )
-from gamma.model.export import export_checkpoint
+from gamma.evaluation.metrics import perplexity
+from gamma.model.export import export_checkpoint, load_checkpoint
 from gamma.model.loading import load_model, quantizable_modules
 from gamma.model.units import allocation_units
 from gamma.quant.interface import QuantSpec
@@ -44,29 +47,29 @@ def vllm_here():
 
 @pytest.fixture(scope="module")
 def export(vllm_here, model_dir, tmp_path_factory):
-    """``export(name, widths)``: an RTN symmetric group-64 checkpoint of the embedded model, where
-    ``widths(module_names)`` is the assignment; one model and each module's codes shared by all."""
+    """``export(name, widths, symmetric=True)``: an RTN group-64 checkpoint of the embedded model,
+    where ``widths(module_names)`` is the assignment; one model and each module's codes shared by all."""
     model, tok = load_model(model_dir)
     modules, codes = quantizable_modules(model), {}
     where = tmp_path_factory.mktemp("vllm-acceptance")
 
-    def record(name: str, bits: int):
-        if (name, bits) not in codes:
-            codes[name, bits] = RTN().quantize(modules[name].weight.detach(), QuantSpec(bits, 64, True))
-        return codes[name, bits]
+    def record(name: str, bits: int, symmetric: bool):
+        if (name, bits, symmetric) not in codes:
+            codes[name, bits, symmetric] = RTN().quantize(modules[name].weight.detach(), QuantSpec(bits, 64, symmetric))
+        return codes[name, bits, symmetric]
 
-    def build(name: str, widths) -> str:
+    def build(name: str, widths, symmetric: bool = True) -> str:
         # the model's own weights stay full precision: a 16-bit module is exported from them
-        records = {m: record(m, b) for m, b in widths(list(modules)).items() if b != 16}
+        records = {m: record(m, b, symmetric) for m, b in widths(list(modules)).items() if b != 16}
         return str(export_checkpoint(model, tok, records, where / name).path)
 
     return build
 
 
-def _fused_tied(modules: list[str]) -> dict[str, int]:
-    """4, 8 and 16 bits dealt over vLLM's fused units (q/k/v one width, gate/up one width)."""
+def _fused_tied(modules: list[str], widths=(4, 8, 16)) -> dict[str, int]:
+    """``widths`` dealt over vLLM's fused units (q/k/v one width, gate/up one width)."""
     units = allocation_units(modules, "fused", "per_layer")
-    return {modules[i]: (4, 8, 16)[u % 3] for u, unit in enumerate(units) for i in unit}
+    return {modules[i]: widths[u % len(widths)] for u, unit in enumerate(units) for i in unit}
 
 
 def _predicted(ckpt, device) -> list[str]:
@@ -113,3 +116,27 @@ def test_vllm_refusal_is_recorded(vllm_here, export):
     assert verdict["error"].startswith("ValueError: ") and "model.layers.0.self_attn.qkv_proj" in verdict["error"]
     assert "vllm/" in verdict["raised_at"]  # raised inside vLLM, not by the worker
     assert any("q_proj/k_proj/v_proj" in p for p in _predicted(ckpt, device))
+
+
+@pytest.mark.parametrize("widths, symmetric", [((4, 8, 16), True), ((2, 3, 4, 8, 16), False)],
+                         ids=["marlin-4-8-16", "humming-2-to-16-zero-points"])
+def test_reference_kernel_computes_what_the_checkpoint_means(vllm_here, export, calibration, widths, symmetric):
+    """Widths the CPU build has no kernel for (8, 3, 2 bits), symmetric or with packed zero-points,
+    tied as vLLM fuses: vLLM's own loader places every tensor in its fused layers and, with the
+    worker's reference kernel for those widths (its own kernel for the 4-bit ones), computes the
+    perplexity that gamma's reading of the same checkpoint gives."""
+    python, device = vllm_here
+    if device != "cpu":
+        pytest.skip("the reference kernel stands in for the CPU build's missing kernels")
+    ckpt = export(f"reference-{'-'.join(map(str, widths))}", lambda ms: _fused_tied(ms, widths), symmetric)
+    verdict = vllm_accepts(python, ckpt, device, reference_kernel=True)
+    assert verdict["accepted"], verdict
+    assert verdict["kernels"] == ["CPUWNA16LinearKernel", "ReferenceWNA16Kernel"], verdict
+    backend = VllmBackend(VllmConfig(python=python, device="cpu", gpu_memory_utilization=0.1), 129,
+                          reference_kernel=True)
+    windows = calibration[:2, :128]
+    got = evaluate_with_vllm(backend, ckpt, windows, None, [], 0, 128)
+    model, _ = load_checkpoint(ckpt)
+    assert got["perplexity"] == pytest.approx(perplexity(model, windows).perplexity, rel=0.02)
+    with pytest.raises(BackendUnavailable, match="bit"):  # without it the CPU build has no kernel for them
+        VllmBackend(VllmConfig(python=python, device="cpu")).check(ckpt)

@@ -28,7 +28,9 @@ symmetric and to ``uint<b>`` with zero-points (2 to 8 bits), then ``kernels/line
   weight loader then fails on the other shard's shape: checked here before vLLM sees it.
 
 ``vllm_accepts`` asks the real engine (``vllm_worker.py --check-load``): config parsing, weight
-loading and one forward, with vLLM's own error when it refuses.
+loading and one forward, with vLLM's own error when it refuses. With ``reference_kernel`` the worker
+adds a stand-in kernel where the device has none for a width (the CPU build's 8-bit and 2/3-bit
+layers): vLLM's own loader still places every tensor, and its forward computes what they mean.
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ VLLM_PROFILES = {
     # the CPU build has no WNA16 MoE backend (vLLM 0.32.0: "No WNA16 MoE backend supports the
     # deployment configuration", raised while the layers are built, before any weight is read)
     "cpu": ServingProfile("vLLM CPU build", frozenset({(4, True), (4, False)}), None, quantized_experts=False),
+    # the worker's stand-in kernel (``vllm_worker.py --reference-kernel``) takes every width the
+    # scheme parser maps (2 to 8 bits), for checking vLLM's loading and what it computes, not speed
+    "cpu-reference": ServingProfile("vLLM CPU build with the worker's reference kernel",
+                                    frozenset((b, s) for b in range(2, 9) for s in (True, False)), None,
+                                    quantized_experts=False),
 }
 
 
@@ -177,9 +184,11 @@ CHECK_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1
 CHECK_CONTEXT = 64
 
 
-def vllm_accepts(python: str, checkpoint: str | Path, device: str = "cpu", timeout_s: float = 600.0) -> dict:
+def vllm_accepts(python: str, checkpoint: str | Path, device: str = "cpu", timeout_s: float = 600.0,
+                 reference_kernel: bool = False) -> dict:
     """Ask vLLM itself whether it serves ``checkpoint`` here: its config parsing, its weight loading
-    and one forward (``vllm_worker.py --check-load``). Returns the worker's record: ``accepted``,
+    and one forward (``vllm_worker.py --check-load``; ``reference_kernel``: its stand-in kernel for
+    the widths this device has none for). Returns the worker's record: ``accepted``,
     the ``stage`` that failed (``forward`` when none did) and vLLM's own ``error``; a worker that
     dies or runs out of time is a refusal at the stage it reached, with its exit and last line.
     Raises ``BackendUnavailable`` when ``python`` is no vLLM environment at all."""
@@ -188,7 +197,8 @@ def vllm_accepts(python: str, checkpoint: str | Path, device: str = "cpu", timeo
     with tempfile.TemporaryDirectory(prefix="gamma-vllm-check-") as tmp:
         out = Path(tmp) / "accepts.json"
         cmd = [python, str(WORKER), "--check-load", "--model", str(checkpoint), "--out", str(out), "--device", device,
-               "--max-model-len", str(CHECK_CONTEXT), "--gpu-memory-utilization", "0.1" if device == "cpu" else "0.3"]
+               "--max-model-len", str(CHECK_CONTEXT), "--gpu-memory-utilization", "0.1" if device == "cpu" else "0.3",
+               *(["--reference-kernel"] if reference_kernel else [])]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                                   env={**os.environ, **CHECK_ENV})
@@ -211,9 +221,10 @@ def vllm_accepts(python: str, checkpoint: str | Path, device: str = "cpu", timeo
 class VllmBackend:
     name = "vllm"
 
-    def __init__(self, cfg: VllmConfig, max_model_len: int = 2048):
+    def __init__(self, cfg: VllmConfig, max_model_len: int = 2048, reference_kernel: bool = False):
         self.cfg = cfg
         self.max_model_len = max_model_len
+        self.reference_kernel = reference_kernel  # the worker's stand-in where the CPU build has no kernel
 
     @property
     def python(self) -> str:
@@ -229,13 +240,14 @@ class VllmBackend:
     def command(self, checkpoint: str | Path, requests_file: str | Path, out_file: str | Path) -> list[str]:
         return [self.python, str(WORKER), "--model", str(checkpoint), "--requests", str(requests_file),
                 "--out", str(out_file), "--device", self.device(), "--max-model-len", str(self.max_model_len),
-                "--gpu-memory-utilization", str(self.cfg.gpu_memory_utilization)]
+                "--gpu-memory-utilization", str(self.cfg.gpu_memory_utilization),
+                *(["--reference-kernel"] if self.reference_kernel else [])]
 
-    def check(self, checkpoint: str | Path) -> None:
-        """Raise ``BackendUnavailable`` with the reason when this variant cannot be served here."""
+    def ready(self) -> str:
+        """The device vLLM runs on here; ``BackendUnavailable`` with the reason when it cannot run."""
         if not self.python:
-            raise BackendUnavailable("evaluation.backend=vllm but no vLLM environment is configured: set "
-                                     "evaluation.vllm.python (or $GAMMA_VLLM_PYTHON) to its python")
+            raise BackendUnavailable("no vLLM environment is configured: set evaluation.vllm.python (or "
+                                     "$GAMMA_VLLM_PYTHON) to its python")
         problem = vllm_environment_problem(self.python, "evaluation.vllm.python")
         if problem:
             raise BackendUnavailable(problem)
@@ -243,7 +255,13 @@ class VllmBackend:
         if device == "cpu" and not cpu_runs_vllm_int4():
             raise BackendUnavailable("vLLM's CPU build runs int4 weights (cpu_gemm_wna16) only on AVX-512 CPUs "
                                      "and this CPU has none; use a GPU or evaluation.backend=transformers")
-        problems = serving_problems(checkpoint_schemes(checkpoint), VLLM_PROFILES[device],
+        return device
+
+    def check(self, checkpoint: str | Path) -> None:
+        """Raise ``BackendUnavailable`` with the reason when this variant cannot be served here."""
+        device = self.ready()
+        profile = VLLM_PROFILES["cpu-reference" if self.reference_kernel and device == "cpu" else device]
+        problems = serving_problems(checkpoint_schemes(checkpoint), profile,
                                     checkpoint_group_sizes(checkpoint), checkpoint_unquantized(checkpoint))
         if problems:
             raise BackendUnavailable("; ".join(problems))
@@ -275,6 +293,16 @@ class VllmBackend:
         if len(result["scores"]) != len(requests):
             raise BackendFailed(f"vLLM worker answered {len(result['scores'])} of {len(requests)} requests")
         return [(float(s), bool(g)) for s, g in result["scores"]], result.get("engine", {})
+
+
+def vllm_loads(cfg: VllmConfig, checkpoint: str | Path) -> dict:
+    """vLLM's own verdict on ``checkpoint`` (``vllm_accepts``) in the configured environment and on
+    its device; on the CPU build with the worker's reference kernel for the widths it has no kernel
+    for, so that the verdict is about the checkpoint, not about this machine. Raises
+    ``BackendUnavailable`` when vLLM cannot run here at all."""
+    backend = VllmBackend(cfg)
+    device = backend.ready()
+    return vllm_accepts(backend.python, checkpoint, device, reference_kernel=device == "cpu")
 
 
 def evaluate_with_vllm(backend: VllmBackend, checkpoint: str | Path, windows: torch.Tensor, tokenizer,

@@ -21,6 +21,14 @@ asks vLLM whether it serves the checkpoint, in three stages, and writes
 exception (the root of its chain) as ``Class: message``. The record is rewritten at the start of
 every stage, so a process that dies without Python's help (a signal, an illegal instruction)
 still leaves the stage it reached.
+
+``--reference-kernel`` adds a stand-in weight-only kernel after the device's own
+(``ReferenceWNA16Kernel``): a layer whose weight type this device has no kernel for (8-bit and
+2/3-bit on the CPU build) is dequantized once, after vLLM's own loader has placed the
+checkpoint's tensors in its (fused) parameters, and multiplied in torch. So vLLM's config parsing,
+schemes and weight loading are exercised for every width, and its forward is exactly what those
+loaded tensors mean; the serving kernels' repacking and arithmetic (Marlin, Humming on a GPU) are
+not. Layers a device kernel takes keep it.
 """
 
 from __future__ import annotations
@@ -43,6 +51,59 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def unpack_dense(packed, bits: int, count: int):
+    """Unsigned ``bits``-bit codes packed densely along the last dimension of int32 words (element
+    i at bit i*bits, little-endian, crossing words where it must: compressed-tensors'
+    ``pack-quantized`` format, whose sizes vLLM allocates as ``ceil(count*bits/32)`` words)."""
+    import torch
+
+    words = packed.to(torch.int64) & 0xFFFFFFFF  # the int32 words as unsigned
+    start = torch.arange(count, device=packed.device) * bits
+    word, offset = start // 32, start % 32
+    low = words[..., word] >> offset
+    spill = words[..., (word + 1).clamp(max=words.shape[-1] - 1)] << (32 - offset)  # bits in the next word
+    high = torch.where(offset + bits > 32, spill, torch.zeros_like(spill))
+    return ((low | high) & ((1 << bits) - 1)).to(torch.int32)
+
+
+def register_reference_kernel() -> None:
+    """Put ``ReferenceWNA16Kernel`` last among this platform's weight-only kernels."""
+    import torch
+    from vllm.model_executor.kernels import linear
+    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearKernel
+    from vllm.platforms import current_platform
+
+    class ReferenceWNA16Kernel(MPLinearKernel):
+        @classmethod
+        def get_min_capability(cls) -> int:
+            return -1
+
+        @classmethod
+        def can_implement(cls, c) -> tuple[bool, str | None]:
+            return True, None
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            c = self.config
+            bits, (rows, cols) = c.weight_type.size_bits, (layer.output_size_per_partition,
+                                                           layer.input_size_per_partition)
+            w_q, w_s, w_zp = self._get_weight_params(layer)
+            codes = unpack_dense(w_q.data, bits, cols)  # [out, in]: packed along the input
+            if c.zero_points:  # [ceil(out*bits/32), groups]: packed along the output
+                zeros = unpack_dense(w_zp.data.T.contiguous(), bits, rows).T
+            else:  # symmetric: the type's own bias (uint4b8: 8)
+                zeros = torch.full_like(w_s.data, c.weight_type.bias, dtype=torch.int32)
+            group = cols if c.group_size == -1 else c.group_size
+            weight = (codes - zeros.repeat_interleave(group, dim=1)).float()
+            weight = weight * w_s.data.float().repeat_interleave(group, dim=1)
+            layer.reference_weight = torch.nn.Parameter(weight.to(c.act_type), requires_grad=False)
+
+        def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+            return torch.nn.functional.linear(x, layer.reference_weight, bias)
+
+    kernels = linear._POSSIBLE_KERNELS.setdefault(current_platform._enum, [])
+    kernels.append(ReferenceWNA16Kernel)
+
+
 def engine_settings(args) -> dict:
     # on vLLM's CPU build the "gpu" memory utilization is the fraction of RAM it reserves
     return {"model": args.model, "max_model_len": args.max_model_len, "enforce_eager": True,
@@ -53,6 +114,8 @@ def score(args) -> int:
     import vllm
     from vllm import LLM, SamplingParams
 
+    if args.reference_kernel:
+        register_reference_kernel()
     requests = json.load(open(args.requests))["requests"]
     t0 = time.perf_counter()
     llm = LLM(**engine_settings(args))
@@ -134,6 +197,8 @@ def check_load(args) -> int:
         import vllm
 
         record["vllm"] = vllm.__version__
+        if args.reference_kernel:
+            register_reference_kernel()
         from vllm import LLM, SamplingParams
         from vllm.engine.arg_utils import EngineArgs
 
@@ -171,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--reference-kernel", action="store_true",
+                   help="dequantize in torch the layers no kernel of this device takes (ReferenceWNA16Kernel)")
     args = p.parse_args(argv)
+    if args.reference_kernel:  # the engine core in this process, where the kernel is registered
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if args.check_load:
         return check_load(args)
     if not args.requests:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gamma.allocators import AllocationProblem, Allocator, BlockAssignment, allocator_from_config
 from gamma.allocators.column_blocks import block_account
-from gamma.evaluation.backends import BackendUnavailable, VllmBackend, evaluate_with_vllm
+from gamma.evaluation.backends import BackendUnavailable, VllmBackend, evaluate_with_vllm, vllm_loads
 from gamma.evaluation.metrics import figures, kl_divergence, perplexity, zero_shot_suite
 from gamma.model.assignment import apply_assignment, stored_bytes, uniform_assignment, unquantized_tensors
 from gamma.model.coverage import coverage
@@ -112,23 +112,23 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
         row.update({"checkpoint_bytes": ckpt.weights_bytes, "checkpoint_total_bytes": ckpt.total_bytes,
                     "checkpoint_sha256": ckpt.sha256,
                     "checkpoint_over_predicted": ckpt.weights_bytes / acct.total_bytes})
-        row["loads_in"], refused = loaders_checked(ws, save_to, model)
-        if refused:
-            row["refused_by"] = refused
+        row["loads_in"], refused, unchecked = loaders_checked(ws, save_to, model)
+        row.update({k: v for k, v in (("refused_by", refused), ("unchecked", unchecked)) if v})
     row["quantize_devices"] = compute.as_dict()["quantization"]  # after the export: not part of its checksum
     row["serving_profile"] = ws.cfg.serving.profile
     row.update(evaluate_model(ws, model, tokenizer, checkpoint=save_to))
-    if row.get("eval_backend") == "vllm":
-        row["loads_in"] = [*row.get("loads_in", []), "vllm"]
+    if str(row.get("eval_backend")).startswith("vllm") and "vllm" not in row.get("loads_in", []):
+        row["loads_in"] = [*row.get("loads_in", []), "vllm"]  # it evaluated the checkpoint itself
     return row
 
 
-def loaders_checked(ws: Workspace, checkpoint: str | Path, model) -> tuple[list[str], dict[str, str]]:
-    """The loaders that read ``checkpoint`` back, and why the others tried did not: gamma's always
-    (the export reads itself back); transformers' own when the serving profile is made for it (a
-    failure fails the variant: it is never registered) or tries it (a failure is said and
-    recorded)."""
-    profile, checked, refused = PROFILES[ws.cfg.serving.profile], ["gamma"], {}
+def loaders_checked(ws: Workspace, checkpoint: str | Path, model) -> tuple[list[str], dict, dict]:
+    """The loaders that read ``checkpoint`` back, why the others tried did not, and which could not
+    be tried here: gamma's always (the export reads itself back); transformers' own (identical
+    logits) and vLLM's (``vllm_loads``: its config parsing, weight loading and one forward, when a
+    vLLM environment is configured) when the serving profile is made for them, where a refusal fails
+    the variant (it is never registered), or tries them, where a refusal is said and recorded."""
+    profile, checked, refused, unchecked = PROFILES[ws.cfg.serving.profile], ["gamma"], {}, {}
     if "transformers" in profile.loads_in + profile.tries:
         try:
             check_transformers_reads(checkpoint, model)
@@ -138,7 +138,24 @@ def loaders_checked(ws: Workspace, checkpoint: str | Path, model) -> tuple[list[
                 raise
             refused["transformers"] = str(err)
             console.log(f"[yellow]not loadable by transformers (recorded): {err}")
-    return checked, refused
+    if "vllm" in profile.loads_in + profile.tries:
+        try:
+            verdict = vllm_loads(ws.cfg.evaluation.vllm, checkpoint)
+        except BackendUnavailable as err:
+            unchecked["vllm"] = str(err)
+            console.log(f"[yellow]vLLM's loader not checked on this variant: {err}")
+            return checked, refused, unchecked
+        if verdict["accepted"] or verdict["stage"] == "forward":  # its loader read every tensor
+            checked.append("vllm")
+            console.log(f"vLLM loads it (kernels: {', '.join(verdict.get('kernels') or [])})")
+            if not verdict["accepted"]:  # this device's limit (the CPU build's attention shapes, say)
+                unchecked["vllm_forward"] = verdict["error"]
+                console.log(f"[yellow]vLLM loaded it but could not run its forward here: {verdict['error']}")
+        elif "vllm" in profile.loads_in:
+            raise CheckpointError(f"vLLM refuses {checkpoint} at stage {verdict['stage']!r}: {verdict['error']}")
+        else:
+            refused["vllm"] = f"stage {verdict['stage']!r}: {verdict['error']}"
+    return checked, refused, unchecked
 
 
 def prepared_allocator(ws: Workspace, name: str, tables=None) -> tuple[Allocator, AllocationProblem]:
