@@ -9,8 +9,13 @@ candidate width are the reference points. Every variant goes the pipeline's way:
 a fresh model, exported, read back, evaluated (perplexity with its standard error, and the KL
 divergence from the unquantized model on the first ``--kl-tokens``); its real bytes are the
 checkpoint's tensors (``total_bytes``, exact) and its files (``checkpoint_bytes``), and
-transformers' own ``from_pretrained`` is tried on every checkpoint (accepted = identical logits).
-vLLM's loader is exercised separately (``benchmarks/vllm_acceptance.py``). GPTQ uses Hessians
+transformers' own ``from_pretrained`` is tried on every checkpoint (accepted = identical logits);
+where a vLLM environment runs here (``$GAMMA_VLLM_PYTHON``), so is vLLM's own loader (``vllm``:
+config parsing, weight loading and one forward, with the worker's reference kernel where the CPU
+build has no kernel for a width), and uniform 4-bit ``vllm-marlin`` variants are also evaluated
+through vLLM (its real int4 kernel; ``vllm_perplexity``). ``--loaders-only`` rebuilds each variant
+of the results file (refusing one whose bytes differ from the recorded row), runs only those loader
+checks and adds them to its row, which keeps its figures and their commit. GPTQ uses Hessians
 taken once from the full-precision model (``quantizer.gptq.sequential=false``), so a variant's
 weights are exactly the candidates the allocators chose among: they are taken from the problem
 instead of quantized again (the pipeline's sequential GPTQ pass per variant costs minutes each
@@ -26,6 +31,7 @@ against bytes, one panel per profile).
     python benchmarks/serving_profiles.py [--profiles vllm-marlin,vllm-humming,transformers]
         [--quantizers rtn,gptq] [--allocators gamma,hawq,uniform] [--tokens 4096] [--kl-tokens 4096]
         [--no-references] [--set key=value] [--recipe LABEL] [--name serving_profiles] [--tables]
+        [--loaders-only]
 """
 
 from __future__ import annotations
@@ -38,13 +44,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, prepared_allocator, write_results
+from common import RESULTS, ROOT, commit, prepared_allocator, write_results
 
 from gamma.config import load_config, parse_overrides
+from gamma.evaluation.backends import BackendUnavailable, VllmBackend, evaluate_with_vllm, vllm_loads
 from gamma.model.export import CheckpointError, check_transformers_reads, load_checkpoint
 from gamma.operations.profiles import PROFILES as SERVING
 from gamma.progress import console
-from gamma.run.variant import quantize_and_evaluate
+from gamma.run.variant import quantize_and_evaluate, quantize_variant
 from gamma.run.workspace import Workspace
 
 # the profiles benchmarked: each brings its widths, tie groups, Stage I recipe and budgets
@@ -76,12 +83,39 @@ def transformers_reads(path: Path) -> str:
         return str(err).replace(str(path), "<checkpoint>")
 
 
+def vllm_reads(ws: Workspace, row: dict, where: Path) -> dict:
+    """vLLM's own loader on the variant where a vLLM environment runs here (none: {}): ``vllm`` is
+    "accepted" (config, weights, one forward) or its refusal; a uniform 4-bit ``vllm-marlin``
+    variant is also evaluated through vLLM on the same windows."""
+    if "vllm" in row.get("unchecked", {}):  # the pipeline's own check (a vLLM profile) found no vLLM here
+        return {}
+    if "vllm" in row.get("loads_in", []):
+        forward = row.get("unchecked", {}).get("vllm_forward")
+        out = {"vllm": "accepted" if forward is None else f"loaded; its forward failed here: {forward}"}
+    else:
+        try:
+            verdict = vllm_loads(ws.cfg.evaluation.vllm, where)
+        except BackendUnavailable:
+            return {}
+        out = {"vllm": "accepted" if verdict["accepted"] else
+               f"refused at stage {verdict['stage']!r}: {verdict['error']}".replace(str(where), "<checkpoint>")}
+    if ws.cfg.serving.profile == "vllm-marlin" and row.get("widths") == [4] and out["vllm"] == "accepted":
+        e = ws.cfg.evaluation
+        backend = VllmBackend(e.vllm, e.context_length + 1)
+        got = evaluate_with_vllm(backend, where, ws.evaluation, ws.tokenizer, [], 0, e.context_length)
+        out.update(vllm_perplexity=got["perplexity"], vllm_perplexity_se=got["perplexity_se"],
+                   vllm_backend=got["eval_backend"])
+    return out
+
+
 def measure(ws: Workspace, assignment: dict | int, where: Path, problem) -> dict:
     """The pipeline's path for one variant: quantize a fresh model (from the problem's candidates),
     export, read back, evaluate."""
     t0 = time.perf_counter()
     row = quantize_and_evaluate(ws, assignment, save_to=where, problem=problem)
     row["transformers"] = transformers_reads(where)
+    row["widths"] = sorted(set(assignment.values())) if isinstance(assignment, dict) else [assignment]
+    row.update(vllm_reads(ws, row, where))
     row["seconds"] = time.perf_counter() - t0
     shutil.rmtree(where, ignore_errors=True)
     if isinstance(assignment, dict):  # what the allocator chose: the share of the weights at each width
@@ -89,8 +123,27 @@ def measure(ws: Workspace, assignment: dict | int, where: Path, problem) -> dict
         row["width_share"] = {b: round(sum(weights[m] for m, w in assignment.items() if w == b) / sum(weights.values()),
                                        4) for b in problem.bits}
     keep = ("avg_bits", "effective_bits", "total_bytes", "checkpoint_bytes", "perplexity", "perplexity_se",
-            "kl_divergence", "kl_divergence_se", "kl_tokens", "eval_tokens", "transformers", "seconds", "width_share")
+            "kl_divergence", "kl_divergence_se", "kl_tokens", "eval_tokens", "transformers", "seconds", "width_share",
+            *LOADERS)
     return {k: row[k] for k in keep if k in row}
+
+
+LOADERS = ("loads_in", "unchecked", "vllm", "vllm_perplexity", "vllm_perplexity_se", "vllm_backend")
+
+
+def recheck(ws: Workspace, assignment: dict | int, where: Path, problem, recorded: dict) -> dict:
+    """``--loaders-only``: the recorded variant rebuilt (the same bytes, or refused), exported and
+    read back, and its loader checks besides transformers' (recorded already) run; the recorded row
+    with them added."""
+    row, _, _ = quantize_variant(ws, assignment, save_to=where, problem=problem)
+    if row["total_bytes"] != recorded["total_bytes"]:
+        raise SystemExit(f"{where.name}: rebuilt with {row['total_bytes']:,} bytes, recorded with "
+                         f"{recorded['total_bytes']:,}: not the variant of the results file; rerun it whole")
+    row["widths"] = sorted(set(assignment.values())) if isinstance(assignment, dict) else [assignment]
+    row.update(vllm_reads(ws, row, where))
+    shutil.rmtree(where, ignore_errors=True)
+    checked = {k: row[k] for k in LOADERS if k in row}
+    return {**recorded, **checked, "loaders_commit": commit()}
 
 
 def run(profile: str, quantizer: str, allocators: list[str], args) -> list[dict]:
@@ -100,9 +153,17 @@ def run(profile: str, quantizer: str, allocators: list[str], args) -> list[dict]
     out = WORK / profile / quantizer / "checkpoints"
     rows = []
     base = {"profile": profile, "quantizer": quantizer}
+    recorded = {tuple(r[k] for k in KEY): r for r in json.loads((RESULTS / f"{args.name}.json").read_text())["rows"]
+                } if args.loaders_only else {}
+
+    def variant(method: str, budget: float, assignment: dict | int) -> dict:
+        where = out / f"{method}-{budget:g}"
+        if args.loaders_only:
+            return recheck(ws, assignment, where, problem, recorded[profile, quantizer, method, budget])
+        return {**base, "method": method, "budget": budget, **measure(ws, assignment, where, problem)}
+
     for bits in cfg.uniform_bits if args.references else []:
-        rows.append({**base, "method": f"uniform-{bits}", "budget": float(bits),
-                     **measure(ws, bits, out / f"uniform-{bits}", problem)})
+        rows.append(variant(f"uniform-{bits}", float(bits), bits))
         console.print(f"{profile} {quantizer} uniform-{bits}: {rows[-1]}")
         save(rows, args)
     for name in allocators:
@@ -113,12 +174,12 @@ def run(profile: str, quantizer: str, allocators: list[str], args) -> list[dict]
             except ValueError as err:
                 rows.append({**base, "method": name, "budget": budget, "error": str(err)})
                 continue
-            row = {**base, "method": name, "budget": budget, "allocate_seconds": result.seconds,
-                   "prepare_seconds": result.prepare_seconds,
-                   **measure(ws, result.assignment, out / f"{name}-{budget:g}", problem)}
-            rows.append(row)
+            timing = {"allocate_seconds": result.seconds, "prepare_seconds": result.prepare_seconds}
+            rows.append({**(timing if not args.loaders_only else {}), **variant(name, budget, result.assignment)})
+            row = rows[-1]
             console.print(f"{profile} {quantizer} {name} {budget:g}: ppl {row['perplexity']:.2f} "
-                          f"kl {row['kl_divergence']:.4f} bytes {row['total_bytes']:,.0f} {row['transformers']}")
+                          f"kl {row['kl_divergence']:.4f} bytes {row['total_bytes']:,.0f} {row['transformers']} "
+                          f"vllm: {row.get('vllm', 'not checked')}")
             save(rows, args)
     return rows
 
@@ -227,6 +288,8 @@ def main() -> None:
     ap.add_argument("--recipe", default="", help=f"a label for other Stage I settings (--set): rows go to "
                                                   f"{RECIPES}.json under it, not to the profiles' results")
     ap.add_argument("--tables", action="store_true", help="print the markdown tables of the results file and stop")
+    ap.add_argument("--loaders-only", action="store_true",
+                    help="rebuild the recorded variants and add only their loader checks to their rows")
     args = ap.parse_args()
     if args.tables:
         rows = json.loads((RESULTS / f"{args.name}.json").read_text())["rows"]

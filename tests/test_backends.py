@@ -211,3 +211,20 @@ def test_real_vllm_agrees_with_transformers(symmetric_4bit, calibration):
     windows = calibration[:2, :128]
     got = evaluate_with_vllm(backend, ckpt, windows, tok, [], 0, 128)
     assert got["perplexity"] == pytest.approx(perplexity(model, windows).perplexity, rel=0.02)
+
+
+def test_vllms_loader_is_not_asked_where_its_build_cannot_build_quantized_experts(tmp_path, model_dir, monkeypatch):
+    """A Mixtral variant with quantized experts: vLLM's CPU build has no MoE kernel for them, so its
+    loader is not asked (its refusal would be about this machine, not the checkpoint) and the
+    reason names the experts; the variant is not refused."""
+    from test_architectures import build
+
+    from gamma.evaluation.backends import vllm_loads
+
+    model, tok = load_model(build("Mixtral", tmp_path / "mixtral", model_dir))
+    records = {name: RTN().quantize(m.weight.detach(), QuantSpec(4, 32, True))
+               for name, m in quantizable_modules(model).items()}
+    ckpt = export_checkpoint(model, tok, records, tmp_path / "w4").path
+    monkeypatch.setattr(VllmBackend, "ready", lambda self: "cpu")  # a vLLM environment on an AVX-512 CPU
+    with pytest.raises(BackendUnavailable, match=r"quantized MoE experts, .*\(24 expert modules, first: model\.layers"):
+        vllm_loads(VllmConfig(python="/vllm/bin/python"), ckpt)

@@ -302,6 +302,11 @@ def vllm_loads(cfg: VllmConfig, checkpoint: str | Path) -> dict:
     ``BackendUnavailable`` when vLLM cannot run here at all."""
     backend = VllmBackend(cfg)
     device = backend.ready()
+    experts = sorted(name for name in checkpoint_schemes(checkpoint) if ".experts." in name)
+    if experts and not VLLM_PROFILES["cpu-reference" if device == "cpu" else device].quantized_experts:
+        raise BackendUnavailable(f"vLLM's build for {device} has no kernel for quantized MoE experts, so it cannot "
+                                 f"build this variant's MoE layers here ({len(experts)} expert modules, first: "
+                                 f"{experts[0]})")
     return vllm_accepts(backend.python, checkpoint, device, reference_kernel=device == "cpu")
 
 

@@ -79,6 +79,17 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
     ``(model, tokenizer)`` this call may consume), export it as a compressed-tensors checkpoint when
     ``save_to`` is given, and evaluate it. ``problem``: take each module's quantized weights from
     its candidates instead of quantizing again (not for sequential GPTQ, whose weights differ)."""
+    row, model, tokenizer = quantize_variant(ws, assignment, hessians, save_to, loaded, problem)
+    row.update(evaluate_model(ws, model, tokenizer, checkpoint=save_to))
+    if str(row.get("eval_backend")).startswith("vllm") and "vllm" not in row.get("loads_in", []):
+        row["loads_in"] = [*row.get("loads_in", []), "vllm"]  # it evaluated the checkpoint itself
+    return row
+
+
+def quantize_variant(ws: Workspace, assignment: dict[str, int] | int, hessians=None,
+                     save_to: str | Path | None = None, loaded=None, problem: AllocationProblem | None = None):
+    """``quantize_and_evaluate`` up to its evaluation: the row of the quantized (and, with
+    ``save_to``, exported and read-back) variant, and the quantized model with its tokenizer."""
     model, tokenizer = loaded or ws.load()
     if ws.cfg.evaluation.backend == "transformers":
         ws.reference(model)  # from this full-precision copy, before it is quantized, if not there yet
@@ -116,10 +127,7 @@ def quantize_and_evaluate(ws: Workspace, assignment: dict[str, int] | int, hessi
         row.update({k: v for k, v in (("refused_by", refused), ("unchecked", unchecked)) if v})
     row["quantize_devices"] = compute.as_dict()["quantization"]  # after the export: not part of its checksum
     row["serving_profile"] = ws.cfg.serving.profile
-    row.update(evaluate_model(ws, model, tokenizer, checkpoint=save_to))
-    if str(row.get("eval_backend")).startswith("vllm") and "vllm" not in row.get("loads_in", []):
-        row["loads_in"] = [*row.get("loads_in", []), "vllm"]  # it evaluated the checkpoint itself
-    return row
+    return row, model, tokenizer
 
 
 def loaders_checked(ws: Workspace, checkpoint: str | Path, model) -> tuple[list[str], dict, dict]:
