@@ -96,16 +96,18 @@ def moe_model(arch: str, where: Path) -> Path:
     return folder
 
 
-def config(profile: str, symmetric: bool, args, model: Path | None = None):
+def config(profile: str, widths: tuple[int, ...], symmetric: bool, args, model: Path | None = None):
     p = PROFILES[profile]
+    # the variant's own widths (and 16), which its profile takes with this symmetry
     return load_config(ROOT / "params.yaml", {**({"model.path": str(model)} if model else {}),
-        "serving.profile": profile, "candidates": list(p.bits), "quantizer.method": "rtn",
+        "serving.profile": profile, "candidates": sorted({*widths, 16}), "uniform_bits": [min(widths)],
+        "quantizer.method": "rtn",
         "quantizer.symmetric": symmetric, "allocation.ties": p.ties or "none",
         "allocation.experts": p.experts or "per_expert", "evaluation.max_tokens": args.tokens,
         "evaluation.kl_tokens": 0, "evaluation.zero_shot_items": 0,
         "output_dir": str(ROOT / "runs" / "vllm_acceptance"),
-        # no allocator runs here; budgets only have to lie inside the profile's widths
-        "stage1.budget": min(p.bits) + 0.5, "stage1.extra_budgets": [], "stage2.budgets": [min(p.bits) + 0.5]})
+        # no allocator runs here; budgets only have to lie inside the variant's widths
+        "stage1.budget": min(widths) + 0.5, "stage1.extra_budgets": [], "stage2.budgets": [min(widths) + 0.5]})
 
 
 def dealt(model, widths: tuple[int, ...], ties: str, experts: str) -> dict[str, int]:
@@ -135,7 +137,7 @@ def vllm_perplexity(python: str, ckpt: Path, ws: Workspace, tokenizer, reference
 def measure(name: str, args, where: Path) -> dict:
     reference = name in REFERENCE_KERNEL
     profile, widths, symmetric, *arch = VARIANTS[REFERENCE_KERNEL.get(name, name)]
-    ws = Workspace(config(profile, symmetric, args, moe_model(arch[0], where) if arch else None))
+    ws = Workspace(config(profile, widths, symmetric, args, moe_model(arch[0], where) if arch else None))
     model, tokenizer = ws.load()
     a = ws.cfg.allocation
     assignment = dealt(model, widths, a.ties, a.experts)

@@ -98,21 +98,26 @@ def test_a_transformers_profile_variant_is_read_back_by_transformers_and_says_so
     assert row["total_bytes"] == stored
 
 
-@pytest.mark.parametrize("environment", ["none", "vllm"])
+@pytest.mark.parametrize("environment", ["none", "vllm", "refused"])
 def test_a_vllm_profile_variant_says_whether_vllms_loader_was_checked(environment, tmp_path, model_dir, monkeypatch):
     """Without a vLLM environment a vllm-marlin variant's ``loads_in`` is gamma's alone and
     ``unchecked`` says why; with one, vLLM's own loader (config, weights, one forward; the worker's
     reference kernel for the 8-bit layers the CPU build has no kernel for) is run on the variant
-    and ``loads_in`` names it."""
+    and ``loads_in`` names it; vLLM's refusal (its verdict stood in for) fails the variant with
+    vLLM's error."""
     import torch
     import transformers
     from test_architectures import SETTINGS
 
     from gamma.config import VllmConfig, parse_overrides
     from gamma.evaluation.backends import BackendUnavailable, VllmBackend
+    from gamma.model.export import CheckpointError
 
     if environment == "none":
         monkeypatch.delenv("GAMMA_VLLM_PYTHON", raising=False)
+    elif environment == "refused":
+        monkeypatch.setattr("gamma.run.variant.vllm_loads", lambda cfg, ckpt: {
+            "accepted": False, "stage": "load", "error": "ValueError: a shard's shape differs"})
     else:
         try:
             VllmBackend(VllmConfig()).ready()
@@ -129,6 +134,10 @@ def test_a_vllm_profile_variant_says_whether_vllms_loader_was_checked(environmen
     base = ["--params", str(defaults(tmp_path)), *(a for s in sets for a in ("--set", s))]
     assert cli.main(["learn", *base]) == 0 and cli.main(["allocate", *base, "--budgets", "6"]) == 0
     cfg = load_config(defaults(tmp_path), parse_overrides(sets))
+    if environment == "refused":
+        with pytest.raises(CheckpointError, match="vLLM refuses .* at stage 'load': ValueError: a shard's shape"):
+            cli.cmd_quantize(cfg, SimpleNamespace(assignment=None, budget=6.0))
+        return
     row = cli.cmd_quantize(cfg, SimpleNamespace(assignment=None, budget=6.0))
     assignment = json.loads((tmp_path / "out" / "models" / "6" / "gamma_assignment.json").read_text())
     assert row["serving_profile"] == "vllm-marlin" and set(assignment.values()) > {4}  # 8 or 16 bits too
