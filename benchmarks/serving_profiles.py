@@ -263,6 +263,28 @@ def table(rows: list[dict], profile: str) -> str:
     return "\n".join(lines) + ("\n\n" + "; ".join(refs) + "." if refs else "")
 
 
+def loaders_table(rows: list[dict]) -> str:
+    """docs/serving_profiles.md's loaders table: per profile and quantizer, how many variants each
+    loader read (transformers: identical logits; vLLM: config, weights and one forward), vLLM's
+    refusals by their first words, and vLLM's perplexity of uniform 4-bit against transformers'."""
+    lines = ["| profile | quantizer | variants | transformers reads | vLLM reads | vLLM refuses "
+             "| uniform 4-bit through vLLM (transformers) |", "|---|---|---|---|---|---|---|"]
+    for profile in PROFILES:
+        for q in ("rtn", "gptq"):
+            mine = [r for r in rows if (r["profile"], r["quantizer"]) == (profile, q) and "error" not in r]
+            if not mine:
+                continue
+            checked = [r for r in mine if "vllm" in r]
+            refusals = sorted({r["vllm"].split(". ")[0] for r in checked if r["vllm"] != "accepted"})
+            w4 = [r for r in mine if "vllm_perplexity" in r]
+            lines.append(f"| {profile} | {q.upper()} | {len(mine)} | "
+                         f"{sum(r['transformers'] == 'accepted' for r in mine)} | "
+                         f"{sum(r['vllm'] == 'accepted' for r in checked)} of {len(checked)} checked | "
+                         f"{'; '.join(refusals) or '-'} | "
+                         + (", ".join(f"{r['vllm_perplexity']:.3f} ({r['perplexity']:.3f})" for r in w4) or "-") + " |")
+    return "\n".join(lines)
+
+
 def recipes_table(rows: list[dict], profile: str, quantizer: str) -> str:
     """GAMMA under each Stage I recipe of ``RECIPES`` (and the profile's own rows), per budget."""
     budgets = PROFILES[profile]["stage2.budgets"]
@@ -294,6 +316,7 @@ def main() -> None:
     if args.tables:
         rows = json.loads((RESULTS / f"{args.name}.json").read_text())["rows"]
         print("\n\n".join(f"{p}\n\n{table(rows, p)}" for p in PROFILES))
+        print(f"\nloaders\n\n{loaders_table(rows)}")
         if (RESULTS / f"{RECIPES}.json").exists():
             recipes = json.loads((RESULTS / f"{RECIPES}.json").read_text())["rows"]
             for profile, quantizer in dict.fromkeys((r["profile"], r["quantizer"]) for r in recipes):

@@ -52,6 +52,14 @@ CLAIMS = {  # README text with {} for the figure -> the figure as the results fi
     "vs {} asymmetric,": lambda: _vllm("vllm-marlin-w4-asymmetric", "transformers"),
     "asymmetric, {} vs": lambda: _vllm("vllm-marlin-4-16", "vllm"),
     "vs {} for the 4/16 mix": lambda: _vllm("vllm-marlin-4-16", "transformers"),
+    "int4 kernel as through transformers ({} vs": lambda: _through_vllm("rtn", "vllm_perplexity"),
+    "int4 kernel as through transformers (37.025 vs {} RTN": lambda: _through_vllm("rtn", "perplexity"),
+    "RTN, {} vs 29.641 GPTQ": lambda: _through_vllm("gptq", "vllm_perplexity"),
+    "RTN, 29.649 vs {} GPTQ": lambda: _through_vllm("gptq", "perplexity"),
+    "Marlin's 4/8/16 mix {} vs": lambda: _vllm("vllm-marlin-mixed-reference", "vllm"),
+    "Marlin's 4/8/16 mix 29.06 vs {}": lambda: _vllm("vllm-marlin-mixed-reference", "transformers"),
+    "Humming's 2/3/4/8/16 mix with zero-points {} vs": lambda: _vllm("vllm-humming-mixed-reference", "vllm"),
+    "with zero-points 144.46 vs {}": lambda: _vllm("vllm-humming-mixed-reference", "transformers"),
     "| 4.5 | {}, KL": lambda: _marlin("gamma", 4.5),
     "Uniform 4-bit: {} (KL": lambda: _marlin("uniform-4", 4.0),
     "uniform 8-bit: {} (KL": lambda: _marlin("uniform-8", 8.0),
@@ -188,6 +196,11 @@ def _ceiling_row() -> str:
     return " | ".join(f"{r['perplexity']:.2f} ± {r['perplexity_se']:.2f}" for r in rows)
 
 
+def _through_vllm(quantizer: str, field: str) -> str:
+    """Uniform 4-bit vllm-marlin's perplexity through vLLM or through transformers (the row's own)."""
+    return f"{_row('serving_profiles', profile='vllm-marlin', quantizer=quantizer, method='uniform-4')[field]:.3f}"
+
+
 def _vllm(variant: str, engine: str) -> str:
     return f"{_row('vllm_acceptance', variant=variant)[f'{engine}_perplexity']:.2f}"
 
@@ -289,7 +302,10 @@ def test_the_serving_profile_tables_are_their_results_file(profile):
     docs = (ROOT / "docs" / "serving_profiles.md").read_text()
     assert table(rows, profile) in docs, f"docs/serving_profiles.md should have the table of {profile}:\n" + table(
         rows, profile)
-    from serving_profiles import RECIPES, recipes_table
+    from serving_profiles import RECIPES, loaders_table, recipes_table
+
+    loaders = loaders_table(rows)
+    assert loaders in docs, f"docs/serving_profiles.md should have the loaders table:\n{loaders}"
 
     recipes = json.loads((RESULTS / f"{RECIPES}.json").read_text())["rows"]
     for quantizer in dict.fromkeys(r["quantizer"] for r in recipes if r["profile"] == profile):
