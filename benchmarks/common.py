@@ -24,6 +24,18 @@ SHAPES = {  # the published configs' shapes
 }
 
 
+def vllm_perplexity(ws, checkpoint: Path, vllm, reference_kernel: bool = False) -> dict:
+    """Perplexity of ``checkpoint`` through vLLM (its ``VllmConfig``) on the workspace's evaluation
+    windows, as fields of a results row."""
+    from gamma.evaluation.backends import VllmBackend, evaluate_with_vllm
+
+    e = ws.cfg.evaluation
+    backend = VllmBackend(vllm, e.context_length + 1, reference_kernel)
+    got = evaluate_with_vllm(backend, checkpoint, ws.evaluation, ws.tokenizer, [], 0, e.context_length)
+    return {"vllm_perplexity": got["perplexity"], "vllm_perplexity_se": got["perplexity_se"],
+            "vllm_eval_seconds": got["eval_seconds"], "vllm_backend": got["eval_backend"]}
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -44,10 +44,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, commit, prepared_allocator, write_results
+from common import RESULTS, ROOT, commit, prepared_allocator, vllm_perplexity, write_results
 
 from gamma.config import load_config, parse_overrides
-from gamma.evaluation.backends import BackendUnavailable, VllmBackend, evaluate_with_vllm, vllm_loads
+from gamma.evaluation.backends import BackendUnavailable, vllm_loads
 from gamma.model.export import CheckpointError, check_transformers_reads, load_checkpoint
 from gamma.operations.profiles import PROFILES as SERVING
 from gamma.progress import console
@@ -83,10 +83,10 @@ def transformers_reads(path: Path) -> str:
         return str(err).replace(str(path), "<checkpoint>")
 
 
-def vllm_reads(ws: Workspace, row: dict, where: Path) -> dict:
+def vllm_reads(ws: Workspace, row: dict, where: Path, assignment: dict | int) -> dict:
     """vLLM's own loader on the variant where a vLLM environment runs here (none: {}): ``vllm`` is
-    "accepted" (config, weights, one forward) or its refusal; a uniform 4-bit ``vllm-marlin``
-    variant is also evaluated through vLLM on the same windows."""
+    "accepted" (config, weights, one forward) or its refusal; a ``vllm-marlin`` variant whose
+    modules are all 4-bit is also evaluated through vLLM on the same windows."""
     if "vllm" in row.get("unchecked", {}):  # the pipeline's own check (a vLLM profile) found no vLLM here
         return {}
     if "vllm" in row.get("loads_in", []):
@@ -99,12 +99,9 @@ def vllm_reads(ws: Workspace, row: dict, where: Path) -> dict:
             return {}
         out = {"vllm": "accepted" if verdict["accepted"] else
                f"refused at stage {verdict['stage']!r}: {verdict['error']}".replace(str(where), "<checkpoint>")}
-    if ws.cfg.serving.profile == "vllm-marlin" and row.get("widths") == [4] and out["vllm"] == "accepted":
-        e = ws.cfg.evaluation
-        backend = VllmBackend(e.vllm, e.context_length + 1)
-        got = evaluate_with_vllm(backend, where, ws.evaluation, ws.tokenizer, [], 0, e.context_length)
-        out.update(vllm_perplexity=got["perplexity"], vllm_perplexity_se=got["perplexity_se"],
-                   vllm_backend=got["eval_backend"])
+    widths = set(assignment.values()) if isinstance(assignment, dict) else {assignment}
+    if ws.cfg.serving.profile == "vllm-marlin" and widths == {4} and out["vllm"] == "accepted":
+        out.update(vllm_perplexity(ws, where, ws.cfg.evaluation.vllm))
     return out
 
 
@@ -114,8 +111,7 @@ def measure(ws: Workspace, assignment: dict | int, where: Path, problem) -> dict
     t0 = time.perf_counter()
     row = quantize_and_evaluate(ws, assignment, save_to=where, problem=problem)
     row["transformers"] = transformers_reads(where)
-    row["widths"] = sorted(set(assignment.values())) if isinstance(assignment, dict) else [assignment]
-    row.update(vllm_reads(ws, row, where))
+    row.update(vllm_reads(ws, row, where, assignment))
     row["seconds"] = time.perf_counter() - t0
     shutil.rmtree(where, ignore_errors=True)
     if isinstance(assignment, dict):  # what the allocator chose: the share of the weights at each width
@@ -128,7 +124,8 @@ def measure(ws: Workspace, assignment: dict | int, where: Path, problem) -> dict
     return {k: row[k] for k in keep if k in row}
 
 
-LOADERS = ("loads_in", "unchecked", "vllm", "vllm_perplexity", "vllm_perplexity_se", "vllm_backend")
+LOADERS = ("loads_in", "unchecked", "vllm", "vllm_perplexity", "vllm_perplexity_se", "vllm_eval_seconds",
+           "vllm_backend")
 
 
 def recheck(ws: Workspace, assignment: dict | int, where: Path, problem, recorded: dict) -> dict:
@@ -139,8 +136,7 @@ def recheck(ws: Workspace, assignment: dict | int, where: Path, problem, recorde
     if row["total_bytes"] != recorded["total_bytes"]:
         raise SystemExit(f"{where.name}: rebuilt with {row['total_bytes']:,} bytes, recorded with "
                          f"{recorded['total_bytes']:,}: not the variant of the results file; rerun it whole")
-    row["widths"] = sorted(set(assignment.values())) if isinstance(assignment, dict) else [assignment]
-    row.update(vllm_reads(ws, row, where))
+    row.update(vllm_reads(ws, row, where, assignment))
     shutil.rmtree(where, ignore_errors=True)
     checked = {k: row[k] for k in LOADERS if k in row}
     return {**recorded, **checked, "loaders_commit": commit()}

@@ -34,19 +34,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_results
+from common import ROOT, vllm_perplexity, write_results
 
 from gamma.config import VllmConfig, load_config
 from gamma.evaluation.backends import (
     CHECK_ENV,
     VLLM_PROFILES,
     BackendUnavailable,
-    VllmBackend,
     checkpoint_group_sizes,
     checkpoint_schemes,
     checkpoint_unquantized,
     cpu_runs_vllm_int4,
-    evaluate_with_vllm,
     serving_problems,
     vllm_accepts,
     vllm_environment_problem,
@@ -125,15 +123,6 @@ def gamma_predicts(ckpt: Path) -> dict:
             for device in ("cpu", "cuda")}
 
 
-def vllm_perplexity(python: str, ckpt: Path, ws: Workspace, tokenizer, reference_kernel: bool = False) -> dict:
-    e = ws.cfg.evaluation
-    backend = VllmBackend(VllmConfig(python=python, device="cpu", gpu_memory_utilization=0.1), e.context_length + 1,
-                          reference_kernel)
-    got = evaluate_with_vllm(backend, ckpt, ws.evaluation, tokenizer, [], 0, e.context_length)
-    return {"vllm_perplexity": got["perplexity"], "vllm_perplexity_se": got["perplexity_se"],
-            "vllm_eval_seconds": got["eval_seconds"], "vllm_backend": got["eval_backend"]}
-
-
 def measure(name: str, args, where: Path) -> dict:
     reference = name in REFERENCE_KERNEL
     profile, widths, symmetric, *arch = VARIANTS[REFERENCE_KERNEL.get(name, name)]
@@ -159,7 +148,8 @@ def measure(name: str, args, where: Path) -> dict:
     four_bit_marlin = profile == "vllm-marlin" and out["quantized_bits"] == [4]
     if verdict["accepted"] and (four_bit_marlin or reference):
         try:  # the backend's own check says why not (no AVX-512 for the CPU build's int4 kernel...)
-            out.update(vllm_perplexity(args.python, ckpt, ws, tokenizer, reference))
+            cpu = VllmConfig(python=args.python, device="cpu", gpu_memory_utilization=0.1)
+            out.update(vllm_perplexity(ws, ckpt, cpu, reference))
             out["perplexity_ratio"] = out["vllm_perplexity"] / out["transformers_perplexity"]
         except BackendUnavailable as err:
             out["vllm_perplexity_skipped"] = str(err)

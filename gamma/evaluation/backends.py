@@ -122,6 +122,11 @@ def checkpoint_unquantized(checkpoint: str | Path) -> list[str]:
     return list(_quantization(checkpoint).get("ignore", []))
 
 
+def quantized_experts(schemes: dict[str, tuple[int, bool]]) -> list[str]:
+    """The quantized MoE expert modules among ``schemes``: they need a quantized-MoE kernel."""
+    return sorted(name for name in schemes if ".experts." in name)
+
+
 def serving_problems(schemes: dict[str, tuple[int, bool]], profile: ServingProfile,
                      group_sizes: set[int] = frozenset(), unquantized: list[str] = ()) -> list[str]:
     """Why ``profile`` cannot load modules quantized as ``schemes`` (empty: it can); ``unquantized``
@@ -139,7 +144,7 @@ def serving_problems(schemes: dict[str, tuple[int, bool]], profile: ServingProfi
     if profile.group_sizes is not None and not set(group_sizes) <= profile.group_sizes:
         problems.append(f"{profile.engine} takes group sizes {sorted(profile.group_sizes)}; the variant has "
                         f"{sorted(set(group_sizes) - profile.group_sizes)}")
-    experts = sorted(name for name in schemes if ".experts." in name)
+    experts = quantized_experts(schemes)
     if experts and not profile.quantized_experts:
         problems.append(f"{profile.engine} has no kernel for quantized MoE experts; the variant quantizes "
                         f"{len(experts)} expert modules (first: {experts[0]})")
@@ -257,11 +262,14 @@ class VllmBackend:
                                      "and this CPU has none; use a GPU or evaluation.backend=transformers")
         return device
 
+    def serving_profile(self, device: str) -> ServingProfile:
+        """What vLLM serves on ``device``, with the worker's reference kernel where it stands in."""
+        return VLLM_PROFILES["cpu-reference" if self.reference_kernel and device == "cpu" else device]
+
     def check(self, checkpoint: str | Path) -> None:
         """Raise ``BackendUnavailable`` with the reason when this variant cannot be served here."""
         device = self.ready()
-        profile = VLLM_PROFILES["cpu-reference" if self.reference_kernel and device == "cpu" else device]
-        problems = serving_problems(checkpoint_schemes(checkpoint), profile,
+        problems = serving_problems(checkpoint_schemes(checkpoint), self.serving_profile(device),
                                     checkpoint_group_sizes(checkpoint), checkpoint_unquantized(checkpoint))
         if problems:
             raise BackendUnavailable("; ".join(problems))
@@ -300,10 +308,10 @@ def vllm_loads(cfg: VllmConfig, checkpoint: str | Path) -> dict:
     its device; on the CPU build with the worker's reference kernel for the widths it has no kernel
     for, so that the verdict is about the checkpoint, not about this machine. Raises
     ``BackendUnavailable`` when vLLM cannot run here at all."""
-    backend = VllmBackend(cfg)
+    backend = VllmBackend(cfg, reference_kernel=True)
     device = backend.ready()
-    experts = sorted(name for name in checkpoint_schemes(checkpoint) if ".experts." in name)
-    if experts and not VLLM_PROFILES["cpu-reference" if device == "cpu" else device].quantized_experts:
+    experts = quantized_experts(checkpoint_schemes(checkpoint))
+    if experts and not backend.serving_profile(device).quantized_experts:
         raise BackendUnavailable(f"vLLM's build for {device} has no kernel for quantized MoE experts, so it cannot "
                                  f"build this variant's MoE layers here ({len(experts)} expert modules, first: "
                                  f"{experts[0]})")
