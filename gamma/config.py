@@ -128,9 +128,10 @@ class EvaluationConfig(_Section):
 class Stage1Config(_Section):
     budget: float = Field(3.0, description="training budget B_train in average bits")
     relaxation: Literal["soft", "hard"] = "soft"
-    loss: Literal["output", "update", "fisher", "end_to_end"] = Field("fisher", description=(
-        "teacher-forced block losses (output, update, fisher), or end_to_end: the final next-token KL "
-        "from the full-precision model, blocks fed their mixed predecessors' outputs"))
+    loss: Literal["output", "update", "fisher", "end_to_end", "next_token"] = Field("fisher", description=(
+        "teacher-forced block losses (output, update, fisher), or through the whole model, blocks fed "
+        "their mixed predecessors' outputs: end_to_end, the final next-token KL from the full-precision "
+        "model; next_token, the next-token loss on the calibration text's own tokens (what perplexity measures)"))
     init: Literal["uniform", "proxy"] = "proxy"
     steps: int = Field(100, ge=0, description="Adam steps; 0: the untrained (proxy-initialised) table")
     sequences_per_step: int = Field(2, ge=1)

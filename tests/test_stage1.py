@@ -7,7 +7,7 @@ from gamma.model.blocks import BlockRunner
 from gamma.model.candidates import build_candidates
 from gamma.quant import get_quantizer
 from gamma.stage1.checkpoint import Checkpoint
-from gamma.stage1.end_to_end import EndToEnd, next_token_kl
+from gamma.stage1.end_to_end import EndToEnd, next_token_kl, next_token_nll
 from gamma.stage1.loop import TeacherForcing, learn_preferences, temperature_at
 from gamma.stage1.proxy import FisherCosts, KeepFisher, costs_to_logits
 from gamma.stage1.relaxation import MixedLinear, swapped
@@ -161,7 +161,7 @@ def test_channel_fisher_averages_every_calibration_token_across_shards():
 
 
 @pytest.mark.parametrize("options", [{"relaxation": "hard", "samples": 2, "antithetic": True},
-                                     {"fisher_weight": "channel"}, {"loss": "end_to_end"}])
+                                     {"fisher_weight": "channel"}, {"loss": "end_to_end"}, {"loss": "next_token"}])
 def test_stage1_options_change_the_optimisation_and_keep_the_budget(setup, options):
     model, teacher, cands, _, _ = setup
     base = cfg(steps=3, relaxation=options.get("relaxation", "soft"))
@@ -220,12 +220,13 @@ def test_a_table_from_another_quantizer_or_candidate_set_is_refused_by_field():
         table.check_matches(mods, sizes, "m", [4, 8], rtn)
 
 
-def test_end_to_end_gradients_equal_autograd_through_the_models_own_forward(setup, calibration):
-    """The block-streamed chain (forward with inputs kept, KL at the head, backward block by block
-    with recomputation) gives each mix the gradient that autograd through ``model()`` gives it,
-    with every module's weight the same mix of its candidates."""
+@pytest.mark.parametrize("final", ["end_to_end", "next_token"])
+def test_end_to_end_gradients_equal_autograd_through_the_models_own_forward(setup, calibration, final):
+    """The block-streamed chain (forward with inputs kept, the KL or the next-token loss at the
+    head, backward block by block with recomputation) gives each mix the gradient that autograd
+    through ``model()`` gives it, with every module's weight the same mix of its candidates."""
     model, teacher, cands, _, _ = setup
-    c = cfg(loss="end_to_end", tokens_per_sequence=48, relaxation="hard")
+    c = cfg(loss=final, tokens_per_sequence=48, relaxation="hard")
     rows = LogitRows(model, cands, BITS)
     mix = torch.softmax(torch.randn(len(cands), len(BITS), generator=torch.Generator().manual_seed(3)), -1)
     batch = torch.tensor([0, 2])
@@ -239,7 +240,10 @@ def test_end_to_end_gradients_equal_autograd_through_the_models_own_forward(setu
     for i, n in enumerate(cands):
         mixed[n].set_mix(mix[i])
     with swapped(model, mixed), torch.enable_grad():
-        direct_loss = next_token_kl(model(input_ids=ids).logits, target)
+        logits = model(input_ids=ids).logits
+        # next_token: position 47 predicts the capture's token 48, beyond the loss's 48 positions
+        direct_loss = next_token_kl(logits, target) if final == "end_to_end" else \
+            next_token_nll(logits, calibration[batch, :49])
         direct_loss.backward()
     direct = torch.stack([mixed[n].mix_grad() for n in cands])
     assert loss == pytest.approx(float(direct_loss.detach()), rel=1e-4) and loss > 0

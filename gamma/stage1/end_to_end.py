@@ -1,6 +1,11 @@
-"""Stage I's end-to-end loss (``stage1.loss: end_to_end``): the KL divergence of the mixed model's
-next-token distribution from the full-precision model's, every block fed its mixed predecessors'
-outputs, and its gradient carried back through every block to every module's mix.
+"""Stage I's end-to-end losses, every block fed its mixed predecessors' outputs and the loss's
+gradient carried back through every block to every module's mix: ``stage1.loss: end_to_end``, the
+KL divergence of the mixed model's next-token distribution from the full-precision model's, and
+``next_token``, the mixed model's next-token loss on the calibration text's own tokens.
+
+Why the second: the KL scores fidelity to the full-precision model, perplexity scores the text's
+tokens, and the two can rank allocations differently (GPTQ at 4.5 bits on the embedded model: an
+allocation behind on perplexity while level or ahead on KL, docs/serving_profiles.md).
 
 Why: the teacher-forced losses add up each block's own error at full-precision inputs, so they
 cannot see how the errors of low-width blocks compound through the blocks after them (2-bit RTN
@@ -22,6 +27,13 @@ import torch.nn.functional as F
 from gamma.stage1.relaxation import swapped
 
 
+def next_token_nll(student_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of ``student_logits`` [N, T, V] on ``tokens`` [N, >= T]: position t
+    predicts token t + 1, so a last position with no token after it is left out."""
+    n = min(student_logits.shape[1], tokens.shape[1] - 1)
+    return F.cross_entropy(student_logits[:, :n].float().flatten(0, 1), tokens[:, 1 : n + 1].flatten())
+
+
 def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over positions of ``KL(teacher || student)`` of the next-token distributions."""
     t = F.log_softmax(teacher_logits.float(), dim=-1)
@@ -30,7 +42,8 @@ def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
 
 
 class EndToEnd:
-    """``loss_gradients(mixes, batch)`` as ``loop.TeacherForcing`` gives it, from the final KL."""
+    """``loss_gradients(mixes, batch)`` as ``loop.TeacherForcing`` gives it, from the final KL or
+    next-token loss."""
 
     def __init__(self, forcing):
         # the teacher-forced helper holds the runner, teacher, rows, config and shard this needs too
@@ -42,15 +55,18 @@ class EndToEnd:
         mix_grads = [torch.zeros_like(m) for m in mixes]
         step_loss = 0.0
         if len(mine):
-            target = self._teacher_logits(mine)
+            target = self._target(mine)
             share = len(mine) / len(batch) / len(mixes)
             for mix, mix_grad in zip(mixes, mix_grads):
                 step_loss += self._one_draw(mix, mix_grad, mine, target, share)
         return f.summed(mix_grads, step_loss)
 
     @torch.no_grad()
-    def _teacher_logits(self, mine: torch.Tensor) -> torch.Tensor:
+    def _target(self, mine: torch.Tensor) -> torch.Tensor:
+        """The full-precision model's logits (end_to_end) or the sequences' tokens (next_token)."""
         f = self.forcing
+        if f.cfg.loss == "next_token":
+            return f.teacher.tokens[mine].to(f.runner.device)
         return f.runner.head(f.runner.to_device(f.teacher.hidden[-1][mine, :f.tokens]))
 
     def _one_draw(self, mix: torch.Tensor, mix_grad: torch.Tensor, mine: torch.Tensor, target: torch.Tensor,
@@ -65,7 +81,8 @@ class EndToEnd:
                     h = runner.run_block(b, h)
         h = h.requires_grad_(True)
         with torch.enable_grad():
-            loss = next_token_kl(runner.head(h), target) * share
+            final = next_token_nll if f.cfg.loss == "next_token" else next_token_kl
+            loss = final(runner.head(h), target) * share
             loss.backward()
         grad = h.grad
         for b in reversed(range(len(runner.blocks))):

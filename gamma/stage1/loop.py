@@ -83,7 +83,7 @@ def learn_preferences(model: nn.Module, teacher: TeacherData, rows: LogitRows, c
         console.print(f"Stage I (B={cfg.budget}): resumed from step {start} of {cfg.steps} ({checkpoint.path})")
     last_save = time.perf_counter()
     forcing = TeacherForcing(BlockRunner(model, dev), teacher, rows, cfg, shard)
-    if cfg.loss == "end_to_end":
+    if cfg.loss in ("end_to_end", "next_token"):
         forcing = EndToEnd(forcing)
 
     steps = range(start, cfg.steps)

@@ -37,6 +37,7 @@ class TeacherData:
     grads: list[torch.Tensor] | None  # L tensors [N, T, H], host
     losses: torch.Tensor  # [N] next-token loss of each sequence
     proxy_costs: np.ndarray | None = None  # [M, K] Fisher proxy costs of the capture's candidates, when taken
+    tokens: torch.Tensor | None = None  # [N, T] the captured sequences (the next_token loss's labels)
 
     @property
     def n_blocks(self) -> int:
@@ -56,7 +57,7 @@ def capture_teacher(model, sequences: torch.Tensor, with_grads: bool = True, *, 
         hidden.append(keep(runner.run_block_all(index, hidden[-1], batch_size), f"hidden-{index + 1}"))
     grad_out, losses = _head(runner, hidden[-1], sequences, with_grads)
     if not with_grads:
-        return TeacherData(hidden=hidden, grads=None, losses=losses)
+        return TeacherData(hidden=hidden, grads=None, losses=losses, tokens=sequences)
     grads: list[torch.Tensor] = [grad_out] * len(runner.blocks)
     modules = quantizable_modules(model)
     for index in track(range(len(runner.blocks) - 1, -1, -1), "teacher capture (backward)", total=len(grads)):
@@ -65,7 +66,7 @@ def capture_teacher(model, sequences: torch.Tensor, with_grads: bool = True, *, 
         linear = {name: m for name, m in modules.items() if name.startswith(prefix)}
         grad_out = _block_backward(runner, index, linear, hidden[index], grad_out, on_fisher,
                                    needs_input_grad=index > 0)
-    return TeacherData(hidden=hidden, grads=grads, losses=losses)
+    return TeacherData(hidden=hidden, grads=grads, losses=losses, tokens=sequences)
 
 
 def _mapped(t: torch.Tensor, path: Path) -> torch.Tensor:
