@@ -34,8 +34,10 @@ def test_kl_divergence_matches_a_direct_computation_and_orders_the_widths(model_
         got = kl_divergence(quantized, windows, reference, batch_size=3)
         with torch.no_grad():
             log_q = F.log_softmax(quantized(windows).logits.float(), -1)
-        direct = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+        per_window = (log_p.exp() * (log_p - log_q)).sum(-1).mean(1)
+        direct = per_window.mean().item()
         assert got.kl == pytest.approx(direct, rel=2e-3) and got.tokens == windows.numel() and got.windows == 4
+        assert got.window_kl == pytest.approx(per_window.tolist(), rel=2e-3)  # what paired differences take
         kls[bits] = got.kl
     assert kls[2] > 5 * kls[4] > 0
 

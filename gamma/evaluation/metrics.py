@@ -85,10 +85,15 @@ class PairedDifference:
 
 
 def paired_difference(a: Perplexity, b: Perplexity) -> PairedDifference:
-    if len(a.window_nll) != len(b.window_nll) or len(a.window_nll) < 2:
+    return paired_windows(a.window_nll, b.window_nll)
+
+
+def paired_windows(a: tuple[float, ...], b: tuple[float, ...]) -> PairedDifference:
+    """The mean of ``a - b`` over windows and its standard error (per-window NLLs or KLs)."""
+    if len(a) != len(b) or len(a) < 2:
         raise EvaluationError(f"a paired difference needs the same windows, at least 2, on both sides "
-                              f"(got {len(a.window_nll)} and {len(b.window_nll)})")
-    d = torch.tensor(a.window_nll, dtype=torch.float64) - torch.tensor(b.window_nll, dtype=torch.float64)
+                              f"(got {len(a)} and {len(b)})")
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
     return PairedDifference(d.mean().item(), d.std(unbiased=True).item() / math.sqrt(len(d)), len(d))
 
 
@@ -114,6 +119,7 @@ class Divergence:
     standard_error: float  # from the spread of the per-window means
     tokens: int
     windows: int
+    window_kl: tuple[float, ...] = ()  # each window's mean, for paired differences
 
 
 @torch.no_grad()
@@ -155,7 +161,7 @@ def kl_divergence(model: nn.Module, windows: torch.Tensor, reference: np.ndarray
         start += len(logits)
     kl = torch.cat(per_window)
     se = kl.std(unbiased=True).item() / math.sqrt(len(kl)) if len(kl) > 1 else float("nan")
-    return Divergence(kl.mean().item(), se, kl.numel() * windows.shape[1], len(kl))
+    return Divergence(kl.mean().item(), se, kl.numel() * windows.shape[1], len(kl), tuple(kl.tolist()))
 
 
 # ---------------------------------------------------------------- zero-shot tasks

@@ -168,13 +168,17 @@ def tokenize_file(path: str | Path, tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def sample_starts(tokens: int, n: int, length: int, seed: int) -> list[int]:
+    """Where ``sample_sequences`` cuts its ``n`` windows from a text of ``tokens`` tokens."""
+    if tokens < length + 1:
+        raise TextInputError(f"the text has {tokens} tokens, fewer than one sequence of {length}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, tokens - length, (n,), generator=g).tolist()
+
+
 def sample_sequences(tokens: torch.Tensor, n: int, length: int, seed: int) -> torch.Tensor:
     """``n`` fixed-length windows at seeded random offsets: a [n, length] LongTensor."""
-    if tokens.numel() < length + 1:
-        raise TextInputError(f"the text has {tokens.numel()} tokens, fewer than one sequence of {length}")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - length, (n,), generator=g)
-    return torch.stack([tokens[s : s + length] for s in starts.tolist()])
+    return torch.stack([tokens[s : s + length] for s in sample_starts(tokens.numel(), n, length, seed)])
 
 
 def overlap_note(tokens: int, n: int, length: int) -> str | None:
