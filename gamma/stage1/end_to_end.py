@@ -7,12 +7,13 @@ Why the second: the KL scores fidelity to the full-precision model, perplexity s
 tokens, and the two can rank allocations differently (GPTQ at 4.5 bits on the embedded model: an
 allocation behind on perplexity while level or ahead on KL, docs/serving_profiles.md).
 
-Why: the teacher-forced losses add up each block's own error at full-precision inputs, so they
-cannot see how the errors of low-width blocks compound through the blocks after them (2-bit RTN
-on the embedded model: every block-local estimate prices it far below what it costs end to end).
+Why end to end at all: the teacher-forced losses add up each block's own error at full-precision
+inputs, so they cannot see how the errors of low-width blocks compound through the blocks after
+them (2-bit RTN on the embedded model: every block-local estimate prices it far below what it costs
+end to end).
 
 Memory stays one block: forward block by block with each block's (mixed) input kept on the host,
-the KL at the head, then backward block by block in reverse, each block's mixed weights built
+the loss at the head, then backward block by block in reverse, each block's mixed weights built
 again and the block recomputed from its stored input (the teacher capture's pattern). Per step
 this builds every block's dense candidates twice (unless ``LogitRows.dense`` caches them) and
 runs each block three times (forward, recomputed forward, backward), against once and twice for
