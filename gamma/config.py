@@ -125,6 +125,9 @@ class EvaluationConfig(_Section):
         return self
 
 
+END_TO_END_LOSSES = ("end_to_end", "next_token")  # Stage I losses taken through the whole model (end_to_end.py)
+
+
 class Stage1Config(_Section):
     budget: float = Field(3.0, description="training budget B_train in average bits")
     relaxation: Literal["soft", "hard"] = "soft"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gamma.config import GammaConfig
+from gamma.config import END_TO_END_LOSSES, GammaConfig
 from gamma.model.device import resolve_device
 from gamma.model.loading import ModelInputError, resolve_dtype
 from gamma.quant.interface import UNQUANTIZED
@@ -211,7 +211,7 @@ def estimate_memory(cfg: GammaConfig, model_dir: str | Path, sequences: int | No
         "teacher gradients": s.layers * n * t * s.hidden * max(itemsize, 2) if with_grads else 0.0,
     }
     b, tokens = cfg.stage1.sequences_per_step, min(cfg.stage1.tokens_per_sequence, t)
-    if cfg.stage1.loss in ("end_to_end", "next_token"):  # each block's mixed input of a draw, float32, for backward
+    if cfg.stage1.loss in END_TO_END_LOSSES:  # every block's mixed input of one draw, float32, for the backward
         host["end-to-end block inputs"] = s.layers * b * tokens * s.hidden * 4
     device = {
         "one block (float32) and its Fisher": (s.block_linear + 2 * s.hidden) * 4 + s.block_linear * 4,

@@ -49,6 +49,8 @@ class EndToEnd:
     def __init__(self, forcing):
         # the teacher-forced helper holds the runner, teacher, rows, config and shard this needs too
         self.forcing = forcing
+        self.labelled = forcing.cfg.loss == "next_token"  # the text's tokens are the target, not the teacher
+        self.final = next_token_nll if self.labelled else next_token_kl
 
     def loss_gradients(self, mixes: list[torch.Tensor], batch: torch.Tensor) -> tuple[list[torch.Tensor], float]:
         f = self.forcing
@@ -66,7 +68,7 @@ class EndToEnd:
     def _target(self, mine: torch.Tensor) -> torch.Tensor:
         """The full-precision model's logits (end_to_end) or the sequences' tokens (next_token)."""
         f = self.forcing
-        if f.cfg.loss == "next_token":
+        if self.labelled:
             return f.teacher.tokens[mine].to(f.runner.device)
         return f.runner.head(f.runner.to_device(f.teacher.hidden[-1][mine, :f.tokens]))
 
@@ -82,8 +84,7 @@ class EndToEnd:
                     h = runner.run_block(b, h)
         h = h.requires_grad_(True)
         with torch.enable_grad():
-            final = next_token_nll if f.cfg.loss == "next_token" else next_token_kl
-            loss = final(runner.head(h), target) * share
+            loss = self.final(runner.head(h), target) * share
             loss.backward()
         grad = h.grad
         for b in reversed(range(len(runner.blocks))):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gamma.config import Stage1Config
+from gamma.config import END_TO_END_LOSSES, Stage1Config
 from gamma.model.blocks import BlockRunner
 from gamma.model.loading import block_index
 from gamma.progress import console, track
@@ -83,7 +83,7 @@ def learn_preferences(model: nn.Module, teacher: TeacherData, rows: LogitRows, c
         console.print(f"Stage I (B={cfg.budget}): resumed from step {start} of {cfg.steps} ({checkpoint.path})")
     last_save = time.perf_counter()
     forcing = TeacherForcing(BlockRunner(model, dev), teacher, rows, cfg, shard)
-    if cfg.loss in ("end_to_end", "next_token"):
+    if cfg.loss in END_TO_END_LOSSES:
         forcing = EndToEnd(forcing)
 
     steps = range(start, cfg.steps)
