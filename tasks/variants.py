@@ -73,6 +73,9 @@ def variant(cfg: GammaConfig, scores: dict | list[dict], budget: float, inputs: 
 @task(name="uniform baseline")
 def uniform(cfg: GammaConfig, bits: int, inputs: dict, parent_run: str) -> dict:
     row = {"budget": float(bits), "method": "uniform", **quantize_and_evaluate(workspace(cfg, inputs), bits)}
+    # a reference point, not a deployable variant: said on its version rather than left without loads_in
+    row["unchecked"] = {"loaders": "a uniform baseline, evaluated in memory for comparison and not exported: "
+                                   "no checkpoint for a loader to read"}
     names = tracking.names_for(cfg, inputs["model_dir"])
     row["registered"] = _register(cfg, inputs, parent_run, names.uniform(bits), f"uniform-{bits}bit", row, [],
                                   {"budget": bits, "method": "uniform"})

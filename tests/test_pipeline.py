@@ -96,7 +96,8 @@ def test_pipeline_registers_lineage_caches_stage1_and_isolates_failures(project,
     assert float(variant.tags["metric.perplexity"]) == pytest.approx(ok["perplexity"])
     run = client.get_run(variant.run_id)
     assert run.data.metrics["total_bytes"] == pytest.approx(ok["total_bytes"])
-    assert len(_versions(client, f"{prefix}-uniform-4bit")) == 1
+    [baseline] = _versions(client, f"{prefix}-uniform-4bit")
+    assert "not exported" in baseline.tags["unchecked.loaders"] and "loads_in" not in baseline.tags
     assert not client.search_registered_models(f"name = '{prefix}-1.5bit'")  # nothing registered for it
 
     ckpt = Path(variant.tags["checkpoint"])

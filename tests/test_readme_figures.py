@@ -45,8 +45,6 @@ CLAIMS = {  # README text with {} for the figure -> the figure as the results fi
     "(the estimate said {} GB)": lambda: _field("model_sizes", "estimate_host_gb", model="llama-3.2-1b",
                                                 code="current"),
     "peaked at **{} GB**": lambda: _field("model_sizes", "peak_host_gb", code="before"),
-    "in {} s against": lambda: _field("model_sizes", "wall_seconds", "{:.0f}", model="llama-3.2-1b", code="current"),
-    "against {} s.": lambda: _field("model_sizes", "wall_seconds", "{:.0f}", code="before"),
     "a peak of **{} GB** of host memory": lambda: _field("model_sizes", "peak_host_gb", "{:.1f}", code="pipeline"),
     "took **{} minutes**": lambda: f"{_row('model_sizes', code='pipeline')['wall_seconds'] / 60:.1f}",
     "tokens: {} vs": lambda: _vllm("vllm-marlin-w4-symmetric", "vllm"),
@@ -70,6 +68,10 @@ CLAIMS = {  # README text with {} for the figure -> the figure as the results fi
     "(a 70B model) solve in at most {} s": lambda: _slowest("llama-70b", "nominal"),
     "in bytes in at most {} s;": lambda: _slowest("llama-8b", "bytes"),
     "proven bound in at most {} s": lambda: _slowest("block-wise", "nominal"),
+    "Stage I of an 8B model needs {} GB of device memory": lambda: _projected_8b("estimate_device_gb_rtn"),
+    "device memory with RTN ({} GB with GPTQ)": lambda: _projected_8b("estimate_device_gb_gptq"),
+    "GPTQ) and {} GB of host memory with RTN's": lambda: _projected_8b("estimate_host_gb_rtn_rebuilt"),
+    "the peak grows by {} GB per block": lambda: f"{_summary('scale')['fit_8b']['peak_host_gb']['per_block']:.2f}",
     "| 4.25 | {} |": lambda: _marlin_row(4.25),
     "| 4.5 | {} |": lambda: _marlin_row(4.5),
     "| 5 | {} |": lambda: _marlin_row(5.0),
@@ -121,12 +123,21 @@ CLAIMS = {  # README text with {} for the figure -> the figure as the results fi
     "against {} at 3, 47.2": lambda: _served("transformers", "hawq", 3.0, "alone"),
     "at 3, {} against 56.3 ± 3.1 at 3.5)": lambda: _served("transformers", "gamma", 3.5),
     "against {} at 3.5). Every checkpoint": lambda: _served("transformers", "hawq", 3.5),
+}
+
+
+SIZE_CLAIMS = {  # docs/model_sizes.md's figures outside its table
+    "in {} s against": lambda: _field("model_sizes", "wall_seconds", "{:.0f}", model="llama-3.2-1b", code="current"),
+    "against {} s.": lambda: _field("model_sizes", "wall_seconds", "{:.0f}", code="before"),
     "gamma's estimate is {} GB of host memory with RTN's": lambda: _projected_8b("estimate_host_gb_rtn_rebuilt"),
     "against a goal of {} GB; 27.6 GB": lambda: _projected_8b("host_goal_gb"),
     "GB; {} GB with candidates held": lambda: _projected_8b("estimate_host_gb_rtn"),
     "Stage I's own phases peak at {} GB": lambda: _stage1_peak("rebuilt"),
     "GB ({} GB held), under": lambda: _stage1_peak("held"),
 }
+SIZE_CLAIMS.update({k: CLAIMS[k] for k in ("peak host memory **{} GB** (the estimate", "(the estimate said {} GB)",
+                                           "peaked at **{} GB**", "took **{} minutes**",
+                                           "a peak of **{} GB** of host memory")})
 
 
 def _projected_8b(field: str) -> str:
@@ -237,11 +248,13 @@ def scale_row(model: str, store: str) -> str:
                                          ("llama-3.1-8b:4", "held"), ("llama-3.2-1b", "held"),
                                          ("llama-3.2-1b", "rebuilt"), ("llama-3.1-70b:1", "held")])
 def test_the_scale_table_is_its_results_file(model, store):
-    assert scale_row(model, store) in _readme(), f"README should have the row {scale_row(model, store)!r}"
+    want = scale_row(model, store)
+    assert want in _text("docs/model_sizes.md"), f"docs/model_sizes.md should have the row {want!r}"
 
 
-def _readme() -> str:
-    return re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+def _text(path: str) -> str:
+    """A document with its whitespace runs as single spaces and no bold marks."""
+    return re.sub(r"\s+", " ", (ROOT / path).read_text()).replace("**", "")
 
 
 def quality_row(budget: float) -> str:
@@ -261,12 +274,6 @@ def quality_row(budget: float) -> str:
 def test_the_allocation_quality_table_is_its_results_file(budget):
     docs = re.sub(r"[ \t]+", " ", (ROOT / "docs" / "results.md").read_text())
     assert quality_row(budget) in docs, f"docs/results.md should have the row {quality_row(budget)!r}"
-
-
-@pytest.mark.parametrize("claim", sorted(CLAIMS))
-def test_a_readme_figure_is_the_figure_in_its_results_file(claim):
-    want = " ".join(claim.split()).format(CLAIMS[claim]())
-    assert want in _readme(), f"README should say {want!r} ({claim!r})"
 
 
 DOC_CLAIMS = {  # docs/serving_profiles.md's figures outside its tables
@@ -299,11 +306,14 @@ def _agreement(budget: float, field: str) -> str:
                   profile="vllm-marlin", quantizer="gptq", budget=budget, method="hawq")
 
 
-@pytest.mark.parametrize("claim", sorted(DOC_CLAIMS))
-def test_a_serving_profiles_figure_is_the_figure_in_its_results_file(claim):
-    docs = re.sub(r"\s+", " ", (ROOT / "docs" / "serving_profiles.md").read_text()).replace("**", "")
-    want = claim.format(DOC_CLAIMS[claim]())
-    assert want in docs, f"docs/serving_profiles.md should say {want!r}"
+DOCUMENTS = {"README.md": CLAIMS, "docs/model_sizes.md": SIZE_CLAIMS, "docs/serving_profiles.md": DOC_CLAIMS}
+
+
+@pytest.mark.parametrize("path,claim", [(path, claim) for path, claims in DOCUMENTS.items()
+                                        for claim in sorted(claims)])
+def test_a_figure_in_the_text_is_the_figure_in_its_results_file(path, claim):
+    want = " ".join(claim.split()).replace("**", "").format(DOCUMENTS[path][claim]())
+    assert want in _text(path), f"{path} should say {want!r} ({claim!r})"
 
 
 @pytest.mark.parametrize("profile", ["vllm-marlin", "vllm-humming", "transformers"])
