@@ -276,6 +276,8 @@ def test_the_allocation_quality_table_is_its_results_file(budget):
     assert quality_row(budget) in docs, f"docs/results.md should have the row {quality_row(budget)!r}"
 
 
+NEXT_TOKEN = "hard, next_token, tables at 4.5, 5 and 6 bits"
+
 DOC_CLAIMS = {  # docs/serving_profiles.md's figures outside its tables
     "nats per token; {} ± 0.0013 with a soft table learned at 6": lambda: _paired(
         "hawq", "nll_diff", "{:+.4f}", "vllm-marlin", 6.0, (5.0, 6.0)),
@@ -294,6 +296,12 @@ DOC_CLAIMS = {  # docs/serving_profiles.md's figures outside its tables
     "22.77 against the proxy's 22.72, {} ± 0.0013 nats per token": lambda: _field(
         "paired_comparison", "nll_diff", "{:+.4f}", profile="vllm-marlin", quantizer="gptq", budget=4.5,
         method="hawq", stage1_recipe="hard, next_token"),
+    "with GPTQ {} / 27.72 / 27.13 / 25.76": lambda: _recipe("gptq", 4.25, NEXT_TOKEN),
+    "with GPTQ 28.27 / {} / 27.13 / 25.76": lambda: _recipe("gptq", 4.5, NEXT_TOKEN),
+    "with RTN {} / 29.94 / 29.05 / 27.04": lambda: _recipe("rtn", 4.25, NEXT_TOKEN),
+    "with RTN 32.65 / {} / 29.05 / 27.04": lambda: _recipe("rtn", 4.5, NEXT_TOKEN),
+    "with RTN 32.65 / 29.94 / 29.05 / {} against": lambda: _recipe("rtn", 6.0, NEXT_TOKEN),
+    "27.04 against 32.68 / {} /": lambda: _recipe("rtn", 4.5, "hard, end_to_end KL, tables at 4.5, 5 and 6 bits"),
     "every budget: 4.25 {} ± 0.00033, 4.5": lambda: _agreement(4.25, "kl_diff"),
     "4.5 {} ± 0.00062, 5 -0.00138": lambda: _agreement(4.5, "kl_diff"),
     "Its NLL is not: 4.25 -0.00241 ± 0.00085, 4.5 {} ± 0.00186": lambda: _agreement(4.5, "nll_diff"),
