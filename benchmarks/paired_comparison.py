@@ -59,6 +59,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def recipe(cfg, args) -> str:
+    """GAMMA's Stage I recipe as the rows name it; more calibration text or steps than the
+    benchmarks' own (params.yaml's) is a different comparison, and says so."""
+    name = f"{cfg.stage1.relaxation}, {cfg.stage1.loss}"
+    own = config(args.profile, args.quantizer, argparse.Namespace(**{**vars(args), "set": []}))
+    if (cfg.text.calibration_sequences, cfg.stage1.steps) != (own.text.calibration_sequences, own.stage1.steps):
+        name += f", {cfg.text.calibration_sequences} sequences, {cfg.stage1.steps} steps"
+    return name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", action="store_true", help="print the results file's table and stop")
@@ -83,8 +93,7 @@ def main() -> None:
     problem = ws.problem()
     # GAMMA's Stage I recipe and training budgets name the comparison: its rows are compared with that GAMMA's
     base = {"profile": args.profile, "quantizer": args.quantizer, "budget": args.budget,
-            "training_budgets": cfg.stage1.training_budgets,
-            "stage1_recipe": f"{cfg.stage1.relaxation}, {cfg.stage1.loss}"}
+            "training_budgets": cfg.stage1.training_budgets, "stage1_recipe": recipe(cfg, args)}
     rows, first = [], None
     for name in methods:
         allocator, cached = prepared_allocator(ws, name, problem, WORK / "tables")
