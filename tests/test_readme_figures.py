@@ -32,7 +32,8 @@ def _field(name: str, field: str, fmt: str = "{:.2f}", **where) -> str:
 CLAIMS = {  # README text with {} for the figure -> the figure as the results file gives it
     "the profile's own recipe is ahead of the proxy at 4.5 bits ({} ± 0.0015)": lambda: _more_text(
         "hawq", "nll_diff", "{:+.4f}"),
-    "at 4.5 bits (-0.0050 ± {}) and keeps": lambda: _more_text("hawq", "nll_diff_se", "{:.4f}"),
+    "at 4.5 bits (-0.0050 ± {}) and at 5": lambda: _more_text("hawq", "nll_diff_se", "{:.4f}"),
+    "and at 5 ({} ± 0.0012), and keeps": lambda: _more_text("hawq", "nll_diff", "{:+.4f}", 5.0),
     "cuts the shortfall to {} ± 0.0013, within": lambda: _field(
         "paired_comparison", "nll_diff", "{:+.4f}", profile="vllm-marlin", quantizer="gptq", budget=4.5,
         method="hawq", stage1_recipe="hard, next_token"),
@@ -317,8 +318,10 @@ DOC_CLAIMS = {  # docs/serving_profiles.md's figures outside its tables
     "KL {} against 0.1250), and the next-token": lambda: _more_text("gamma", "kl_divergence", "{:.4f}"),
     "the next-token loss by {} ± 0.0016": lambda: _more_text("hawq", "nll_diff", "{:+.4f}", loss="next_token"),
     "GAMMA keeps the proxy's widths ({}, a difference": lambda: _more_text("hawq", "perplexity", "{:.2f}", 4.25),
-    "23.19, a difference of {}). The proxy": lambda: _more_text("hawq", "nll_diff", "{:+.4f}", 4.25),
+    "23.19, a difference of {}). At 5 bits": lambda: _more_text("hawq", "nll_diff", "{:+.4f}", 4.25),
     "ahead of the proxy there ({} ± 0.0015,": lambda: _more_text("hawq", "nll_diff", "{:+.4f}"),
+    "it is ahead by {} ± 0.0012 (22.17": lambda: _more_text("hawq", "nll_diff", "{:+.4f}", 5.0),
+    "(22.17 against 22.23; KL {} against 0.0926)": lambda: _more_text("gamma", "kl_divergence", "{:.4f}", 5.0),
     "every budget: 4.25 {} ± 0.00033, 4.5": lambda: _agreement(4.25, "kl_diff"),
     "4.5 {} ± 0.00062, 5 -0.00138": lambda: _agreement(4.5, "kl_diff"),
     "Its NLL is not: 4.25 -0.00241 ± 0.00085, 4.5 {} ± 0.00186": lambda: _agreement(4.5, "nll_diff"),
