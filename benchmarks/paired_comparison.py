@@ -93,7 +93,8 @@ def main() -> None:
     problem = ws.problem()
     # GAMMA's Stage I recipe and training budgets name the comparison: its rows are compared with that GAMMA's
     base = {"profile": args.profile, "quantizer": args.quantizer, "budget": args.budget,
-            "training_budgets": cfg.stage1.training_budgets, "stage1_recipe": recipe(cfg, args)}
+            "training_budgets": cfg.stage1.training_budgets, "stage1_recipe": recipe(cfg, args),
+            "overrides": args.set}  # the file's settings hold only the last run's
     rows, first = [], None
     for name in methods:
         allocator, cached = prepared_allocator(ws, name, problem, WORK / "tables")
