@@ -287,6 +287,7 @@ def test_the_allocation_quality_table_is_its_results_file(budget):
 
 
 NEXT_TOKEN = "hard, next_token, tables at 4.5, 5 and 6 bits"
+KL_RECIPE = "hard, end_to_end KL, tables at 4.5, 5 and 6 bits"  # the profile's own
 
 DOC_CLAIMS = {  # docs/serving_profiles.md's figures outside its tables
     "nats per token; {} ± 0.0013 with a soft table learned at 6": lambda: _paired(
@@ -294,7 +295,7 @@ DOC_CLAIMS = {  # docs/serving_profiles.md's figures outside its tables
     "worse at 4.5 with RTN ({}, KL 0.281": lambda: _recipe("rtn", 4.5),
     "with a soft table learned at 6, {} against 27.32": lambda: _recipe("rtn", 6.0),
     "with RTN: at 4.5 bits {} (KL 0.267": lambda: _recipe("rtn", 4.5,
-                                                          "hard, end_to_end KL, tables at 4.5, 5 and 6 bits"),
+                                                          KL_RECIPE),
     "(KL 0.267; {}% of the gap)": lambda: _closed("rtn"),
     "at 4.5 bits it is 0.74% behind the proxy ({} ±": lambda: _paired("hawq", "nll_diff", "{:+.4f}", "vllm-marlin",
                                                                        4.5, MARLIN_TABLES, "gptq"),
@@ -311,7 +312,7 @@ DOC_CLAIMS = {  # docs/serving_profiles.md's figures outside its tables
     "with RTN {} / 29.94 / 29.05 / 27.04": lambda: _recipe("rtn", 4.25, NEXT_TOKEN),
     "with RTN 32.65 / {} / 29.05 / 27.04": lambda: _recipe("rtn", 4.5, NEXT_TOKEN),
     "with RTN 32.65 / 29.94 / 29.05 / {} against": lambda: _recipe("rtn", 6.0, NEXT_TOKEN),
-    "27.04 against 32.68 / {} /": lambda: _recipe("rtn", 4.5, "hard, end_to_end KL, tables at 4.5, 5 and 6 bits"),
+    "27.04 against 32.68 / {} /": lambda: _recipe("rtn", 4.5, KL_RECIPE),
     "bits**, {} against 22.71, -0.0050": lambda: _more_text("gamma", "perplexity", "{:.2f}"),
     "bits**, 22.60 against {}, -0.0050": lambda: _more_text("hawq", "perplexity", "{:.2f}"),
     "against 22.71, {} ± 0.0015 nats per token (3.3 SE": lambda: _more_text("hawq", "nll_diff", "{:+.4f}"),
